@@ -6,7 +6,7 @@
 /// Implementors must be `#[repr(C)]` (or `#[repr(C, packed(N))]`) structs made only of integers,
 /// arrays of integers and other `Pod` types, with **no padding bytes** (every byte is a field, so a
 /// value written to shared memory has every byte initialised, XSA-216) and no invalid bit
-/// patterns (so a value read from a hostile peer is always valid). The [`wire_layout!`] macro
+/// patterns (so a value read from a hostile peer is always valid). The crate's `wire_layout!` macro
 /// implements this trait only after proving, at compile time, that the field sizes add up to the
 /// struct size.
 pub unsafe trait Pod: Copy + 'static {}

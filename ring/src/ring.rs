@@ -35,8 +35,16 @@ pub trait RingProtocol {
 }
 
 const fn entry_size<A, B>() -> usize {
-    let size = if size_of::<A>() > size_of::<B>() { size_of::<A>() } else { size_of::<B>() };
-    let align = if align_of::<A>() > align_of::<B>() { align_of::<A>() } else { align_of::<B>() };
+    let size = if size_of::<A>() > size_of::<B>() {
+        size_of::<A>()
+    } else {
+        size_of::<B>()
+    };
+    let align = if align_of::<A>() > align_of::<B>() {
+        align_of::<A>()
+    } else {
+        align_of::<B>()
+    };
     size.div_ceil(align) * align
 }
 
@@ -79,13 +87,20 @@ impl<P: RingProtocol, M: RingMemory> Shared<P, M> {
             return Err(Error::BadSize { len });
         }
         if (base.as_ptr() as usize) % HEADER_SIZE != 0 {
-            return Err(Error::Misaligned { addr: base.as_ptr() as usize });
+            return Err(Error::Misaligned {
+                addr: base.as_ptr() as usize,
+            });
         }
         let entries = ring_entries::<P>(len);
         if entries == 0 {
             return Err(Error::BadSize { len });
         }
-        Ok(Self { mem, base, mask: entries - 1, _p: PhantomData })
+        Ok(Self {
+            mem,
+            base,
+            mask: entries - 1,
+            _p: PhantomData,
+        })
     }
 
     fn size(&self) -> u32 {
@@ -152,8 +167,12 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
             // is aligned; volatile because the peer may already map the page.
             unsafe { core::ptr::write_volatile(shared.base.as_ptr().add(off).cast::<u64>(), 0) };
         }
-        shared.index(REQ_EVENT).store(1, core::sync::atomic::Ordering::Relaxed);
-        shared.index(RSP_EVENT).store(1, core::sync::atomic::Ordering::Relaxed);
+        shared
+            .index(REQ_EVENT)
+            .store(1, core::sync::atomic::Ordering::Relaxed);
+        shared
+            .index(RSP_EVENT)
+            .store(1, core::sync::atomic::Ordering::Relaxed);
         core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
         Ok(Self::with_indexes(shared, 0))
     }
