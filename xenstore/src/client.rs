@@ -159,15 +159,22 @@ fn op_name(ty: MsgType) -> &'static str {
 }
 
 impl Client {
-    /// Opens the default xenstore: `$XENSTORED_PATH` if set (a socket, or a device path), else the
-    /// dom0 socket `/run/xenstored/socket`, then `/var/run/xenstored/socket`, then the guest
-    /// device `/dev/xen/xenbus`.
+    /// Opens the default xenstore as libxenstore does: `$XENSTORED_PATH` if set (a socket, or a
+    /// device path), else `$XENSTORED_RUNDIR/socket` if that variable is set, else the dom0 socket
+    /// `/run/xenstored/socket`, then `/var/run/xenstored/socket`, then the guest device
+    /// `/dev/xen/xenbus`.
     pub fn open() -> Result<Client> {
         if let Some(p) = std::env::var_os("XENSTORED_PATH") {
             let p = PathBuf::from(p);
             return Self::open_path(&p);
         }
         let mut last = None;
+        if let Some(dir) = std::env::var_os("XENSTORED_RUNDIR") {
+            match Self::connect_unix(Path::new(&dir).join("socket")) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
         for p in ["/run/xenstored/socket", "/var/run/xenstored/socket"] {
             match Self::connect_unix(p) {
                 Ok(c) => return Ok(c),

@@ -820,12 +820,13 @@ impl Server {
                     if out.send(reply).is_err() {
                         break Ok(());
                     }
-                    for m in after {
-                        // Watch registration events: bounded like all others.
-                        if let Err(TrySendError::Full(_)) = out.try_send(m) {
-                            tracing::warn!("xenstore connection queue overflow; disconnecting");
-                            break;
-                        }
+                    // Watch registration events: bounded like all others.
+                    if after
+                        .into_iter()
+                        .any(|m| matches!(out.try_send(m), Err(TrySendError::Full(_))))
+                    {
+                        tracing::warn!("xenstore connection queue overflow; disconnecting");
+                        break Ok(());
                     }
                 }
                 Err(WireError::TooLong { len }) => {
