@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages: Xen's public headers and a 32-bit C toolchain for the ABI probe.
-packages=(libxen-dev gcc-multilib pkg-config)
+# Debian packages: Xen's public headers and a 32-bit C toolchain for the ABI probe; xenstore-utils
+# (the C xenstore tools) to drive our xenstored in xenstore/tests/xenstore_utils.rs.
+packages=(libxen-dev gcc-multilib pkg-config xenstore-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
