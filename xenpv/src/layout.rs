@@ -2,44 +2,10 @@
 //! `xl network-attach` write (libxl__device_generic_add), with their permissions.
 
 use crate::spec::{DiskSpec, VifSpec};
+pub use xenpv_xenstore::{Access, Perm};
 
 /// A domain id.
 pub type DomId = u32;
-
-/// What a domain may do with a node (xenstore's permission letters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// `n`: nothing (as the first entry: the owner, and no access for others).
-    None,
-    /// `r`: read.
-    Read,
-    /// `w`: write.
-    Write,
-    /// `b`: read and write.
-    Both,
-}
-
-/// One permission entry; the first entry of a list names the owner and the default for every
-/// domain not listed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Perm {
-    /// The domain.
-    pub domid: DomId,
-    /// Its access.
-    pub access: Access,
-}
-
-impl std::fmt::Display for Perm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = match self.access {
-            Access::None => 'n',
-            Access::Read => 'r',
-            Access::Write => 'w',
-            Access::Both => 'b',
-        };
-        write!(f, "{c}{}", self.domid)
-    }
-}
 
 /// The kind of device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,10 +221,14 @@ mod tests {
         ] {
             assert_eq!(get(&n.frontend, k), Some(v), "frontend {k}");
         }
-        let p: Vec<String> = n.backend_perms.iter().map(ToString::to_string).collect();
-        assert_eq!(p, ["n0", "r5"]);
-        let p: Vec<String> = n.frontend_perms.iter().map(ToString::to_string).collect();
-        assert_eq!(p, ["n5", "r0"]);
+        assert_eq!(
+            n.backend_perms,
+            [Perm::new(0, Access::None), Perm::new(5, Access::Read)]
+        );
+        assert_eq!(
+            n.frontend_perms,
+            [Perm::new(5, Access::None), Perm::new(0, Access::Read)]
+        );
         let ro = vbd(&DiskSpec::parse("/dev/sdb,xvdb,r").unwrap(), 5, 0);
         assert_eq!(get(&ro.backend, "mode"), Some("r"));
         assert_eq!(get(&ro.backend, "type"), Some("phy"));

@@ -4,4 +4,6 @@
 #![deny(missing_docs)]
 
 pub mod layout;
+pub mod platform;
 pub mod spec;
+pub mod toolstack;
