@@ -1,0 +1,1 @@
+//! The Xen provider: `/dev/xen/gntalloc` (front) and `/dev/xen/gntdev` (back).
