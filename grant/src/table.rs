@@ -109,6 +109,19 @@ impl Table {
         true
     }
 
+    /// Granter: writes an entry raw (fault injection).
+    pub(crate) fn write_raw(&self, gref: u32, e: GrantEntryV1) -> bool {
+        let Some((head, fr)) = self.words(gref) else {
+            return false;
+        };
+        fr.store(e.frame, Ordering::Relaxed);
+        head.store(
+            (u32::from(e.domid) << 16) | u32::from(e.flags),
+            Ordering::Release,
+        );
+        true
+    }
+
     /// Granter: ends access atomically unless the grant is in use (`GTF_reading`/`GTF_writing`).
     /// Returns whether the entry is now free.
     pub(crate) fn try_revoke(&self, gref: u32) -> bool {

@@ -309,16 +309,40 @@ fn hostile_inputs_are_errors() {
     let mut ops = [CopyOp::from_foreign(FRONT, 8, 0, &mut big)];
     back.copy(&mut ops).unwrap();
     assert_eq!(ops[0].status, GrantStatus::BadCopyArg);
-    // A hostile granter: an entry naming a frame it does not have.
+    // A hostile granter: entries naming frames it does not have, or odd flag combinations.
     let s = front.share(BACK, 1, Access::Writable).unwrap();
     let g = s.grefs()[0];
-    // Our own table is reachable through a map of ... we have no raw access; instead check
-    // that volatile slices refuse out-of-range accesses.
     let v = s.volatile();
     assert!(v.read(PAGE_SIZE - 1, &mut [0u8; 2]).is_err());
     assert!(v.write(usize::MAX, b"x").is_err());
     assert!(v.subslice(1, usize::MAX).is_err());
-    let _ = g;
+    for (flags, frame, want) in [
+        (GTF_PERMIT_ACCESS, 64, GrantStatus::BadPage),
+        (GTF_PERMIT_ACCESS, u32::MAX, GrantStatus::BadPage),
+        (GTF_TRANSITIVE, 0, GrantStatus::GeneralError),
+        (GTF_ACCEPT_TRANSFER, 0, GrantStatus::GeneralError),
+        (
+            GTF_PERMIT_ACCESS | GTF_SUB_PAGE,
+            0,
+            GrantStatus::GeneralError,
+        ),
+    ] {
+        let e = GrantEntryV1 {
+            flags,
+            domid: BACK,
+            frame,
+        };
+        assert!(front.write_own_entry(g, e));
+        let err = back.map_domain(FRONT, &[g], Access::ReadOnly).unwrap_err();
+        assert_eq!(map_status(err), (0, want), "flags {flags:#x} frame {frame}");
+        let mut b = [0u8; 1];
+        let mut ops = [CopyOp::from_foreign(FRONT, g, 0, &mut b)];
+        back.copy(&mut ops).unwrap();
+        assert_eq!(ops[0].status, want);
+        // A failed pin leaves no status bit behind.
+        assert_eq!(front.own_flags(g).unwrap() & (GTF_READING | GTF_WRITING), 0);
+    }
+    assert!(!front.write_own_entry(1 << 30, GrantEntryV1::default()));
 }
 
 #[test]

@@ -93,6 +93,13 @@ impl LocalGrants {
         self.inner.domid
     }
 
+    /// Writes entry `gref` of our own grant table raw, as any (possibly hostile) guest can
+    /// write its table: for fault injection in tests. Returns `false` if `gref` is outside the
+    /// table.
+    pub fn write_own_entry(&self, gref: GrantRef, entry: crate::GrantEntryV1) -> bool {
+        self.inner.own.table.write_raw(gref, entry)
+    }
+
     /// The flags of entry `gref` of our own grant table (diagnostics and tests).
     pub fn own_flags(&self, gref: GrantRef) -> Option<u16> {
         self.inner.own.table.flags(gref)
