@@ -210,3 +210,43 @@ unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize, shared_is_src:
         i += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_copies_and_objects() {
+        let mut a = [0u64; 64];
+        let mut b = [0u64; 64];
+        let pa = NonNull::new(a.as_mut_ptr().cast::<u8>()).unwrap();
+        let pb = NonNull::new(b.as_mut_ptr().cast::<u8>()).unwrap();
+        // SAFETY: both arrays outlive the slices and are only used through them below.
+        let (va, vb) = unsafe {
+            (
+                VolatileSlice::new(pa, 512, true),
+                VolatileSlice::new(pb, 512, false),
+            )
+        };
+        va.write(3, b"unaligned bytes, longer than eight").unwrap();
+        let mut out = [0u8; 34];
+        va.read(3, &mut out).unwrap();
+        assert_eq!(&out, b"unaligned bytes, longer than eight");
+        va.write_u32(64, 0xdead_beef).unwrap();
+        assert_eq!(va.read_obj::<u32>(64).unwrap(), 0xdead_beef);
+        assert!(va.read_obj::<u64>(508).is_err());
+        assert!(matches!(vb.write(0, b"x"), Err(Error::ReadOnly)));
+        assert!(matches!(va.copy_to(0, &vb, 0, 8), Err(Error::ReadOnly)));
+        let sub = va.subslice(64, 4).unwrap();
+        assert_eq!(sub.read_u32(0).unwrap(), 0xdead_beef);
+        assert!(sub.read_u32(1).is_err());
+        let vb2 = va.subslice(256, 256).unwrap();
+        va.copy_to(0, &vb2, 0, 100).unwrap();
+        let mut o = [0u8; 34];
+        vb2.read(3, &mut o).unwrap();
+        assert_eq!(o, out);
+        va.fill(0, 512, 0xaa).unwrap();
+        assert_eq!(va.read_u32(508).unwrap(), 0xaaaa_aaaa);
+        assert!(va.fill(1, 512, 0).is_err());
+    }
+}
