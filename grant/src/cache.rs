@@ -1,0 +1,227 @@
+//! A bounded persistent-mapping cache (blkback's persistent grants, netback's staging grants).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use crate::{Access, DomId, GrantMap, GrantMemory, GrantRef, Result};
+
+/// A multiplicative hasher for the (domid, gref) key: one multiply, no SipHash rounds (the key
+/// is chosen by the peer, but the table is bounded by the cache's capacity, so a collision
+/// attack can at worst make that small table slow).
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 ^= self.0 >> 29;
+    }
+}
+
+struct Slot<M> {
+    key: u64,
+    mapping: Arc<M>,
+    referenced: bool,
+}
+
+/// Hit, miss and eviction counters of a [`MapCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups served from the cache.
+    pub hits: u64,
+    /// Lookups that mapped the grant.
+    pub misses: u64,
+    /// Mappings evicted to make room.
+    pub evictions: u64,
+    /// Mappings handed out uncached because every cached one was in use.
+    pub uncached: u64,
+}
+
+/// A bounded cache of single-page grant mappings keyed by `(domid, gref)`, with clock
+/// (second-chance) eviction. A hit is a hash lookup and an `Arc` clone.
+///
+/// The cache never holds more than `capacity` mappings. A mapping handed out stays valid while
+/// the caller holds it, even if evicted meanwhile; mappings in use are not evicted, and when all
+/// are in use a miss is served with an uncached mapping (dropped by its user). Call
+/// [`clear`](Self::clear) or [`forget_domain`](Self::forget_domain) on disconnect (XSA-371).
+pub struct MapCache<G: GrantMap> {
+    grants: G,
+    capacity: usize,
+    index: HashMap<u64, usize, BuildHasherDefault<KeyHasher>>,
+    slots: Vec<Slot<G::Mapping>>,
+    hand: usize,
+    stats: CacheStats,
+}
+
+impl<G: GrantMap> core::fmt::Debug for MapCache<G> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MapCache")
+            .field("capacity", &self.capacity)
+            .field("len", &self.slots.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn key(domid: DomId, gref: GrantRef) -> u64 {
+    (u64::from(domid) << 32) | u64::from(gref)
+}
+
+impl<G: GrantMap> MapCache<G> {
+    /// A cache of at most `capacity` mappings (at least 1) made through `grants`.
+    pub fn new(grants: G, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let mut index = HashMap::default();
+        index.reserve(capacity);
+        Self {
+            grants,
+            capacity,
+            index,
+            slots: Vec::with_capacity(capacity),
+            hand: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The provider used to map.
+    pub fn grants(&self) -> &G {
+        &self.grants
+    }
+
+    /// Cached mappings (never more than [`capacity`](Self::capacity)).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The bound.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Whether `(domid, gref)` is cached.
+    pub fn contains(&self, domid: DomId, gref: GrantRef) -> bool {
+        self.index.contains_key(&key(domid, gref))
+    }
+
+    /// The mapping of one grant: from the cache, or mapped now (and cached). A cached read-only
+    /// mapping asked for [`Access::Writable`] is mapped again writable.
+    pub fn get(&mut self, domid: DomId, gref: GrantRef, access: Access) -> Result<Arc<G::Mapping>> {
+        let k = key(domid, gref);
+        if let Some(&i) = self.index.get(&k) {
+            let s = &mut self.slots[i];
+            if !access.is_writable() || s.mapping.access().is_writable() {
+                s.referenced = true;
+                self.stats.hits += 1;
+                return Ok(s.mapping.clone());
+            }
+            // Upgrade: map writable, replace in place.
+            let m = Arc::new(self.grants.map(&[(domid, gref)], access)?);
+            self.stats.misses += 1;
+            let s = &mut self.slots[i];
+            s.mapping = m.clone();
+            s.referenced = true;
+            return Ok(m);
+        }
+        let m = Arc::new(self.grants.map(&[(domid, gref)], access)?);
+        self.stats.misses += 1;
+        if self.slots.len() < self.capacity {
+            self.index.insert(k, self.slots.len());
+            self.slots.push(Slot {
+                key: k,
+                mapping: m.clone(),
+                referenced: true,
+            });
+            return Ok(m);
+        }
+        match self.victim() {
+            Some(i) => {
+                self.stats.evictions += 1;
+                let old = std::mem::replace(
+                    &mut self.slots[i],
+                    Slot {
+                        key: k,
+                        mapping: m.clone(),
+                        referenced: true,
+                    },
+                );
+                self.index.remove(&old.key);
+                self.index.insert(k, i);
+            }
+            None => self.stats.uncached += 1,
+        }
+        Ok(m)
+    }
+
+    /// Clock: the first slot not in use whose second chance is spent.
+    fn victim(&mut self) -> Option<usize> {
+        let n = self.slots.len();
+        for _ in 0..2 * n {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % n;
+            let s = &mut self.slots[i];
+            if Arc::strong_count(&s.mapping) > 1 {
+                continue;
+            }
+            if s.referenced {
+                s.referenced = false;
+                continue;
+            }
+            return Some(i);
+        }
+        None
+    }
+
+    /// Drops the cached mapping of `(domid, gref)`, if any (when the frontend revokes it).
+    pub fn remove(&mut self, domid: DomId, gref: GrantRef) -> bool {
+        let Some(i) = self.index.remove(&key(domid, gref)) else {
+            return false;
+        };
+        self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.key, i);
+        }
+        if self.hand >= self.slots.len() {
+            self.hand = 0;
+        }
+        true
+    }
+
+    /// Drops every cached mapping of `domid` (disconnect of that domain's device).
+    pub fn forget_domain(&mut self, domid: DomId) {
+        let keys: Vec<u64> = self
+            .slots
+            .iter()
+            .map(|s| s.key)
+            .filter(|k| (k >> 32) as DomId == domid)
+            .collect();
+        for k in keys {
+            self.remove((k >> 32) as DomId, k as GrantRef);
+        }
+    }
+
+    /// Drops every cached mapping.
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.index.clear();
+        self.hand = 0;
+    }
+}
