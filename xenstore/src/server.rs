@@ -1166,10 +1166,14 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept loop. If the socket file is already gone (its directory was
+        // removed), the loop cannot be woken: leave the thread parked in accept rather than
+        // hang here.
+        let woke = UnixStream::connect(&self.path).is_ok();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if woke {
+                let _ = t.join();
+            }
         }
         let _ = std::fs::remove_file(&self.path);
     }
