@@ -117,8 +117,14 @@ wire_layout!(BlkifRequestSegment, size 8, align 4, { gref @ 0, first_sect @ 4, l
 
 impl BlkifRequestSegment {
     /// A segment of sectors `first_sect..=last_sect` of the frame `gref`.
+    #[inline]
     pub const fn new(gref: GrantRef, first_sect: u8, last_sect: u8) -> Self {
-        Self { gref, first_sect, last_sect, _pad: [0; 2] }
+        Self {
+            gref,
+            first_sect,
+            last_sect,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -147,8 +153,15 @@ wire_layout!(BlkifRequest, size 112, align 8, {
 
 impl BlkifRequest {
     /// A request with the given header fields and no segments.
+    #[inline]
     pub fn new(operation: u8, handle: u16, id: u64, sector_number: u64) -> Self {
-        Self { operation, handle, id, sector_number, ..Self::default() }
+        Self {
+            operation,
+            handle,
+            id,
+            sector_number,
+            ..Self::default()
+        }
     }
 
     /// This slot read as a discard request (meaningful when `operation == OP_DISCARD`).
@@ -187,7 +200,15 @@ wire_layout!(BlkifRequestDiscard, size 32, align 8, {
 impl BlkifRequestDiscard {
     /// A discard of `nr_sectors` from `sector_number`.
     pub fn new(flag: u8, handle: u16, id: u64, sector_number: u64, nr_sectors: u64) -> Self {
-        Self { operation: OP_DISCARD, flag, handle, id, sector_number, nr_sectors, _pad0: [0; 4] }
+        Self {
+            operation: OP_DISCARD,
+            flag,
+            handle,
+            id,
+            sector_number,
+            nr_sectors,
+            _pad0: [0; 4],
+        }
     }
 
     /// The ring slot holding this request (the rest zeroed).
@@ -225,8 +246,22 @@ wire_layout!(BlkifRequestIndirect, size 64, align 8, {
 
 impl BlkifRequestIndirect {
     /// An indirect request with no indirect pages filled in yet.
-    pub fn new(indirect_op: u8, nr_segments: u16, handle: u16, id: u64, sector_number: u64) -> Self {
-        Self { operation: OP_INDIRECT, indirect_op, nr_segments, handle, id, sector_number, ..Self::default() }
+    pub fn new(
+        indirect_op: u8,
+        nr_segments: u16,
+        handle: u16,
+        id: u64,
+        sector_number: u64,
+    ) -> Self {
+        Self {
+            operation: OP_INDIRECT,
+            indirect_op,
+            nr_segments,
+            handle,
+            id,
+            sector_number,
+            ..Self::default()
+        }
     }
 
     /// The ring slot holding this request (the rest zeroed).
@@ -259,8 +294,15 @@ wire_layout!(BlkifResponse, size 16, align 8, {
 
 impl BlkifResponse {
     /// A response; the padding is zero (XSA-216).
+    #[inline]
     pub const fn new(id: u64, operation: u8, status: i16) -> Self {
-        Self { id, operation, _pad0: 0, status, _pad1: [0; 4] }
+        Self {
+            id,
+            operation,
+            _pad0: 0,
+            status,
+            _pad1: [0; 4],
+        }
     }
 }
 
@@ -375,8 +417,13 @@ impl X86_32Request {
             }
             OP_INDIRECT => {
                 let i: X86_32RequestIndirect = cast(self);
-                let mut n =
-                    BlkifRequestIndirect::new(i.indirect_op, i.nr_segments, i.handle, i.id, i.sector_number);
+                let mut n = BlkifRequestIndirect::new(
+                    i.indirect_op,
+                    i.nr_segments,
+                    i.handle,
+                    i.id,
+                    i.sector_number,
+                );
                 n.indirect_grefs = i.indirect_grefs;
                 n.to_request()
             }
@@ -434,7 +481,12 @@ impl X86_32Request {
 
 impl From<BlkifResponse> for X86_32Response {
     fn from(r: BlkifResponse) -> Self {
-        Self { id: r.id, operation: r.operation, _pad0: 0, status: r.status }
+        Self {
+            id: r.id,
+            operation: r.operation,
+            _pad0: 0,
+            status: r.status,
+        }
     }
 }
 

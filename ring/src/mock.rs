@@ -39,7 +39,9 @@ pub struct SharedPages(Arc<HeapPages>);
 
 impl std::fmt::Debug for SharedPages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedPages").field("len", &self.0.layout.size()).finish()
+        f.debug_struct("SharedPages")
+            .field("len", &self.0.layout.size())
+            .finish()
     }
 }
 
@@ -67,7 +69,10 @@ impl SharedPages {
     }
 
     fn atomic(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len(), "bad u32 offset {offset}");
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.len(),
+            "bad u32 offset {offset}"
+        );
         // SAFETY: in bounds and 4-aligned (checked above; the base is page-aligned); the pages
         // live as long as `self` and are only accessed atomically or volatilely.
         unsafe { AtomicU32::from_ptr(self.0.ptr.as_ptr().add(offset).cast()) }
@@ -88,7 +93,9 @@ impl SharedPages {
     /// # Panics
     /// If the range is outside the pages.
     pub fn write_bytes(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset.checked_add(bytes.len()).is_some_and(|end| end <= self.len()));
+        assert!(offset
+            .checked_add(bytes.len())
+            .is_some_and(|end| end <= self.len()));
         for (i, b) in bytes.iter().enumerate() {
             // SAFETY: in bounds (checked above); byte accesses need no alignment.
             unsafe { std::ptr::write_volatile(self.0.ptr.as_ptr().add(offset + i), *b) };
@@ -100,7 +107,9 @@ impl SharedPages {
     /// # Panics
     /// If the range is outside the pages.
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset.checked_add(out.len()).is_some_and(|end| end <= self.len()));
+        assert!(offset
+            .checked_add(out.len())
+            .is_some_and(|end| end <= self.len()));
         for (i, b) in out.iter_mut().enumerate() {
             // SAFETY: in bounds (checked above).
             *b = unsafe { std::ptr::read_volatile(self.0.ptr.as_ptr().add(offset + i)) };
@@ -128,7 +137,10 @@ impl SharedPages {
         let mut value = crate::pod::zeroed::<T>();
         // SAFETY: `T: Pod` accepts any bytes; the slice covers exactly `value`.
         let bytes = unsafe {
-            std::slice::from_raw_parts_mut((&mut value as *mut T).cast::<u8>(), std::mem::size_of::<T>())
+            std::slice::from_raw_parts_mut(
+                (&mut value as *mut T).cast::<u8>(),
+                std::mem::size_of::<T>(),
+            )
         };
         self.read_bytes(self.slot_offset::<P>(idx), bytes);
         value
@@ -147,7 +159,9 @@ unsafe impl RingMemory for SharedPages {
 }
 
 /// A front and a back ring of `P` over the same `2^order` fresh pages.
-pub fn pair<P: RingProtocol>(order: u32) -> Result<(FrontRing<P, SharedPages>, BackRing<P, SharedPages>)> {
+pub fn pair<P: RingProtocol>(
+    order: u32,
+) -> Result<(FrontRing<P, SharedPages>, BackRing<P, SharedPages>)> {
     let pages = SharedPages::new(order);
     let front = FrontRing::init(pages.clone())?;
     let back = BackRing::new(pages)?;
@@ -167,7 +181,13 @@ impl<P: RingProtocol> MockFrontend<P> {
     pub fn new(order: u32) -> Result<(Self, SharedPages)> {
         let pages = SharedPages::new(order);
         let ring = FrontRing::init(pages.clone())?;
-        Ok((Self { ring, notifications: 0 }, pages))
+        Ok((
+            Self {
+                ring,
+                notifications: 0,
+            },
+            pages,
+        ))
     }
 
     /// Produces every request, then publishes them once. Stops with `Error::Full` if the ring
@@ -209,7 +229,10 @@ pub struct MockBackend<P: RingProtocol> {
 impl<P: RingProtocol> MockBackend<P> {
     /// A backend attached to pages a frontend initialised.
     pub fn new(pages: SharedPages) -> Result<Self> {
-        Ok(Self { ring: BackRing::new(pages)?, notifications: 0 })
+        Ok(Self {
+            ring: BackRing::new(pages)?,
+            notifications: 0,
+        })
     }
 
     /// Answers every published request with `answer`, publishes the responses once, and returns

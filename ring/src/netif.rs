@@ -292,18 +292,30 @@ impl NetifExtraInfo {
     pub fn gso(gso: Gso, flags: u8) -> Self {
         let s = gso.size.to_ne_bytes();
         let f = gso.features.to_ne_bytes();
-        Self { kind: EXTRA_TYPE_GSO, flags, u: [s[0], s[1], gso.kind, 0, f[0], f[1]] }
+        Self {
+            kind: EXTRA_TYPE_GSO,
+            flags,
+            u: [s[0], s[1], gso.kind, 0, f[0], f[1]],
+        }
     }
 
     /// Multicast add/remove extra info (`kind` is `EXTRA_TYPE_MCAST_ADD` or `_DEL`).
     pub fn mcast(kind: u8, addr: [u8; 6], flags: u8) -> Self {
-        Self { kind, flags, u: addr }
+        Self {
+            kind,
+            flags,
+            u: addr,
+        }
     }
 
     /// Hash extra info.
     pub fn hash(hash: Hash, flags: u8) -> Self {
         let v = hash.value;
-        Self { kind: EXTRA_TYPE_HASH, flags, u: [hash.kind, hash.algorithm, v[0], v[1], v[2], v[3]] }
+        Self {
+            kind: EXTRA_TYPE_HASH,
+            flags,
+            u: [hash.kind, hash.algorithm, v[0], v[1], v[2], v[3]],
+        }
     }
 
     /// The union read as `gso`.
@@ -324,7 +336,11 @@ impl NetifExtraInfo {
     /// The union read as `hash`.
     pub fn as_hash(&self) -> Hash {
         let u = self.u;
-        Hash { kind: u[0], algorithm: u[1], value: [u[2], u[3], u[4], u[5]] }
+        Hash {
+            kind: u[0],
+            algorithm: u[1],
+            value: [u[2], u[3], u[4], u[5]],
+        }
     }
 
     /// Whether another extra info slot follows.
