@@ -117,6 +117,7 @@ wire_layout!(BlkifRequestSegment, size 8, align 4, { gref @ 0, first_sect @ 4, l
 
 impl BlkifRequestSegment {
     /// A segment of sectors `first_sect..=last_sect` of the frame `gref`.
+    #[inline]
     pub const fn new(gref: GrantRef, first_sect: u8, last_sect: u8) -> Self {
         Self {
             gref,
@@ -152,6 +153,7 @@ wire_layout!(BlkifRequest, size 112, align 8, {
 
 impl BlkifRequest {
     /// A request with the given header fields and no segments.
+    #[inline]
     pub fn new(operation: u8, handle: u16, id: u64, sector_number: u64) -> Self {
         Self {
             operation,
@@ -292,6 +294,7 @@ wire_layout!(BlkifResponse, size 16, align 8, {
 
 impl BlkifResponse {
     /// A response; the padding is zero (XSA-216).
+    #[inline]
     pub const fn new(id: u64, operation: u8, status: i16) -> Self {
         Self {
             id,

@@ -5,7 +5,7 @@
 //! and the response type.
 
 use core::marker::PhantomData;
-use core::mem::{align_of, size_of};
+use core::mem::{align_of, size_of, MaybeUninit};
 use core::ptr::NonNull;
 use core::sync::atomic::AtomicU32;
 
@@ -103,10 +103,12 @@ impl<P: RingProtocol, M: RingMemory> Shared<P, M> {
         })
     }
 
+    #[inline]
     fn size(&self) -> u32 {
         self.mask + 1
     }
 
+    #[inline]
     fn index(&self, offset: usize) -> &AtomicU32 {
         debug_assert!(offset <= RSP_EVENT);
         // SAFETY: `offset` is one of the four header fields, inside the memory (len >= 4096) and
@@ -116,6 +118,7 @@ impl<P: RingProtocol, M: RingMemory> Shared<P, M> {
         unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast::<u32>()) }
     }
 
+    #[inline]
     fn slot(&self, idx: u32) -> *mut u8 {
         let slot = (idx & self.mask) as usize;
         // SAFETY: slot < entries and HEADER_SIZE + entries * ENTRY_SIZE <= len (ring_entries),
@@ -123,23 +126,116 @@ impl<P: RingProtocol, M: RingMemory> Shared<P, M> {
         unsafe { self.base.as_ptr().add(HEADER_SIZE + slot * P::ENTRY_SIZE) }
     }
 
+    /// Copies the entry of ring index `idx` out as a `T`: every byte is read exactly once, with
+    /// volatile loads of the widest word the slot's alignment and `T`'s size allow (see
+    /// [`copy_word`]), into a local that is then returned. (A `read_volatile` of the whole struct
+    /// would be split by the compiler into one volatile load per field, byte loads for `u8`
+    /// fields: ~80 loads for a blkif request instead of 14.)
+    #[inline(always)]
     fn read<T: Pod>(&self, idx: u32) -> T {
         const {
             assert!(size_of::<T>() <= P::ENTRY_SIZE);
         }
+        let word = const { copy_word::<T>(slot_align::<P>()) };
+        let src = self.slot(idx);
+        let mut value = MaybeUninit::<T>::uninit();
+        let dst = value.as_mut_ptr().cast::<u8>();
         // SAFETY: the slot is inside the memory (see `slot`) and holds ENTRY_SIZE >= size_of::<T>
-        // bytes; it is aligned for T because base is 64-aligned, HEADER_SIZE is 64 and
-        // ENTRY_SIZE is a multiple of the alignment of both entry types; T is Pod, so whatever
-        // the peer wrote is a valid T. The volatile read copies the entry exactly once.
-        unsafe { core::ptr::read_volatile(self.slot(idx).cast::<T>()) }
+        // bytes; it is aligned to `slot_align::<P>()` (base is 64-aligned, HEADER_SIZE is 64, and
+        // every slot offset is a multiple of ENTRY_SIZE), hence to the word `copy_word` picks;
+        // `dst` is a local of size_of::<T> bytes, written unaligned.
+        unsafe { copy_entry::<T>(src, dst, word, Direction::FromShared) };
+        // SAFETY: `copy_entry` wrote every byte of `value`, and `T: Pod` accepts any bytes, so
+        // whatever the peer wrote is a valid T.
+        unsafe { value.assume_init() }
     }
 
+    /// Writes `value` whole into the entry of ring index `idx`: every byte is written exactly
+    /// once, with volatile stores of the widest word possible (as in [`read`](Self::read)).
+    #[inline(always)]
     fn write<T: Pod>(&self, idx: u32, value: T) {
         const {
             assert!(size_of::<T>() <= P::ENTRY_SIZE);
         }
-        // SAFETY: as in `read`; T is Pod, so every byte written is initialised.
-        unsafe { core::ptr::write_volatile(self.slot(idx).cast::<T>(), value) }
+        let word = const { copy_word::<T>(slot_align::<P>()) };
+        let dst = self.slot(idx);
+        let src = (&value as *const T).cast::<u8>();
+        // SAFETY: as in `read`, with the roles swapped; `T: Pod` has no padding, so every byte
+        // read from `value` (a local of size_of::<T> bytes) is initialised.
+        unsafe { copy_entry::<T>(src, dst, word, Direction::ToShared) };
+    }
+}
+
+/// The alignment every slot of `P` has: that of the entry size (capped at 64, the alignment of
+/// the first slot).
+const fn slot_align<P: RingProtocol>() -> usize {
+    let low = P::ENTRY_SIZE & P::ENTRY_SIZE.wrapping_neg();
+    if low > HEADER_SIZE {
+        HEADER_SIZE
+    } else {
+        low
+    }
+}
+
+/// The word size (8, 4, 2 or 1 bytes) used to copy a `T` to or from a slot aligned to
+/// `slot_align`: the widest that divides both the size of `T` and the slot alignment, so that
+/// every volatile access is aligned and the words cover the entry exactly.
+const fn copy_word<T>(slot_align: usize) -> usize {
+    let size = size_of::<T>();
+    let mut word = 8;
+    while word > 1 && (size % word != 0 || slot_align % word != 0) {
+        word /= 2;
+    }
+    word
+}
+
+/// Which side of a copy is the shared slot (accessed volatilely).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    FromShared,
+    ToShared,
+}
+
+/// Copies `size_of::<T>()` bytes from `src` to `dst` in `word`-byte units; the shared side
+/// (`dst` when `ToShared`, `src` when `FromShared`) with volatile accesses, each byte exactly
+/// once; the private side with plain unaligned accesses. `word` is a constant after inlining, so
+/// the dispatch and the loop (`size / word` iterations) fold away.
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `size_of::<T>()` bytes; the shared side
+/// must be aligned to `word`, which must divide `size_of::<T>()`; the private side must not be
+/// shared memory; the two ranges must not overlap.
+#[inline(always)]
+unsafe fn copy_entry<T>(src: *const u8, dst: *mut u8, word: usize, dir: Direction) {
+    // SAFETY: forwarded from the caller, for each word size.
+    unsafe {
+        match word {
+            8 => copy_words::<u64>(src, dst, size_of::<T>() / 8, dir),
+            4 => copy_words::<u32>(src, dst, size_of::<T>() / 4, dir),
+            2 => copy_words::<u16>(src, dst, size_of::<T>() / 2, dir),
+            _ => copy_words::<u8>(src, dst, size_of::<T>(), dir),
+        }
+    }
+}
+
+/// `n` words of type `W` (an integer) from `src` to `dst`, see [`copy_entry`].
+///
+/// # Safety
+/// As for [`copy_entry`], with `n * size_of::<W>()` bytes and the shared side aligned to `W`.
+#[inline(always)]
+unsafe fn copy_words<W: Copy>(src: *const u8, dst: *mut u8, n: usize, dir: Direction) {
+    let (src, dst) = (src.cast::<W>(), dst.cast::<W>());
+    for i in 0..n {
+        // SAFETY: word `i < n` lies inside both ranges (caller); the shared side is aligned to
+        // W, the private side is accessed unaligned.
+        unsafe {
+            if dir == Direction::FromShared {
+                dst.add(i)
+                    .write_unaligned(core::ptr::read_volatile(src.add(i)));
+            } else {
+                core::ptr::write_volatile(dst.add(i), src.add(i).read_unaligned());
+            }
+        }
     }
 }
 
@@ -194,6 +290,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
     }
 
     /// Entries in the ring (`RING_SIZE`).
+    #[inline]
     pub fn size(&self) -> u32 {
         self.shared.size()
     }
@@ -219,11 +316,13 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
     }
 
     /// Free request slots (`RING_FREE_REQUESTS`).
+    #[inline]
     pub fn free_requests(&self) -> u32 {
         self.size() - self.req_prod_pvt.wrapping_sub(self.rsp_cons)
     }
 
     /// Whether no request slot is free (`RING_FULL`).
+    #[inline]
     pub fn is_full(&self) -> bool {
         self.free_requests() == 0
     }
@@ -235,6 +334,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
 
     /// Writes `req` (every byte) into the next free slot; it becomes visible to the backend at
     /// the next [`push_requests`](Self::push_requests). Returns its ring index.
+    #[inline]
     pub fn produce(&mut self, req: P::Req) -> Result<u32> {
         if self.is_full() {
             return Err(Error::Full);
@@ -254,6 +354,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
     /// `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`: publishes every request produced so far and tells
     /// whether the backend must be notified (it asked to be, through `req_event`).
     #[must_use = "notify the backend when this returns true"]
+    #[inline]
     pub fn push_requests(&mut self) -> bool {
         let (old, new) = (self.req_published, self.req_prod_pvt);
         if old == new {
@@ -271,6 +372,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
     /// Re-reads the shared `rsp_prod` and returns how many responses can be consumed.
     /// Responses beyond the requests published, or an index that moved backwards, are a
     /// protocol error.
+    #[inline]
     pub fn unconsumed_responses(&mut self) -> Result<u32> {
         let rsp_prod = protocol::read_producer(self.shared.index(RSP_PROD));
         self.check_rsp_prod(rsp_prod)?;
@@ -278,6 +380,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
         Ok(rsp_prod.wrapping_sub(self.rsp_cons))
     }
 
+    #[inline]
     fn check_rsp_prod(&self, rsp_prod: u32) -> Result<()> {
         let outstanding = self.req_published.wrapping_sub(self.rsp_cons);
         let ready = rsp_prod.wrapping_sub(self.rsp_cons);
@@ -293,6 +396,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
 
     /// Copies the next response out of the ring (once, with a volatile read) and frees its slot,
     /// or returns `None` when the backend has published no more.
+    #[inline]
     pub fn next_response(&mut self) -> Result<Option<P::Rsp>> {
         if self.rsp_cons == self.rsp_snapshot && self.unconsumed_responses()? == 0 {
             return Ok(None);
@@ -358,6 +462,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
     }
 
     /// Entries in the ring (`RING_SIZE`).
+    #[inline]
     pub fn size(&self) -> u32 {
         self.shared.size()
     }
@@ -391,6 +496,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
     /// (`RING_HAS_UNCONSUMED_REQUESTS`, never more than there is response space for). A
     /// `req_prod` more than a ring ahead of the responses, or behind what was consumed, is a
     /// protocol error (`RING_REQUEST_PROD_OVERFLOW`): stop serving this ring.
+    #[inline]
     pub fn unconsumed_requests(&mut self) -> Result<u32> {
         let req_prod = protocol::read_producer(self.shared.index(REQ_PROD));
         let ready = self.check_req_prod(req_prod)?;
@@ -398,6 +504,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
         Ok(ready)
     }
 
+    #[inline]
     fn check_req_prod(&self, req_prod: u32) -> Result<u32> {
         let produced = req_prod.wrapping_sub(self.rsp_prod_pvt);
         let consumed = self.req_cons.wrapping_sub(self.rsp_prod_pvt);
@@ -414,6 +521,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
 
     /// Copies the next request out of the ring (once, with a volatile read), or returns `None`
     /// when the frontend has published no more.
+    #[inline]
     pub fn next_request(&mut self) -> Result<Option<P::Req>> {
         if self.req_cons == self.req_snapshot && self.unconsumed_requests()? == 0 {
             return Ok(None);
@@ -426,6 +534,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
     /// Writes `rsp` (every byte) into the slot of the oldest unanswered request; it becomes
     /// visible to the frontend at the next [`push_responses`](Self::push_responses). Returns its
     /// ring index.
+    #[inline]
     pub fn produce(&mut self, rsp: P::Rsp) -> Result<u32> {
         if self.rsp_prod_pvt == self.req_cons {
             return Err(Error::NoOutstandingRequest);
@@ -445,6 +554,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
     /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`: publishes every response produced so far and
     /// tells whether the frontend must be notified (it asked to be, through `rsp_event`).
     #[must_use = "notify the frontend when this returns true"]
+    #[inline]
     pub fn push_responses(&mut self) -> bool {
         let (old, new) = (self.rsp_published, self.rsp_prod_pvt);
         if old == new {
@@ -474,5 +584,121 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
         let ready = self.check_req_prod(req_prod)?;
         self.req_snapshot = req_prod;
         Ok(ready > 0)
+    }
+}
+
+#[cfg(all(test, feature = "test-utils"))]
+mod tests {
+    extern crate std;
+
+    use core::fmt::Debug;
+    use std::vec;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::blkif::{Blkif, BlkifX86_32};
+    use crate::mock::pair;
+    use crate::netif::{NetifCtrl, NetifRx, NetifTx};
+
+    #[test]
+    fn copy_words_are_as_wide_as_alignment_and_size_allow() {
+        assert_eq!(slot_align::<Blkif>(), 16); // 112 = 16 * 7
+        assert_eq!(
+            copy_word::<crate::blkif::BlkifRequest>(slot_align::<Blkif>()),
+            8
+        );
+        assert_eq!(
+            copy_word::<crate::blkif::BlkifResponse>(slot_align::<Blkif>()),
+            8
+        );
+        assert_eq!(slot_align::<BlkifX86_32>(), 4); // 108 = 4 * 27
+        assert_eq!(
+            copy_word::<crate::blkif::X86_32Request>(slot_align::<BlkifX86_32>()),
+            4
+        );
+        assert_eq!(slot_align::<NetifTx>(), 4); // 12 = 4 * 3
+        assert_eq!(
+            copy_word::<crate::netif::NetifTxRequest>(slot_align::<NetifTx>()),
+            4
+        );
+        assert_eq!(
+            copy_word::<crate::netif::NetifTxResponse>(slot_align::<NetifTx>()),
+            4
+        );
+        assert_eq!(slot_align::<NetifRx>(), 8);
+        assert_eq!(copy_word::<[u8; 3]>(64), 1);
+        assert_eq!(copy_word::<[u16; 3]>(64), 2);
+        assert_eq!(copy_word::<u64>(4), 4);
+    }
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                (seed as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(i as u8)
+                    .wrapping_mul(7)
+                    | 1
+            })
+            .collect()
+    }
+
+    /// Every entry written by either side lands byte for byte in its slot, touches nothing past
+    /// its size, and reads back equal on the other side; over more than two laps of the ring.
+    fn entries_round_trip_byte_for_byte<P: RingProtocol>(order: u32)
+    where
+        P::Req: PartialEq + Debug,
+        P::Rsp: PartialEq + Debug,
+    {
+        const FILL: u8 = 0xEE;
+        let (mut front, mut back) = pair::<P>(order).unwrap();
+        let pages = front.memory().clone();
+        let (req_len, rsp_len) = (size_of::<P::Req>(), size_of::<P::Rsp>());
+        for i in 0..front.size() * 2 + 3 {
+            let idx = front.req_prod_pvt();
+            let off = pages.slot_offset::<P>(idx);
+            let mut slot = vec![0; P::ENTRY_SIZE];
+
+            let req_bytes = pattern(req_len, i);
+            pages.write_bytes(off, &req_bytes);
+            let req = pages.read_slot::<P, P::Req>(idx);
+            pages.write_bytes(off, &vec![FILL; P::ENTRY_SIZE]);
+            front.produce(req).unwrap();
+            let _ = front.push_requests();
+            pages.read_bytes(off, &mut slot);
+            assert_eq!(slot[..req_len], req_bytes[..]);
+            assert!(slot[req_len..].iter().all(|&b| b == FILL));
+            assert_eq!(back.next_request().unwrap(), Some(req));
+
+            let rsp_bytes = pattern(rsp_len, !i);
+            pages.write_bytes(off, &rsp_bytes);
+            let rsp = pages.read_slot::<P, P::Rsp>(idx);
+            pages.write_bytes(off, &vec![FILL; P::ENTRY_SIZE]);
+            back.produce(rsp).unwrap();
+            let _ = back.push_responses();
+            pages.read_bytes(off, &mut slot);
+            assert_eq!(slot[..rsp_len], rsp_bytes[..]);
+            assert!(slot[rsp_len..].iter().all(|&b| b == FILL));
+            assert_eq!(front.next_response().unwrap(), Some(rsp));
+        }
+    }
+
+    #[test]
+    fn blkif_entries_round_trip() {
+        entries_round_trip_byte_for_byte::<Blkif>(0);
+        entries_round_trip_byte_for_byte::<Blkif>(3);
+    }
+
+    #[test]
+    fn blkif_x86_32_entries_round_trip() {
+        // 108-byte slots, 4-byte aligned, straddling the page boundary.
+        entries_round_trip_byte_for_byte::<BlkifX86_32>(1);
+    }
+
+    #[test]
+    fn netif_entries_round_trip() {
+        entries_round_trip_byte_for_byte::<NetifTx>(0);
+        entries_round_trip_byte_for_byte::<NetifRx>(0);
+        entries_round_trip_byte_for_byte::<NetifCtrl>(0);
     }
 }
