@@ -178,7 +178,10 @@ pub fn detach(
         xs.transaction(|tx| {
             if tx.exists(&be)? {
                 tx.write_str(&format!("{be}/online"), "0")?;
-                tx.write_str(&format!("{be}/state"), &XenbusState::Closing.as_value())?;
+                // A backend that already closed the device stays Closed.
+                if xenbus::read_state(tx, &be)? != XenbusState::Closed {
+                    tx.write_str(&format!("{be}/state"), &XenbusState::Closing.as_value())?;
+                }
             }
             Ok(())
         })?;
