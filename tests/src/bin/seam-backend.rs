@@ -87,7 +87,6 @@ fn run() -> Result<(), String> {
     }
     println!("backend: {answered} answered");
     xenbus::switch_state(&d.xs, &be, XenbusState::Closing).map_err(|e| e.to_string())?;
-    drop(ring);
     drop(mapping);
     d.evtchn.unbind(port).map_err(|e| e.to_string())?;
     xenbus::switch_state(&d.xs, &be, XenbusState::Closed).map_err(|e| e.to_string())?;

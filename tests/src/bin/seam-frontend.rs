@@ -107,7 +107,6 @@ fn run() -> Result<(), String> {
 
     xenbus::switch_state(&d.xs, &fe, XenbusState::Closing).map_err(|e| e.to_string())?;
     wait_state(&d.xs, &be, T, |s| s == XenbusState::Closed)?;
-    drop(ring);
     d.evtchn.unbind(port).map_err(|e| e.to_string())?;
     let revoke = d.grants.revoke(page).map_err(|e| e.to_string())?;
     println!("frontend: revoke {revoke:?}");
