@@ -5,5 +5,6 @@
 //! panic or reach outside the disk.
 #![deny(missing_docs)]
 
+pub mod queue;
 pub mod request;
 pub mod storage;

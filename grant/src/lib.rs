@@ -209,6 +209,29 @@ pub trait GrantMap {
     fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<()>;
 }
 
+/// A shared reference maps as the provider it points to (several queues of one backend share
+/// one grant device).
+impl<G: GrantMap + ?Sized> GrantMap for &G {
+    type Mapping = G::Mapping;
+    fn map(&self, refs: &[(DomId, GrantRef)], access: Access) -> Result<Self::Mapping> {
+        (**self).map(refs, access)
+    }
+    fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<()> {
+        (**self).copy(ops)
+    }
+}
+
+/// An `Arc` maps as the provider it holds (a provider shared by the threads of a daemon).
+impl<G: GrantMap + ?Sized> GrantMap for std::sync::Arc<G> {
+    type Mapping = G::Mapping;
+    fn map(&self, refs: &[(DomId, GrantRef)], access: Access) -> Result<Self::Mapping> {
+        (**self).map(refs, access)
+    }
+    fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<()> {
+        (**self).copy(ops)
+    }
+}
+
 /// One side of a grant copy in the foreign domain: a byte range inside one granted page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForeignRange {
