@@ -182,8 +182,10 @@ impl Daemon {
         self.inner.list()
     }
 
-    /// Serves until SIGTERM or SIGINT, then shuts down cleanly.
-    pub fn run_until_signal(self) -> Result<()> {
+    /// Serves until SIGTERM or SIGINT, then shuts down cleanly. `on_ready` runs once the signal
+    /// handlers are installed: announce readiness there, so that a signal sent by whoever waited
+    /// for the announcement is never lost to the default action.
+    pub fn run_until_signal(self, on_ready: impl FnOnce(&Daemon)) -> Result<()> {
         // signal-hook's self-pipe: the handler only write(2)s a byte, which is
         // async-signal-safe, and we block in read(2) here. No unsafe code of ours.
         let (mut rx, tx) =
@@ -198,6 +200,7 @@ impl Daemon {
                     .map_err(io_err("install a signal handler for", self.root()))?,
             );
         }
+        on_ready(&self);
         let mut b = [0u8; 1];
         loop {
             match rx.read(&mut b) {

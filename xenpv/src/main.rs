@@ -100,12 +100,17 @@ fn run_local(cli: &Cli) -> Result<(), String> {
         ..Default::default()
     })
     .map_err(|e| e.to_string())?;
-    let xs = xenpv_local::xenstore_path(&root, 0);
-    println!("export XENSTORED_PATH={}", xs.display());
-    println!("export XENPV_STATE_DIR={}", root.display());
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    daemon.run_until_signal().map_err(|e| e.to_string())
+    daemon
+        .run_until_signal(|d| {
+            // Whoever started us may stop reading after the first line: no panic on EPIPE.
+            use std::io::Write;
+            let xs = xenpv_local::xenstore_path(d.root(), 0);
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "export XENSTORED_PATH={}", xs.display());
+            let _ = writeln!(out, "export XENPV_STATE_DIR={}", d.root().display());
+            let _ = out.flush();
+        })
+        .map_err(|e| e.to_string())
 }
 
 fn run_domain(cli: &Cli, cmd: &DomainCommand) -> Result<(), String> {
