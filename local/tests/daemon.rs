@@ -128,12 +128,13 @@ fn destroy_cuts_the_domains_connections() {
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path());
     let id = d.create_domain(None, Some("g")).unwrap();
-    let mut conns: Vec<UnixStream> = ["xenstore.sock", "grant.sock", "evtchn.sock"]
+    let mut conns: Vec<UnixStream> = ["grant.sock", "evtchn.sock"]
         .iter()
         .map(|s| UnixStream::connect(dir.path().join(format!("dom{id}/{s}"))).unwrap())
         .collect();
-    // Let the daemon accept them.
-    let _ = xenpv_grant::local::LocalGrants::connect(dir.path().join("dom1/grant.sock")).unwrap();
+    // An established xenstore connection (one round trip: the server has registered it).
+    let xs = xenpv_xenstore::Client::connect_local(dir.path(), id).unwrap();
+    xenpv_xenstore::XsOps::read(&xs, "/local/domain/1/name").unwrap();
     d.destroy_domain(id).unwrap();
     for c in &mut conns {
         c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -142,5 +143,6 @@ fn destroy_cuts_the_domains_connections() {
         let n = std::io::Read::read(c, &mut b);
         assert!(matches!(n, Ok(0)) || n.is_err(), "{n:?}");
     }
+    assert!(xenpv_xenstore::XsOps::read(&xs, "/local/domain/1/name").is_err());
     assert!(!dir.path().join("dom1").exists());
 }
