@@ -49,6 +49,93 @@ enum Command {
     },
     /// List PV devices and their states.
     List,
+    /// Run the local platform (hypervisor + xenstored for processes) until SIGTERM/SIGINT.
+    Local {
+        /// Stay in the foreground (the only mode; for systemd `Type=simple` and scripts).
+        #[arg(long, default_value_t = true)]
+        foreground: bool,
+    },
+    /// Create, destroy or list domains of the local platform.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+}
+
+#[derive(Subcommand)]
+enum DomainCommand {
+    /// Register a domain; prints its domid.
+    Create {
+        /// The domid (default: the lowest free one, from 1).
+        #[arg(long)]
+        domid: Option<u32>,
+        /// The name (default: dom<N>).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Destroy a domain: its xenstore home, sockets, grants and event channels go away.
+    Destroy { domid: u32 },
+    /// List domains: domid and name.
+    List,
+}
+
+/// The local platform's verbs refuse to run against Xen.
+fn local_only(cli: &Cli, verb: &str, xen_way: &str) -> Result<(), String> {
+    match cli.platform {
+        Platform::Local => Ok(()),
+        Platform::Xen => Err(format!(
+            "`xenpv {verb}` is for the local platform; on Xen {xen_way} \
+             (or pass --platform local to use the local platform anyway)"
+        )),
+    }
+}
+
+fn run_local(cli: &Cli) -> Result<(), String> {
+    local_only(
+        cli,
+        "local",
+        "xenstored and the hypervisor are already there",
+    )?;
+    let root = platform::state_dir(cli.state_dir.as_deref());
+    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
+        state_dir: Some(root.clone()),
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    daemon
+        .run_until_signal(|d| {
+            // Whoever started us may stop reading after the first line: no panic on EPIPE.
+            use std::io::Write;
+            let xs = xenpv_local::xenstore_path(d.root(), 0);
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "export XENSTORED_PATH={}", xs.display());
+            let _ = writeln!(out, "export XENPV_STATE_DIR={}", d.root().display());
+            let _ = out.flush();
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn run_domain(cli: &Cli, cmd: &DomainCommand) -> Result<(), String> {
+    let xen_way = match cmd {
+        DomainCommand::Create { .. } => "use `xl create`",
+        DomainCommand::Destroy { .. } => "use `xl destroy`",
+        DomainCommand::List => "use `xl list`",
+    };
+    local_only(cli, "domain", xen_way)?;
+    let root = platform::state_dir(cli.state_dir.as_deref());
+    let mut c = xenpv_local::control::Control::connect(&root).map_err(|e| e.to_string())?;
+    let err = |e: xenpv_local::Error| e.to_string();
+    match cmd {
+        DomainCommand::Create { domid, name } => {
+            println!("{}", c.create(*domid, name.as_deref()).map_err(err)?);
+        }
+        DomainCommand::Destroy { domid } => c.destroy(*domid).map_err(err)?,
+        DomainCommand::List => {
+            println!("{:<6} name", "domid");
+            for d in c.list().map_err(err)? {
+                println!("{:<6} {}", d.domid, d.name);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn connect(cli: &Cli) -> Result<Client, String> {
@@ -65,6 +152,11 @@ fn connect(cli: &Cli) -> Result<Client, String> {
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
+    match &cli.command {
+        Command::Local { .. } => return run_local(cli),
+        Command::Domain(cmd) => return run_domain(cli, cmd),
+        _ => {}
+    }
     let xs = connect(cli)?;
     let err = |e: toolstack::Error| e.to_string();
     match &cli.command {
@@ -103,12 +195,23 @@ fn run(cli: &Cli) -> Result<(), String> {
                 );
             }
         }
+        Command::Local { .. } | Command::Domain(_) => unreachable!("handled above"),
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon logs what it does; the one-shot verbs only what went wrong.
+    let level = match cli.command {
+        Command::Local { .. } => tracing_subscriber::filter::LevelFilter::INFO,
+        _ => tracing_subscriber::filter::LevelFilter::WARN,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

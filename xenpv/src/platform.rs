@@ -33,16 +33,8 @@ impl Platform {
 }
 
 /// The local platform's state directory: the one given, else `$XENPV_STATE_DIR`, else
-/// `$XDG_RUNTIME_DIR/xenpv`, else `/run/xenpv` (docs/local-platform.md).
+/// `$XDG_RUNTIME_DIR/xenpv`, else `/run/xenpv` (docs/local-platform.md; the daemon's
+/// [`xenpv_local::state_dir`]).
 pub fn state_dir(given: Option<&Path>) -> PathBuf {
-    if let Some(p) = given {
-        return p.to_path_buf();
-    }
-    if let Some(p) = std::env::var_os("XENPV_STATE_DIR") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(p).join("xenpv");
-    }
-    PathBuf::from("/run/xenpv")
+    xenpv_local::state_dir(given)
 }

@@ -1,0 +1,276 @@
+//! `xenpv local` and `xenpv domain` as processes: the daemon on a temporary state directory,
+//! Debian's `xenstore-ls` against it, domains created and destroyed over `control.sock` with
+//! their xenstore identity, grant and event-channel sockets, a second daemon refused, clean
+//! SIGTERM shutdown, and stale files of a SIGKILLed daemon cleaned at the next start.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use xenpv_evtchn::local::LocalEvtchn;
+use xenpv_evtchn::EventChannel;
+use xenpv_grant::local::LocalGrants;
+use xenpv_grant::{Access, GrantMap, GrantMemory, GrantShare, SharedPages};
+use xenpv_xenstore::{Client, Errno, XsOps};
+
+const T: Duration = Duration::from_secs(10);
+
+/// A running `xenpv local`; SIGKILLed on drop if still running.
+struct Local {
+    child: Child,
+    root: PathBuf,
+}
+
+impl Local {
+    fn start(root: &Path) -> Local {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xenpv"))
+            .args(["--platform", "local", "--state-dir"])
+            .arg(root)
+            .arg("local")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The first line is printed once every socket is ready.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let want = format!(
+            "export XENSTORED_PATH={}",
+            root.join("dom0/xenstore.sock").display()
+        );
+        assert_eq!(line.trim_end(), want, "xenpv local did not get ready");
+        Local {
+            child,
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid; no memory involved.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Waits at most `T` for the daemon to exit.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let end = std::time::Instant::now() + T;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(std::time::Instant::now() < end, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn xenpv(&self, args: &[&str]) -> Output {
+        xenpv(&self.root, args)
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn xenpv(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xenpv"))
+        .args(["--platform", "local", "--state-dir"])
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "xenpv failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn failed(out: Output) -> String {
+    assert!(!out.status.success(), "xenpv should have failed");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn errno(r: xenpv_xenstore::Result<impl std::fmt::Debug>) -> Errno {
+    match r {
+        Err(xenpv_xenstore::Error::Xs { errno, .. }) => errno,
+        other => panic!("expected a xenstore error, got {other:?}"),
+    }
+}
+
+const SOCKETS: [&str; 3] = ["xenstore.sock", "grant.sock", "evtchn.sock"];
+
+#[test]
+fn domains_come_and_go_with_their_identity_grants_and_event_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut local = Local::start(root);
+    for s in SOCKETS {
+        assert!(root.join("dom0").join(s).exists(), "dom0/{s}");
+    }
+
+    // Debian's xenstore-ls, through XENSTORED_PATH.
+    let out = Command::new("xenstore-ls")
+        .env("XENSTORED_PATH", root.join("dom0/xenstore.sock"))
+        .output()
+        .expect("xenstore-ls missing: apt-get install xenstore-utils");
+    let ls = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "xenstore-ls: {out:?}");
+    assert!(ls.contains("name = \"Domain-0\""), "{ls}");
+
+    let dom0 = Client::connect_local(root, 0).unwrap();
+    let intro = dom0.watch("@introduceDomain").unwrap();
+    let release = dom0.watch("@releaseDomain").unwrap();
+    // Registering a watch fires it once.
+    intro.next_timeout(T).unwrap();
+    release.next_timeout(T).unwrap();
+
+    assert_eq!(
+        ok(local.xenpv(&["domain", "create", "--name", "g1"])).trim(),
+        "1"
+    );
+    assert_eq!(intro.next_timeout(T).unwrap().path, "@introduceDomain");
+    for s in SOCKETS {
+        assert!(root.join("dom1").join(s).exists(), "dom1/{s}");
+    }
+    assert_eq!(dom0.read_string("/local/domain/1/name").unwrap(), "g1");
+    assert_eq!(dom0.read_string("/local/domain/1/domid").unwrap(), "1");
+    assert_eq!(ok(local.xenpv(&["domain", "create"])).trim(), "2");
+    let list = ok(local.xenpv(&["domain", "list"]));
+    assert!(list.contains("0      Domain-0"), "{list}");
+    assert!(list.contains("1      g1"), "{list}");
+    assert!(list.contains("2      dom2"), "{list}");
+    let e = failed(local.xenpv(&["domain", "create", "--name", "g1"]));
+    assert!(e.contains("already used by domain 1"), "{e}");
+    let e = failed(local.xenpv(&["domain", "create", "--domid", "2"]));
+    assert!(e.contains("domain 2 already exists"), "{e}");
+    let e = failed(local.xenpv(&["domain", "create", "--name", "a/b"]));
+    assert!(e.contains("bad domain name"), "{e}");
+
+    // The guest's xenstore socket speaks for domain 1.
+    let g1 = Client::connect_local(root, 1).unwrap();
+    g1.write("/local/domain/1/data/hello", b"world").unwrap();
+    assert_eq!(
+        dom0.read_string("/local/domain/1/data/hello").unwrap(),
+        "world"
+    );
+    assert_eq!(errno(g1.read("/local/domain/2/name")), Errno::EACCES);
+    assert_eq!(
+        errno(g1.write("/local/domain/1/name", b"evil")),
+        Errno::EACCES
+    );
+    assert_eq!(g1.read_string("/local/domain/1/name").unwrap(), "g1");
+
+    // Grants: domain 1 shares a page with dom0, dom0 maps it.
+    let front = LocalGrants::connect(root.join("dom1/grant.sock")).unwrap();
+    let back = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
+    assert_eq!(front.domid(), 1);
+    let shared = front.share(0, 1, Access::Writable).unwrap();
+    shared.volatile().write(0, b"from g1").unwrap();
+    let m = back
+        .map_domain(1, shared.grefs(), Access::Writable)
+        .unwrap();
+    let mut buf = [0u8; 7];
+    m.volatile().read(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"from g1");
+    drop(m);
+
+    // Event channels: domain 1 offers a port to dom0, dom0 binds it and notifies.
+    let e1 = LocalEvtchn::connect(root.join("dom1/evtchn.sock")).unwrap();
+    let e0 = LocalEvtchn::connect(root.join("dom0/evtchn.sock")).unwrap();
+    let p1 = e1.bind_unbound(0).unwrap();
+    let p0 = e0.bind_interdomain(1, p1).unwrap();
+    e0.notify(p0).unwrap();
+    let mut ports = Vec::new();
+    e1.wait(&mut ports, Some(T)).unwrap();
+    assert_eq!(ports, vec![p1]);
+
+    // Destroy: @releaseDomain, home and sockets gone, the guest cut off.
+    ok(local.xenpv(&["domain", "destroy", "1"]));
+    assert_eq!(release.next_timeout(T).unwrap().path, "@releaseDomain");
+    assert_eq!(errno(dom0.read("/local/domain/1")), Errno::ENOENT);
+    assert!(!root.join("dom1").exists());
+    assert!(g1.read("/local/domain/1/data/hello").is_err());
+    assert!(back
+        .map_domain(1, shared.grefs(), Access::Writable)
+        .is_err());
+    drop((shared, front, e1));
+    let e = failed(local.xenpv(&["domain", "destroy", "1"]));
+    assert!(e.contains("no domain 1"), "{e}");
+    let e = failed(local.xenpv(&["domain", "destroy", "0"]));
+    assert!(e.contains("domain 0 belongs to the daemon"), "{e}");
+    assert!(ok(local.xenpv(&["domain", "list"])).contains("2      dom2"));
+
+    // A second daemon on the same directory refuses.
+    let e = failed(local.xenpv(&["local"]));
+    assert!(
+        e.contains(&format!("pid {}", local.child.id())) && e.contains("already running"),
+        "{e}"
+    );
+
+    // SIGTERM: exit 0, nothing left behind.
+    drop((dom0, intro, release, g1, back, e0));
+    local.signal(libc::SIGTERM);
+    let st = local.wait();
+    assert!(st.success(), "daemon exit status {st:?}");
+    let left: Vec<_> = std::fs::read_dir(root).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn a_killed_daemon_leaves_stale_files_that_the_next_start_cleans() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut local = Local::start(root);
+    assert_eq!(
+        ok(local.xenpv(&["domain", "create", "--domid", "5"])).trim(),
+        "5"
+    );
+    // Something of a backend's own in the state directory must survive the cleaning.
+    std::fs::write(root.join("dom5/keep.state"), b"x").unwrap();
+    local.signal(libc::SIGKILL);
+    local.wait();
+    assert!(root.join("local.pid").exists());
+    assert!(root.join("control.sock").exists());
+    assert!(root.join("dom5/xenstore.sock").exists());
+    let e = failed(xenpv(root, &["domain", "list"]));
+    assert!(e.contains("start it with `xenpv local`"), "{e}");
+
+    let local = Local::start(root);
+    assert!(!root.join("dom5/xenstore.sock").exists());
+    assert!(root.join("dom5/keep.state").exists());
+    let list = ok(local.xenpv(&["domain", "list"]));
+    assert!(!list.contains("dom5"), "{list}");
+    assert_eq!(ok(local.xenpv(&["domain", "create"])).trim(), "1");
+}
+
+#[test]
+fn domain_verbs_name_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = failed(xenpv(dir.path(), &["domain", "create"]));
+    assert!(
+        e.contains("no local platform at") && e.contains("start it with `xenpv local`"),
+        "{e}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv"))
+        .args(["--platform", "xen", "domain", "destroy", "3"])
+        .output()
+        .unwrap();
+    let e = failed(out);
+    assert!(e.contains("use `xl destroy`"), "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv"))
+        .args(["--platform", "xen", "local"])
+        .output()
+        .unwrap();
+    assert!(failed(out).contains("is for the local platform"));
+}
