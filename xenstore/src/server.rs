@@ -474,6 +474,8 @@ struct State {
     tree: Tree,
     conns: HashMap<u64, Conn>,
     introduced: BTreeSet<u32>,
+    /// Domains released and not introduced again: their late connections are refused.
+    released: BTreeSet<u32>,
     quotas: Quotas,
     next_conn: u64,
     next_tx: u32,
@@ -629,6 +631,7 @@ impl Server {
                 tree: Tree::new(),
                 conns: HashMap::new(),
                 introduced,
+                released: BTreeSet::new(),
                 quotas,
                 next_conn: 1,
                 next_tx: 1,
@@ -640,6 +643,7 @@ impl Server {
     pub fn introduce_domain(&self, domid: u32) {
         let mut st = lock(&self.state);
         st.introduced.insert(domid);
+        st.released.remove(&domid);
         st.fire(&Event {
             path: INTRODUCE_DOMAIN.into(),
             recursive: false,
@@ -653,6 +657,11 @@ impl Server {
         self.disconnect_domain(domid);
         let mut st = lock(&self.state);
         st.introduced.remove(&domid);
+        st.released.insert(domid);
+        // Connections registered since `disconnect_domain` above.
+        for c in st.conns.values().filter(|c| c.domid == domid) {
+            let _ = c.closer.shutdown(std::net::Shutdown::Both);
+        }
         if remove_nodes && domid != 0 {
             if let Ok(Some(ev)) = st.tree.rm(&mut None, 0, &wire::domain_path(domid)) {
                 st.fire(&ev);
@@ -799,6 +808,15 @@ impl Server {
             })?;
         let id = {
             let mut st = lock(&self.state);
+            if st.released.contains(&domid) {
+                // Accepted just before the domain was destroyed: it no longer exists.
+                drop(st);
+                tracing::debug!("connection of a released domain refused");
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                drop(out);
+                let _ = wthread.join();
+                return Ok(());
+            }
             let id = st.next_conn;
             st.next_conn += 1;
             let conn = Conn {

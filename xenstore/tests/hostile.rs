@@ -259,3 +259,27 @@ fn dropping_mid_message_is_harmless() {
     }
     others_carry_on(&env);
 }
+
+#[test]
+fn a_connection_of_a_released_domain_is_refused() {
+    let dir = std::env::temp_dir().join(format!("xenpv-xs-released-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = xenpv_xenstore::Server::new();
+    server.introduce_domain(5);
+    let path = dir.join("dom5.sock");
+    let _l = server.bind(&path, 5).unwrap();
+    // Accepted around the destroy: the domain is gone by the time the connection registers.
+    server.release_domain(5, true);
+    let c = xenpv_xenstore::Client::connect_unix(&path).unwrap();
+    use xenpv_xenstore::XsOps;
+    assert!(
+        c.read("/local/domain/5").is_err(),
+        "a released domain has no xenstore"
+    );
+    // Introduced again (a new domain with that id): served.
+    server.introduce_domain(5);
+    let c = xenpv_xenstore::Client::connect_unix(&path).unwrap();
+    assert_eq!(c.get_domain_path(5).unwrap(), "/local/domain/5");
+    drop(_l);
+    let _ = std::fs::remove_dir_all(&dir);
+}
