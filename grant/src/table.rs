@@ -50,11 +50,52 @@ pub mod flags {
 }
 use flags::*;
 
-/// Why pinning an entry failed (all `GNTST_general_error` on Xen).
-pub(crate) const WHY_NOT_GRANTED: &str =
-    "the entry does not permit access (not granted, or revoked)";
-pub(crate) const WHY_WRONG_DOMID: &str = "the entry is granted to another domain";
-pub(crate) const WHY_READONLY: &str = "writable access to a read-only grant";
+/// Why pinning an entry (or a whole `PIN` request) failed. The number is the reason code of a
+/// failed `PIN` reply on `grant.sock` (`grant::local`); the text goes into [`Error::Map`].
+///
+/// [`Error::Map`]: crate::Error::Map
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Why {
+    /// `GNTST_general_error`: not `GTF_permit_access` (free, revoked, transfer, transitive,
+    /// sub-page).
+    NotGranted = 1,
+    /// `GNTST_general_error`: granted to another domain.
+    WrongDomid = 2,
+    /// `GNTST_general_error`: a writable pin of a read-only grant.
+    ReadOnly = 3,
+    /// `GNTST_bad_gntref`.
+    RefOutOfRange = 4,
+    /// `GNTST_bad_page`.
+    FrameOutOfRange = 5,
+    /// `GNTST_bad_domain`.
+    NoDomain = 6,
+    /// A request the broker does not understand (bad mode, count or payload).
+    Malformed = 7,
+    /// `GNTST_no_space`: the connection holds too many pins.
+    TooManyPins = 8,
+}
+
+impl Why {
+    pub(crate) fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The text of reason code `code` (anything unknown is a protocol problem).
+    pub(crate) fn text(code: u32) -> &'static str {
+        match code {
+            1 => "the entry does not permit access (not granted, or revoked)",
+            2 => "the entry is granted to another domain",
+            3 => "writable access to a read-only grant",
+            4 => "grant ref outside the granting domain's table",
+            5 => "the entry names a frame outside the granting domain's memory",
+            6 => "no such domain (destroyed, or never created)",
+            7 => "the grant broker did not understand the request",
+            8 => "too many grants pinned by this connection",
+            _ => "the grant broker gave no reason",
+        }
+    }
+}
 
 /// A v1 grant table in memory shared with the granting domain: `entries` entries at `base`.
 #[derive(Debug, Clone, Copy)]
@@ -149,28 +190,24 @@ impl Table {
 
     /// Mapper: validates the entry for `ldomid` and sets `GTF_reading` (and `GTF_writing` for a
     /// writable pin) atomically together with the domid check, as Xen's `_set_status_v1` does;
-    /// then reads the frame. `Err` is the reason, for `GNTST_general_error`.
-    pub(crate) fn pin(
-        &self,
-        gref: u32,
-        ldomid: DomId,
-        writable: bool,
-    ) -> Result<u32, &'static str> {
+    /// then reads the frame. `Err` is the reason (`GNTST_general_error`, or `GNTST_bad_gntref`
+    /// for a ref outside the table).
+    pub(crate) fn pin(&self, gref: u32, ldomid: DomId, writable: bool) -> Result<u32, Why> {
         let Some((head, fr)) = self.words(gref) else {
-            return Err("grant ref outside the table");
+            return Err(Why::RefOutOfRange);
         };
         let mut cur = head.load(Ordering::Acquire);
         loop {
             let fl = cur as u16;
             let dom = (cur >> 16) as u16;
             if fl & (GTF_TYPE_MASK | GTF_SUB_PAGE) != GTF_PERMIT_ACCESS {
-                return Err(WHY_NOT_GRANTED);
+                return Err(Why::NotGranted);
             }
             if dom != ldomid {
-                return Err(WHY_WRONG_DOMID);
+                return Err(Why::WrongDomid);
             }
             if writable && fl & GTF_READONLY != 0 {
-                return Err(WHY_READONLY);
+                return Err(Why::ReadOnly);
             }
             let set = GTF_READING | if writable { GTF_WRITING } else { 0 };
             match head.compare_exchange(

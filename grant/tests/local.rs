@@ -1,10 +1,14 @@
 //! The local provider against an in-process broker on a temporary socket: validation failures
 //! per operation, deferred revoke, grant copy statuses, data both ways, multi-page rings,
-//! hostile inputs, and one test across two processes.
+//! hostile inputs, pin accounting across connections and processes (the broker counts pins; a
+//! mapper that dies lets go), and tests across two processes.
 
-use std::os::unix::net::UnixListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use xenpv_grant::flags::*;
 use xenpv_grant::local::{Broker, BrokerConfig, LocalGrants};
@@ -360,6 +364,24 @@ fn destroyed_domain_keeps_mappings_refuses_new_ones() {
         .map_domain(FRONT, s.grefs(), Access::ReadOnly)
         .unwrap_err();
     assert_eq!(map_status(e), (0, GrantStatus::BadDomain));
+
+    // Re-created: the old mapping's unpin must not touch the new domain's table or counts.
+    p.broker.create_domain(FRONT).unwrap();
+    let front2 = p.client(FRONT);
+    let s2 = front2.share(BACK, 1, Access::Writable).unwrap();
+    assert_eq!(s2.grefs(), s.grefs(), "the same ref in the new table");
+    let m2 = back
+        .map_domain(FRONT, s2.grefs(), Access::ReadOnly)
+        .unwrap();
+    drop(m);
+    assert_eq!(p.broker.pins(FRONT, s2.grefs()[0]), (1, 0));
+    assert_eq!(
+        front2.own_flags(s2.grefs()[0]).unwrap() & GTF_READING,
+        GTF_READING
+    );
+    drop(m2);
+    assert_eq!(front2.own_flags(s2.grefs()[0]).unwrap() & GTF_READING, 0);
+    std::mem::forget(s);
 }
 
 #[test]
@@ -384,8 +406,14 @@ fn mapping_cache_hits_evicts_and_stays_bounded() {
     let g = s.grefs()[0];
     cache.get(FRONT, g, Access::ReadOnly).unwrap();
     let before = cache.stats().hits;
+    let asked = p.broker.requests();
     let held = cache.get(FRONT, g, Access::ReadOnly).unwrap();
     assert_eq!(cache.stats().hits, before + 1);
+    assert_eq!(
+        p.broker.requests(),
+        asked,
+        "a cache hit does not ask the broker"
+    );
     // Upgrade to writable remaps.
     let w = cache.get(FRONT, g, Access::Writable).unwrap();
     assert!(w.volatile().write(8, b"w").is_ok());
@@ -450,4 +478,282 @@ fn front_and_back_in_two_processes() {
     s.volatile().read(1000, &mut b).unwrap();
     assert_eq!(&b, b"hello, parent");
     assert_eq!(s.revoke().unwrap(), Revoke::Revoked);
+}
+
+/// Polls `cond` until it holds or `secs` pass.
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn two_connections_pin_one_grant_together() {
+    let p = Platform::new();
+    let front = p.client(FRONT);
+    // Two processes' worth of backend connections of one domain.
+    let (b1, b2) = (p.client(BACK), p.client(BACK));
+    let s = front.share(BACK, 1, Access::Writable).unwrap();
+    let g = s.grefs()[0];
+    let m1 = b1.map_domain(FRONT, &[g], Access::Writable).unwrap();
+    let m2 = b2.map_domain(FRONT, &[g], Access::ReadOnly).unwrap();
+    assert_eq!(p.broker.pins(FRONT, g), (1, 1));
+    let both = GTF_READING | GTF_WRITING;
+    assert_eq!(front.own_flags(g).unwrap() & both, both);
+
+    assert_eq!(front.revoke(s).unwrap(), Revoke::Deferred { in_use: 1 });
+    // The writer goes: GTF_writing is cleared, GTF_reading stays, the revoke stays deferred.
+    drop(m1);
+    assert_eq!(p.broker.pins(FRONT, g), (1, 0));
+    assert_eq!(front.own_flags(g).unwrap() & both, GTF_READING);
+    assert_eq!(p.broker.reap(), 1);
+    assert!(p.broker.is_allocated(FRONT, g));
+    let mut b = [0u8; 1];
+    m2.volatile().read(0, &mut b).unwrap();
+    // The last one goes: the deferred revoke completes at once, without a reap.
+    drop(m2);
+    assert_eq!(p.broker.pins(FRONT, g), (0, 0));
+    assert!(!p.broker.is_allocated(FRONT, g));
+    assert_eq!(front.own_flags(g).unwrap(), 0);
+    assert_eq!(p.broker.reap(), 0);
+
+    // The other order, and one connection dropped entirely (its pins go with it).
+    let s = front.share(BACK, 1, Access::Writable).unwrap();
+    let g = s.grefs()[0];
+    let m1 = b1.map_domain(FRONT, &[g], Access::ReadOnly).unwrap();
+    let m2 = b2.map_domain(FRONT, &[g], Access::ReadOnly).unwrap();
+    assert_eq!(p.broker.pins(FRONT, g), (2, 0));
+    assert_eq!(front.revoke(s).unwrap(), Revoke::Deferred { in_use: 1 });
+    drop(m2);
+    drop(b2);
+    assert_eq!(p.broker.reap(), 1);
+    assert_eq!(front.own_flags(g).unwrap() & GTF_READING, GTF_READING);
+    drop(m1);
+    assert_eq!(p.broker.reap(), 0);
+    assert_eq!(front.own_flags(g).unwrap(), 0);
+}
+
+fn header(op: i32, a: u32, b: u32, n: u32) -> Vec<u8> {
+    [op as u32, a, b, n]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect()
+}
+
+fn read_words(s: &mut UnixStream, n: usize) -> Vec<u32> {
+    let mut b = vec![0u8; 4 * n];
+    s.read_exact(&mut b).unwrap();
+    b.chunks_exact(4)
+        .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The documented wire format, spoken raw; a connection that closes holding pins lets go.
+#[test]
+fn raw_pin_wire_and_close_unpins() {
+    let p = Platform::new();
+    let front = p.client(FRONT);
+    let s = front.share(BACK, 2, Access::Writable).unwrap();
+    let (g0, g1) = (s.grefs()[0], s.grefs()[1]);
+    let mut c = UnixStream::connect(LocalGrants::socket_path(&p.dir, BACK)).unwrap();
+    let writable = 1u32 << 16;
+
+    // Map mode, all or nothing: the second entry names a domain that does not exist.
+    let mut req = header(6, 0, 0, 4);
+    for w in [u32::from(FRONT) | writable, g0, 77 | writable, g1] {
+        req.extend_from_slice(&w.to_ne_bytes());
+    }
+    c.write_all(&req).unwrap();
+    let h = read_words(&mut c, 4);
+    assert_eq!(
+        (h[0] as i32, h[1], h[2], h[3]),
+        (i32::from(GrantStatus::BadDomain.raw()), 1, 6, 0)
+    );
+    assert_eq!(p.broker.pins(FRONT, g0), (0, 0));
+    assert_eq!(front.own_flags(g0).unwrap() & GTF_WRITING, 0);
+
+    // Map mode, both good: offsets and generation.
+    let mut req = header(6, 0, 0, 4);
+    for w in [u32::from(FRONT) | writable, g0, u32::from(FRONT), g1] {
+        req.extend_from_slice(&w.to_ne_bytes());
+    }
+    c.write_all(&req).unwrap();
+    let h = read_words(&mut c, 4);
+    assert_eq!((h[0], h[3]), (0, 6));
+    let e = read_words(&mut c, 6);
+    let table_bytes = 4096u64; // 64 entries round up to one page
+    for (i, &frame_off) in [e[0], e[3]].iter().enumerate() {
+        let off = u64::from(frame_off) | u64::from([e[1], e[4]][i]) << 32;
+        assert!(off >= table_bytes && (off - table_bytes) % 4096 == 0);
+    }
+    assert_eq!(e[2], e[5], "one generation");
+    assert_eq!(p.broker.pins(FRONT, g0), (0, 1));
+    assert_eq!(p.broker.pins(FRONT, g1), (1, 0));
+
+    // Copy mode: per-entry status.
+    let mut req = header(6, 1, 0, 4);
+    for w in [u32::from(FRONT), 10_000, u32::from(FRONT), g1] {
+        req.extend_from_slice(&w.to_ne_bytes());
+    }
+    c.write_all(&req).unwrap();
+    let h = read_words(&mut c, 4);
+    assert_eq!((h[0], h[3]), (0, 8));
+    let e = read_words(&mut c, 8);
+    assert_eq!(e[0] as i32, i32::from(GrantStatus::BadGntref.raw()));
+    assert_eq!(e[4], 0);
+    assert_eq!(p.broker.pins(FRONT, g1), (2, 0));
+
+    // UNPIN one of the two read pins of g1, and one pin this connection does not hold.
+    let mut req = header(7, 0, 0, 6);
+    for w in [u32::from(FRONT), g1, e[7], u32::from(FRONT), g0, e[7]] {
+        req.extend_from_slice(&w.to_ne_bytes());
+    }
+    c.write_all(&req).unwrap();
+    let h = read_words(&mut c, 4);
+    assert_eq!((h[0], h[1], h[2]), (0, 1, 1));
+    assert_eq!(p.broker.pins(FRONT, g1), (1, 0));
+
+    // Nonsense is refused, not fatal.
+    c.write_all(&header(6, 9, 0, 0)).unwrap();
+    let h = read_words(&mut c, 4);
+    assert_eq!((h[0] as i32, h[2]), (-1, 7));
+
+    assert_eq!(front.revoke(s).unwrap(), Revoke::Deferred { in_use: 2 });
+    drop(c);
+    assert!(
+        eventually(10, || p.broker.reap() == 0),
+        "the revoke completes once the connection closed"
+    );
+    assert_eq!(p.broker.pins(FRONT, g0), (0, 0));
+    assert_eq!(p.broker.pins(FRONT, g1), (0, 0));
+    assert_eq!(front.own_flags(g0).unwrap(), 0);
+    assert_eq!(front.own_flags(g1).unwrap(), 0);
+    assert!(!p.broker.is_allocated(FRONT, g0));
+}
+
+const HOLDER_MAPPED: &str = "XENPV-HOLDER-MAPPED";
+
+/// The child half of the holder tests; does nothing unless run as the child. Maps a grant,
+/// says so on stdout, and holds it until its stdin closes (or it is killed).
+#[test]
+fn holder_role() {
+    let Ok(sock) = std::env::var("XENPV_GRANT_HOLDER_SOCKET") else {
+        return;
+    };
+    let gref: GrantRef = std::env::var("XENPV_GRANT_HOLDER_GREF")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let access = match std::env::var("XENPV_GRANT_HOLDER_ACCESS").unwrap().as_str() {
+        "rw" => Access::Writable,
+        _ => Access::ReadOnly,
+    };
+    let back = LocalGrants::connect(sock).unwrap();
+    let m = back.map_domain(FRONT, &[gref], access).unwrap();
+    let mut b = [0u8; 4];
+    m.volatile().read(0, &mut b).unwrap();
+    assert_eq!(&b, b"held");
+    println!("\n{HOLDER_MAPPED}");
+    std::io::stdout().flush().unwrap();
+    let mut sink = Vec::new();
+    std::io::stdin().read_to_end(&mut sink).unwrap();
+    drop(m);
+}
+
+/// Starts a child backend process of domain BACK that maps `gref` and holds it.
+fn spawn_holder(p: &Platform, gref: GrantRef, access: &str) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["holder_role", "--exact", "--nocapture", "--test-threads=1"])
+        .env(
+            "XENPV_GRANT_HOLDER_SOCKET",
+            LocalGrants::socket_path(&p.dir, BACK),
+        )
+        .env("XENPV_GRANT_HOLDER_GREF", gref.to_string())
+        .env("XENPV_GRANT_HOLDER_ACCESS", access)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("holder child ended before mapping: {seen}");
+        }
+        if line.contains(HOLDER_MAPPED) {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    // Keep draining its stdout so that it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    child
+}
+
+#[test]
+fn two_processes_pin_one_grant_together() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = front.share(BACK, 1, Access::Writable).unwrap();
+    let g = s.grefs()[0];
+    s.volatile().write(0, b"held").unwrap();
+    let mine = back.map_domain(FRONT, &[g], Access::Writable).unwrap();
+    let mut child = spawn_holder(&p, g, "ro");
+    assert_eq!(p.broker.pins(FRONT, g), (1, 1));
+
+    assert_eq!(front.revoke(s).unwrap(), Revoke::Deferred { in_use: 1 });
+    // This process lets go first: the child still maps the page, so the grant stays in use.
+    drop(mine);
+    assert_eq!(p.broker.reap(), 1);
+    assert_eq!(
+        front.own_flags(g).unwrap() & (GTF_READING | GTF_WRITING),
+        GTF_READING
+    );
+    assert!(p.broker.is_allocated(FRONT, g));
+    // The child unmaps and exits cleanly: now the revoke completes.
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert!(eventually(10, || p.broker.reap() == 0));
+    assert_eq!(front.own_flags(g).unwrap(), 0);
+    assert!(!p.broker.is_allocated(FRONT, g));
+}
+
+#[test]
+fn killed_mapper_lets_go_and_deferred_revoke_completes() {
+    let p = Platform::new();
+    let front = p.client(FRONT);
+    let s = front.share(BACK, 1, Access::Writable).unwrap();
+    let g = s.grefs()[0];
+    s.volatile().write(0, b"held").unwrap();
+    let mut child = spawn_holder(&p, g, "rw");
+    assert_eq!(p.broker.pins(FRONT, g), (0, 1));
+    let both = GTF_READING | GTF_WRITING;
+    assert_eq!(front.own_flags(g).unwrap() & both, both);
+    assert_eq!(front.revoke(s).unwrap(), Revoke::Deferred { in_use: 1 });
+    assert_eq!(p.broker.reap(), 1);
+
+    child.kill().unwrap(); // SIGKILL: no unmap, no unpin from the child
+    child.wait().unwrap();
+    assert!(
+        eventually(10, || p.broker.reap() == 0),
+        "the deferred revoke completes after the mapper died"
+    );
+    assert_eq!(p.broker.pins(FRONT, g), (0, 0));
+    assert_eq!(front.own_flags(g).unwrap(), 0);
+    assert!(!p.broker.is_allocated(FRONT, g));
+    // The ref and frame are reusable, and the frame comes back zeroed.
+    let again = front.share(BACK, 56, Access::Writable).unwrap();
+    let i = again.grefs().iter().position(|&r| r == g).unwrap();
+    assert_eq!(again.volatile().read_u32(i * PAGE_SIZE).unwrap(), 0);
 }

@@ -7,30 +7,25 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{DomainMem, Msg, OP_ALLOC, OP_CHECK, OP_FREE, OP_HELLO, OP_OPEN};
+use super::{
+    pin_target, DomainMem, Msg, OP_ALLOC, OP_FREE, OP_HELLO, OP_OPEN, OP_PIN, OP_UNPIN, PIN_COPY,
+    PIN_MAP,
+};
 use crate::sys::{self, Region};
-use crate::table::flags::{GTF_READING, GTF_WRITING};
+use crate::table::Why;
 use crate::{
     check_copy_range, Access, CopyKind, CopyOp, DomId, Error, GrantMap, GrantMemory, GrantRef,
     GrantShare, GrantStatus, Result, Revoke, SharedPages, VolatileSlice, MAX_COPY_OPS,
     MAX_PAGES_PER_CALL, PAGE_SIZE,
 };
 
-#[derive(Debug, Default)]
-struct PinCount {
-    maps: u32,
-    writers: u32,
-}
-
 #[derive(Debug)]
 struct Inner {
     domid: DomId,
     conn: Mutex<UnixStream>,
     own: DomainMem,
+    /// The memfds of the domains we mapped from, each of the generation `OPEN` last gave.
     foreign: Mutex<HashMap<DomId, Arc<DomainMem>>>,
-    /// Per-entry map counts of this process, keyed by (domid, generation, gref): the status
-    /// bits are set on the first map and cleared when the last one goes.
-    pins: Mutex<HashMap<(DomId, u32, GrantRef), PinCount>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -83,7 +78,6 @@ impl LocalGrants {
                 conn: Mutex::new(stream),
                 own,
                 foreign: Mutex::new(HashMap::new()),
-                pins: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -113,17 +107,15 @@ impl Inner {
         Msg::recv(&*c)?.ok_or(Error::Protocol("broker closed the connection"))
     }
 
-    /// The current memfd of `domid`, or `GNTST_bad_domain`.
-    fn domain(&self, domid: DomId) -> std::result::Result<Arc<DomainMem>, GrantStatus> {
-        let (rsp, _) = self
-            .call(&Msg::new(OP_CHECK, u32::from(domid), 0))
-            .map_err(|_| GrantStatus::GeneralError)?;
-        if rsp.code != 0 {
-            lock(&self.foreign).remove(&domid);
-            return Err(GrantStatus::BadDomain);
-        }
+    /// The memfd of `domid` of generation `generation` (the one a `PIN` reply named), opened
+    /// on first use; `GNTST_bad_domain` if the domain has been re-created or destroyed since.
+    fn domain(
+        &self,
+        domid: DomId,
+        generation: u32,
+    ) -> std::result::Result<Arc<DomainMem>, GrantStatus> {
         if let Some(d) = lock(&self.foreign).get(&domid) {
-            if d.generation == rsp.a {
+            if d.generation == generation {
                 return Ok(d.clone());
             }
         }
@@ -131,76 +123,62 @@ impl Inner {
             .call(&Msg::new(OP_OPEN, u32::from(domid), 0))
             .map_err(|_| GrantStatus::GeneralError)?;
         if rsp.code != 0 {
+            lock(&self.foreign).remove(&domid);
             return Err(GrantStatus::BadDomain);
         }
-        let (Some(fd), [generation]) = (fd, rsp.payload.as_slice()) else {
+        let (Some(fd), [current]) = (fd, rsp.payload.as_slice()) else {
             return Err(GrantStatus::GeneralError);
         };
         let d = Arc::new(
-            DomainMem::open(fd, rsp.a, rsp.b, *generation)
-                .map_err(|_| GrantStatus::GeneralError)?,
+            DomainMem::open(fd, rsp.a, rsp.b, *current).map_err(|_| GrantStatus::GeneralError)?,
         );
         lock(&self.foreign).insert(domid, d.clone());
+        if *current != generation {
+            return Err(GrantStatus::BadDomain);
+        }
         Ok(d)
     }
 
-    /// Validates and pins `gref` of `dom` for us; returns the frame's file offset.
+    /// Asks the broker to pin `entries` (`(domid, gref, writable)`) for us: one round trip.
     fn pin(
         &self,
-        dom: &DomainMem,
-        domid: DomId,
-        gref: GrantRef,
-        writable: bool,
-    ) -> std::result::Result<u64, (GrantStatus, &'static str)> {
-        if gref >= dom.table.entries() {
-            return Err((
-                GrantStatus::BadGntref,
-                "grant ref outside the granting domain's table",
-            ));
+        mode: u32,
+        entries: impl Iterator<Item = (DomId, GrantRef, bool)>,
+    ) -> Result<Msg> {
+        let mut req = Msg::new(OP_PIN, mode, 0);
+        for (domid, gref, w) in entries {
+            req.payload.extend_from_slice(&[pin_target(domid, w), gref]);
         }
-        let mut pins = lock(&self.pins);
-        let frame = dom
-            .table
-            .pin(gref, self.domid, writable)
-            .map_err(|why| (GrantStatus::GeneralError, why))?;
-        let c = pins.entry((domid, dom.generation, gref)).or_default();
-        c.maps += 1;
-        if writable {
-            c.writers += 1;
-        }
-        drop(pins);
-        match dom.frame_offset(frame) {
-            Some(off) => Ok(off),
-            None => {
-                self.unpin(dom, domid, gref, writable);
-                Err((
-                    GrantStatus::BadPage,
-                    "the entry names a frame outside the granting domain's memory",
-                ))
-            }
-        }
+        Ok(self.call(&req)?.0)
     }
 
-    fn unpin(&self, dom: &DomainMem, domid: DomId, gref: GrantRef, writable: bool) {
-        let mut pins = lock(&self.pins);
-        let key = (domid, dom.generation, gref);
-        let Some(c) = pins.get_mut(&key) else { return };
-        c.maps = c.maps.saturating_sub(1);
-        let mut clear = 0;
-        if writable {
-            c.writers = c.writers.saturating_sub(1);
-            if c.writers == 0 {
-                clear |= GTF_WRITING;
-            }
+    /// Gives `pins` back to the broker: one round trip (nothing if there are none). Errors are
+    /// ignored: if the connection is gone, the broker has dropped our pins already.
+    fn unpin(&self, pins: &[Pin]) {
+        if pins.is_empty() {
+            return;
         }
-        if c.maps == 0 {
-            clear |= GTF_READING | GTF_WRITING;
-            pins.remove(&key);
+        let mut req = Msg::new(OP_UNPIN, 0, 0);
+        for p in pins {
+            req.payload
+                .extend_from_slice(&[pin_target(p.domid, p.writable), p.gref, p.generation]);
         }
-        if clear != 0 {
-            dom.table.clear(gref, clear);
-        }
+        let _ = self.call(&req);
     }
+}
+
+/// One pin the broker holds for this connection.
+#[derive(Debug, Clone, Copy)]
+struct Pin {
+    domid: DomId,
+    gref: GrantRef,
+    writable: bool,
+    generation: u32,
+}
+
+/// `(offset, generation)` of `PIN` reply entry `e` (`[offset_lo, offset_hi, generation]`).
+fn pin_reply(e: &[u32]) -> (u64, u32) {
+    (u64::from(e[0]) | u64::from(e[1]) << 32, e[2])
 }
 
 fn check_count(what: &'static str, n: usize, max: usize) -> Result<()> {
@@ -214,17 +192,12 @@ fn check_count(what: &'static str, n: usize, max: usize) -> Result<()> {
     Ok(())
 }
 
-struct Pinned {
-    dom: Arc<DomainMem>,
-    domid: DomId,
-    gref: GrantRef,
-}
-
 /// A contiguous mapping of foreign grants on the local platform; unmapped on drop.
 pub struct LocalMapping {
     region: Option<Region>,
     access: Access,
-    pins: Vec<Pinned>,
+    /// What the broker pinned for this mapping (all of it, or nothing).
+    pins: Vec<Pin>,
     client: Arc<Inner>,
 }
 
@@ -248,10 +221,7 @@ impl Drop for LocalMapping {
     fn drop(&mut self) {
         // Unmap first, then let the granter see the grants released.
         drop(self.region.take());
-        let w = self.access.is_writable();
-        for p in self.pins.drain(..) {
-            self.client.unpin(&p.dom, p.domid, p.gref, w);
-        }
+        self.client.unpin(&self.pins);
     }
 }
 
@@ -284,15 +254,45 @@ impl GrantMap for LocalGrants {
     fn map(&self, refs: &[(DomId, GrantRef)], access: Access) -> Result<LocalMapping> {
         check_count("grant refs to map", refs.len(), MAX_PAGES_PER_CALL)?;
         let region = Region::reserve(refs.len())?;
-        let mut m = LocalMapping {
+        let w = access.is_writable();
+        // One round trip: the broker validates and pins every ref, or none.
+        let rsp = self
+            .inner
+            .pin(PIN_MAP, refs.iter().map(|&(d, g)| (d, g, w)))?;
+        if rsp.code != 0 {
+            let index = rsp.a as usize;
+            let &(domid, gref) = refs.get(index).ok_or(Error::Protocol(
+                "PIN failed at an index outside the request",
+            ))?;
+            return Err(Error::Map {
+                index,
+                domid,
+                gref,
+                status: rsp.status(),
+                reason: Why::text(rsp.b),
+            });
+        }
+        if rsp.payload.len() != 3 * refs.len() {
+            return Err(Error::Protocol("PIN reply of the wrong length"));
+        }
+        let m = LocalMapping {
             region: Some(region),
             access,
-            pins: Vec::with_capacity(refs.len()),
+            pins: refs
+                .iter()
+                .zip(rsp.payload.chunks_exact(3))
+                .map(|(&(domid, gref), e)| Pin {
+                    domid,
+                    gref,
+                    writable: w,
+                    generation: pin_reply(e).1,
+                })
+                .collect(),
             client: self.inner.clone(),
         };
-        let w = access.is_writable();
-        let mut doms: HashMap<DomId, Arc<DomainMem>> = HashMap::new();
-        for (index, &(domid, gref)) in refs.iter().enumerate() {
+        // From here on, an error drops `m`: it unmaps and unpins everything.
+        for (index, (&(domid, gref), e)) in refs.iter().zip(rsp.payload.chunks_exact(3)).enumerate()
+        {
             let fail = |status, reason| Error::Map {
                 index,
                 domid,
@@ -300,27 +300,14 @@ impl GrantMap for LocalGrants {
                 status,
                 reason,
             };
-            let dom = match doms.get(&domid) {
-                Some(d) => d.clone(),
-                None => {
-                    let d = self
-                        .inner
-                        .domain(domid)
-                        .map_err(|s| fail(s, "no such domain (destroyed, or never created)"))?;
-                    doms.insert(domid, d.clone());
-                    d
-                }
-            };
-            // On error `m` is dropped: it unmaps and unpins what succeeded.
-            let off = self
+            let (off, generation) = pin_reply(e);
+            let dom = self
                 .inner
-                .pin(&dom, domid, gref, w)
-                .map_err(|(s, why)| fail(s, why))?;
-            m.pins.push(Pinned {
-                dom: dom.clone(),
-                domid,
-                gref,
-            });
+                .domain(domid, generation)
+                .map_err(|s| fail(s, Why::text(Why::NoDomain.code())))?;
+            if !dom.is_frame_offset(off) {
+                return Err(Error::Protocol("PIN answered an offset outside the domain"));
+            }
             m.region()
                 .map_page(index, dom.fd.as_raw_fd(), off, w)
                 .map_err(|_| fail(GrantStatus::GeneralError, "mmap of the frame failed"))?;
@@ -328,6 +315,10 @@ impl GrantMap for LocalGrants {
         Ok(m)
     }
 
+    /// One `PIN` (copy mode) for the distinct `(domid, gref, writable)` of the batch, the copies
+    /// with `pread`/`pwrite` on the memfds, one `UNPIN`: the grants are pinned (`GTF_reading` /
+    /// `GTF_writing` set, counted in the broker) for the whole batch, as Xen pins each for the
+    /// length of its copy, so a revoke in between is deferred rather than racing the copy.
     fn copy(&self, ops: &mut [CopyOp<'_>]) -> Result<()> {
         if ops.len() > MAX_COPY_OPS {
             return Err(Error::BadCount {
@@ -336,56 +327,84 @@ impl GrantMap for LocalGrants {
                 max: MAX_COPY_OPS,
             });
         }
-        let mut doms: HashMap<DomId, std::result::Result<Arc<DomainMem>, GrantStatus>> =
-            HashMap::new();
+        let mut index: HashMap<(DomId, GrantRef, bool), usize> = HashMap::new();
+        let mut entries: Vec<(DomId, GrantRef, bool)> = Vec::new();
+        let mut which: Vec<Option<usize>> = Vec::with_capacity(ops.len());
         for op in ops.iter_mut() {
             let (r, len) = op.foreign();
+            let writable = matches!(op.kind, CopyKind::ToForeign { .. });
+            // As Xen since XSA-448: a zero-length copy is a no-op, nothing is validated.
             op.status = if len == 0 {
-                // As Xen since XSA-448: a zero-length copy is a no-op, nothing is validated.
                 GrantStatus::Okay
             } else {
-                match check_copy_range(r, len) {
-                    GrantStatus::Okay => {
-                        let dom = doms
-                            .entry(r.domid)
-                            .or_insert_with(|| self.inner.domain(r.domid))
-                            .clone();
-                        match dom {
-                            Ok(dom) => self.copy_one(&dom, r.domid, r.gref, r.offset, &mut op.kind),
-                            Err(s) => s,
+                check_copy_range(r, len)
+            };
+            which.push((len != 0 && op.status == GrantStatus::Okay).then(|| {
+                let key = (r.domid, r.gref, writable);
+                *index.entry(key).or_insert_with(|| {
+                    entries.push(key);
+                    entries.len() - 1
+                })
+            }));
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let rsp = self.inner.pin(PIN_COPY, entries.iter().copied())?;
+        if rsp.code != 0 || rsp.payload.len() != 4 * entries.len() {
+            return Err(Error::Protocol("bad reply to a copy-mode PIN"));
+        }
+        let mut held = Vec::new();
+        let mut doms: HashMap<(DomId, u32), std::result::Result<Arc<DomainMem>, GrantStatus>> =
+            HashMap::new();
+        let pinned: Vec<std::result::Result<(Arc<DomainMem>, u64), GrantStatus>> = entries
+            .iter()
+            .zip(rsp.payload.chunks_exact(4))
+            .map(|(&(domid, gref, writable), e)| {
+                let status = GrantStatus::from_raw(i16::try_from(e[0] as i32).unwrap_or(-1));
+                if status != GrantStatus::Okay {
+                    return Err(status);
+                }
+                let (off, generation) = pin_reply(&e[1..]);
+                held.push(Pin {
+                    domid,
+                    gref,
+                    writable,
+                    generation,
+                });
+                let dom = doms
+                    .entry((domid, generation))
+                    .or_insert_with(|| self.inner.domain(domid, generation))
+                    .clone()?;
+                if !dom.is_frame_offset(off) {
+                    return Err(GrantStatus::GeneralError);
+                }
+                Ok((dom, off))
+            })
+            .collect();
+        for (op, w) in ops.iter_mut().zip(which) {
+            let Some(i) = w else { continue };
+            op.status = match &pinned[i] {
+                Err(s) => *s,
+                Ok((dom, off)) => {
+                    let off = off + u64::from(op.foreign().0.offset);
+                    let r = match &mut op.kind {
+                        CopyKind::FromForeign { dst, .. } => {
+                            sys::pread_all(dom.fd.as_fd(), dst, off)
                         }
+                        CopyKind::ToForeign { src, .. } => {
+                            sys::pwrite_all(dom.fd.as_fd(), src, off)
+                        }
+                    };
+                    match r {
+                        Ok(()) => GrantStatus::Okay,
+                        Err(_) => GrantStatus::GeneralError,
                     }
-                    s => s,
                 }
             };
         }
+        self.inner.unpin(&held);
         Ok(())
-    }
-}
-
-impl LocalGrants {
-    fn copy_one(
-        &self,
-        dom: &DomainMem,
-        domid: DomId,
-        gref: GrantRef,
-        offset: u16,
-        kind: &mut CopyKind<'_>,
-    ) -> GrantStatus {
-        let writable = matches!(kind, CopyKind::ToForeign { .. });
-        let off = match self.inner.pin(dom, domid, gref, writable) {
-            Ok(off) => off + u64::from(offset),
-            Err((s, _)) => return s,
-        };
-        let r = match kind {
-            CopyKind::FromForeign { dst, .. } => sys::pread_all(dom.fd.as_fd(), dst, off),
-            CopyKind::ToForeign { src, .. } => sys::pwrite_all(dom.fd.as_fd(), src, off),
-        };
-        self.inner.unpin(dom, domid, gref, writable);
-        match r {
-            Ok(()) => GrantStatus::Okay,
-            Err(_) => GrantStatus::GeneralError,
-        }
     }
 }
 

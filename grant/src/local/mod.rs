@@ -3,14 +3,19 @@
 //! Each domain has one memfd: its v1 grant table ([`GrantEntryV1`](crate::GrantEntryV1)
 //! entries) followed by its shareable 4 KiB frames (frame `n` at `table_bytes + n * 4096`).
 //! The [`Broker`] (run by `xenpv local`, or in-process in tests) creates and destroys the
-//! memfds, hands out free refs and frames, and passes memfds over `grant.sock` with SCM_RIGHTS.
-//! [`LocalGrants`] is the client: a frontend shares pages by writing its own grant entries as a
-//! guest does; a backend maps a grant by validating the entry and setting `GTF_reading` /
-//! `GTF_writing` atomically, as Xen does, then `mmap`ing just that frame.
+//! memfds, hands out free refs and frames, passes memfds over `grant.sock` with SCM_RIGHTS, and
+//! plays the hypervisor's part of a map: it validates an entry as Xen does, sets `GTF_reading` /
+//! `GTF_writing` atomically and counts the pins per `(granting domain, gref)` across **every**
+//! connection, so that the bits stay set while any process of any domain maps the grant and are
+//! cleared when the last one unmaps, or dies (the broker unpins everything a connection held
+//! when it closes, as gntdev unmaps when its process dies). [`LocalGrants`] is the client: a
+//! frontend shares pages by writing its own grant entries as a guest does; a backend asks the
+//! broker to pin (one round trip per `map` call) and then `mmap`s just those frames.
 //!
 //! Wire format of `grant.sock` (native endian, one request then one response at a time): a
-//! 16-byte header `[i32 op_or_status, u32 a, u32 b, u32 n]` followed by `n` `u32`s; a response
-//! may carry one memfd (SCM_RIGHTS) attached to its first byte. Status is 0 or a `GNTST_*` value.
+//! 16-byte header `[i32 op_or_status, u32 a, u32 b, u32 n]` followed by `n` `u32`s (at most
+//! `4 * MAX_COPY_OPS + 16`); a response may carry one memfd (SCM_RIGHTS) attached to its first
+//! byte. Status is 0 or a `GNTST_*` value.
 //!
 //! | op | request | response |
 //! |---|---|---|
@@ -19,6 +24,25 @@
 //! | 3 `ALLOC` | `a` = count | payload `[ref, frame] * count` |
 //! | 4 `FREE` | payload `[ref, frame] * n` | `a` = freed now, `b` = deferred (still in use) |
 //! | 5 `CHECK` | `a` = domid | `a` = generation (a new one if the domain was re-created) |
+//! | 6 `PIN` | `a` = mode, payload `[target, ref] * n` | see below |
+//! | 7 `UNPIN` | payload `[target, ref, generation] * n` | `a` = unpinned, `b` = not held (ignored) |
+//!
+//! `target` is the granting domid in bits 0..16 and `1 << 16` for a writable pin (bits 17..32
+//! zero). `PIN` validates and pins for the connection's own domain, in order:
+//! * mode 0 (**map**, `n <= MAX_PAGES_PER_CALL`): all or nothing. Success: status 0, payload
+//!   `[offset_lo, offset_hi, generation] * n` (the frame's byte offset in that domain's memfd,
+//!   and the generation of the memfd it is in, as `OPEN` reports it). Failure: status = the first
+//!   failing entry's `GNTST_*`, `a` = its index, `b` = a reason code (`table::Why`); nothing of
+//!   the request stays pinned.
+//! * mode 1 (**copy**, `n <= MAX_COPY_OPS`): per entry. Status 0, payload
+//!   `[status, offset_lo, offset_hi, generation] * n`; only the entries with status 0 are pinned.
+//!
+//! A request the broker cannot parse (bad mode, zero or too many entries, odd payload) is
+//! answered `general_error` with `b` = 7. A connection may hold at most `MAX_PINS_PER_CONN` pins
+//! (`no_space`, `b` = 8, beyond). `UNPIN` drops one pin per entry, only among those the
+//! connection holds (matching target, ref, writability and generation); the broker clears
+//! `GTF_writing` when the grant's last writable pin goes and `GTF_reading` when its last pin
+//! goes, then retries deferred revokes at once.
 
 mod broker;
 mod client;
@@ -30,16 +54,38 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::sys::{self, Region};
 use crate::table::Table;
-use crate::{Error, GrantStatus, Result, PAGE_SIZE};
+use crate::{DomId, Error, GrantStatus, Result, PAGE_SIZE};
 
 pub(crate) const OP_HELLO: i32 = 1;
 pub(crate) const OP_OPEN: i32 = 2;
 pub(crate) const OP_ALLOC: i32 = 3;
 pub(crate) const OP_FREE: i32 = 4;
 pub(crate) const OP_CHECK: i32 = 5;
+pub(crate) const OP_PIN: i32 = 6;
+pub(crate) const OP_UNPIN: i32 = 7;
 
-/// Largest payload (in u32s) either side accepts.
-pub(crate) const MAX_PAYLOAD: u32 = 2 * crate::MAX_PAGES_PER_CALL as u32 + 16;
+/// `PIN` mode: all or nothing, for a mapping.
+pub(crate) const PIN_MAP: u32 = 0;
+/// `PIN` mode: a status per entry, for a grant copy batch.
+pub(crate) const PIN_COPY: u32 = 1;
+/// The writable bit of a `PIN`/`UNPIN` target word.
+pub(crate) const PIN_WRITABLE: u32 = 1 << 16;
+
+/// Most pins one connection may hold at once (Xen bounds a domain's maptrack the same way).
+pub(crate) const MAX_PINS_PER_CONN: u32 = 1 << 18;
+
+/// Largest payload (in u32s) either side accepts: a copy-mode `PIN` reply.
+pub(crate) const MAX_PAYLOAD: u32 = 4 * crate::MAX_COPY_OPS as u32 + 16;
+
+/// The target word of a `PIN`/`UNPIN` entry.
+pub(crate) fn pin_target(domid: DomId, writable: bool) -> u32 {
+    u32::from(domid) | if writable { PIN_WRITABLE } else { 0 }
+}
+
+/// `(domid, writable)` of a target word, or `None` if reserved bits are set.
+pub(crate) fn parse_target(w: u32) -> Option<(DomId, bool)> {
+    (w >> 17 == 0).then_some((w as u16, w & PIN_WRITABLE != 0))
+}
 
 /// One message of the wire format.
 #[derive(Debug, Default)]
@@ -160,6 +206,14 @@ impl DomainMem {
             frames,
             generation,
         })
+    }
+
+    /// Whether `off` is the file offset of one of this domain's frames (a `PIN` reply check).
+    pub(crate) fn is_frame_offset(&self, off: u64) -> bool {
+        let tb = Self::table_bytes(self.table.entries());
+        off >= tb
+            && (off - tb) % PAGE_SIZE as u64 == 0
+            && (off - tb) / (PAGE_SIZE as u64) < u64::from(self.frames)
     }
 
     /// File offset of `frame`, or `None` if the frame is not one of this domain's.
