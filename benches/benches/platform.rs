@@ -901,7 +901,13 @@ fn print_table(s: &Settings, g: &mut Grants, platform: &EvtPlatform) {
     println!("{header}");
     println!("{}", "-".repeat(header.len()));
     let row = |name: &str, ours: f64, base: f64| {
-        println!("{name:<44} {ours:>10.1} {base:>10.1} {:>8.3}", ours / base);
+        let ratio = ours / base;
+        let ratio = if ratio < 0.01 {
+            format!("{ratio:.2e}")
+        } else {
+            format!("{ratio:.3}")
+        };
+        println!("{name:<44} {ours:>10.1} {base:>10.1} {ratio:>8}");
     };
     row("MapCache hit vs local map+touch+unmap", hit, fresh);
     row(
