@@ -483,7 +483,8 @@ impl Client {
         }
     }
 
-    /// Wait for whichever request completes first.
+    /// Wait for whichever request completes first. Meant for one submitting thread: with
+    /// several, it may return a completion another thread is waiting for.
     pub fn wait_any(&self) -> Result<(Handle, Outcome)> {
         let inner = &*self.inner;
         let mut s = inner.state();
@@ -673,7 +674,13 @@ fn receive(inner: &Inner, mut r: BufReader<Box<dyn Read + Send>>) -> Result<()> 
             }
             Err(m) => return Err(Error::Protocol(format!("bad reply magic {m:#x}"))),
         };
-        let Some(p) = inner.state().pending.remove(&reply.handle) else {
+        // The entry stays pending until its outcome is in `done` (one lock), so a waiter
+        // never sees it in neither.
+        let Some(p) = inner.state().pending.get(&reply.handle).map(|p| Pending {
+            command: p.command,
+            offset: p.offset,
+            length: p.length,
+        }) else {
             return Err(Error::Protocol(format!(
                 "reply to handle {:#x}, which is not in flight",
                 reply.handle
@@ -695,7 +702,10 @@ fn receive(inner: &Inner, mut r: BufReader<Box<dyn Read + Send>>) -> Result<()> 
         } else {
             Ok(Vec::new())
         };
-        inner.state().done.insert(reply.handle, outcome);
+        let mut s = inner.state();
+        s.pending.remove(&reply.handle);
+        s.done.insert(reply.handle, outcome);
+        drop(s);
         inner.cv.notify_all();
     }
 }
