@@ -268,6 +268,10 @@ impl Client {
         let info = match negotiate(&mut r, &mut w, export) {
             Ok(i) => i,
             Err(e) => {
+                if matches!(e, Error::OptionRefused { .. }) {
+                    // Leave politely (the server's ACK is not awaited).
+                    let _ = send_option(&mut w, opt::ABORT, &[]);
+                }
                 shut();
                 return Err(e);
             }

@@ -423,3 +423,81 @@ fn hostile_negotiation() {
     let c = Client::connect_unix(&sock, "disk").unwrap();
     assert_eq!(c.size(), 4096);
 }
+
+/// A fake old server: no NBD_OPT_GO (answers ERR_UNSUP), no NO_ZEROES, then one READ reply;
+/// then a reply to a handle never sent.
+#[test]
+fn export_name_fallback_and_hostile_server() {
+    let dir = TempDir::new("fake");
+    let sock = dir.path("s");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&proto::NBD_MAGIC.to_be_bytes()).unwrap();
+        s.write_all(&proto::IHAVEOPT.to_be_bytes()).unwrap();
+        s.write_all(&proto::handshake::FIXED_NEWSTYLE.to_be_bytes())
+            .unwrap();
+        let mut cf = [0u8; 4];
+        s.read_exact(&mut cf).unwrap();
+        assert_eq!(u32::from_be_bytes(cf), 1, "no NO_ZEROES when not offered");
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            let o = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).unwrap();
+            if o == proto::opt::EXPORT_NAME {
+                assert_eq!(d, b"old");
+                s.write_all(&8192u64.to_be_bytes()).unwrap();
+                s.write_all(&(proto::tflags::HAS_FLAGS | proto::tflags::READ_ONLY).to_be_bytes())
+                    .unwrap();
+                s.write_all(&[0u8; 124]).unwrap();
+                break;
+            }
+            let mut r = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&o.to_be_bytes());
+            r.extend_from_slice(&proto::rep::ERR_UNSUP.to_be_bytes());
+            r.extend_from_slice(&0u32.to_be_bytes());
+            s.write_all(&r).unwrap();
+        }
+        let mut q = [0u8; proto::REQUEST_LEN];
+        s.read_exact(&mut q).unwrap();
+        let req = RequestHeader::decode(&q).unwrap();
+        assert_eq!((req.typ, req.offset, req.length), (0, 4096, 16));
+        s.write_all(
+            &SimpleReply {
+                error: 0,
+                handle: req.handle,
+            }
+            .encode(),
+        )
+        .unwrap();
+        s.write_all(&[9u8; 16]).unwrap();
+        s.read_exact(&mut q).unwrap();
+        // Hostile: answer a handle that is not in flight.
+        s.write_all(
+            &SimpleReply {
+                error: 0,
+                handle: 0xdead_beef,
+            }
+            .encode(),
+        )
+        .unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let c = Client::connect_unix(&sock, "old").unwrap();
+    assert_eq!(c.size(), 8192);
+    assert!(c.info().read_only());
+    let mut b = [0u8; 16];
+    c.read_at(&mut b, 4096).unwrap();
+    assert_eq!(b, [9u8; 16]);
+    let e = c.read_at(&mut b, 0).unwrap_err();
+    assert!(
+        matches!(e, ClientError::Disconnected(ref m) if m.contains("not in flight")),
+        "{e}"
+    );
+    drop(c);
+    server.join().unwrap();
+}
