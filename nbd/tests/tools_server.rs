@@ -149,3 +149,67 @@ fn fio_nbd_engine_verifies_at_iodepth_32() {
     assert_eq!(fnv(&std::fs::read(&copy).unwrap()), fnv(&on_disk));
     assert!(on_disk.iter().any(|&b| b != 0), "fio wrote nothing");
 }
+
+/// A slow device that records how many requests it serves at once.
+struct Slow {
+    inner: MemExport,
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl Slow {
+    fn enter(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        self.now.fetch_sub(1, SeqCst);
+    }
+}
+
+impl xenpv_nbd::BlockExport for Slow {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn flags(&self) -> xenpv_nbd::ExportFlags {
+        self.inner.flags()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.enter();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.enter();
+        self.inner.write_at(buf, offset, fua)
+    }
+}
+
+#[test]
+fn fio_iodepth_32_is_not_serialised() {
+    need("fio", "fio");
+    let dir = TempDir::new("fio-qd");
+    let sock = dir.path("s");
+    let slow = Arc::new(Slow {
+        inner: MemExport::new(2 << 20),
+        now: 0.into(),
+        max: 0.into(),
+    });
+    let _srv = serve_unix(&sock, Arc::clone(&slow)).unwrap();
+    run(Command::new("fio")
+        .args([
+            "--name=qd",
+            "--ioengine=nbd",
+            &format!("--uri={}", uri(&sock)),
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=2M",
+            "--output-format=terse",
+        ])
+        .env("FIO_DISABLE_TELEMETRY", "1"));
+    let max = slow.max.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        max >= 4,
+        "at most {max} requests ran at once: the server serialises fio's iodepth 32"
+    );
+}
