@@ -138,6 +138,21 @@ where
     G::Mapping: Send + Sync + 'static,
     E: EventChannel + 'static,
 {
+    serve_with_stats(p, be, cfg, |_| {})
+}
+
+/// [`serve`], handing the device's statistics to `on_stats` as soon as the device is open.
+pub fn serve_with_stats<G, E>(
+    p: &Platform<G, E>,
+    be: &str,
+    cfg: &Config,
+    on_stats: impl FnOnce(Arc<Stats>),
+) -> Result<Arc<Stats>>
+where
+    G: GrantMap + Send + Sync + 'static,
+    G::Mapping: Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
     let xs = &p.xs;
     let bad = |k: &str, why: &str| Error::Config {
         path: format!("{be}/{k}"),
@@ -159,6 +174,7 @@ where
         512,
     )?);
     let stats = Arc::new(Stats::default());
+    on_stats(stats.clone());
     let span = tracing::info_span!(
         "vbd",
         domid = fe_id,

@@ -5,6 +5,7 @@
 //! panic or reach outside the disk.
 #![deny(missing_docs)]
 
+pub mod daemon;
 pub mod device;
 pub mod queue;
 pub mod request;

@@ -23,16 +23,10 @@ pub use error::{Error, Result};
 /// The state directory: the one given, else `$XENPV_STATE_DIR`, else `$XDG_RUNTIME_DIR/xenpv`,
 /// else `/run/xenpv` (docs/local-platform.md). Empty variables count as unset.
 pub fn state_dir(given: Option<&Path>) -> PathBuf {
-    if let Some(p) = given {
-        return p.to_path_buf();
+    match given {
+        Some(p) => p.to_path_buf(),
+        None => xenpv_evtchn::local::state_root(),
     }
-    if let Some(p) = std::env::var_os("XENPV_STATE_DIR").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p).join("xenpv");
-    }
-    PathBuf::from("/run/xenpv")
 }
 
 /// `ROOT/dom<D>`: the directory holding domain `D`'s sockets.

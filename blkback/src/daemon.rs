@@ -1,0 +1,196 @@
+//! The daemon: watches this domain's `backend/vbd` directory and serves every device that
+//! appears there on its own thread, keeps a status file with per-device statistics, and talks
+//! to systemd (readiness and watchdog).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use xenpv_evtchn::EventChannel;
+use xenpv_grant::GrantMap;
+use xenpv_xenstore::XsOps;
+
+use crate::device::{self, Config, Platform};
+use crate::queue::Stats;
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// xenstore failed.
+    #[error("xenstore: {0}")]
+    Xenstore(#[from] xenpv_xenstore::Error),
+    /// The status file could not be written.
+    #[error("cannot write the status file {path}: {source}")]
+    Status {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Sends a message to systemd's notification socket, if `$NOTIFY_SOCKET` is set (sd_notify).
+pub fn sd_notify(msg: &str) -> std::io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = path.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        sock.send_to_addr(msg.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))?;
+    }
+    Ok(true)
+}
+
+/// The watchdog interval systemd asked for (`$WATCHDOG_USEC`, for this process).
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+struct Served {
+    thread: JoinHandle<()>,
+    stats: Arc<Mutex<Option<Arc<Stats>>>>,
+}
+
+fn write_status(path: &Path, devices: &HashMap<String, Served>) -> Result<(), Error> {
+    let mut out = String::new();
+    let mut keys: Vec<_> = devices.keys().collect();
+    keys.sort();
+    for k in keys {
+        let stats = devices[k].stats.lock().ok().and_then(|s| s.clone());
+        let line = match stats {
+            Some(s) => {
+                let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                format!(
+                    "{k} reads={} writes={} flushes={} discards={} sectors_read={} sectors_written={} errors={} ring_full={} notifications={}\n",
+                    g(&s.reads),
+                    g(&s.writes),
+                    g(&s.flushes),
+                    g(&s.discards),
+                    g(&s.sectors_read),
+                    g(&s.sectors_written),
+                    g(&s.errors),
+                    g(&s.ring_full),
+                    g(&s.notifications)
+                )
+            }
+            None => format!("{k} starting\n"),
+        };
+        out.push_str(&line);
+    }
+    let tmp = path.with_extension("tmp");
+    let err = |source| Error::Status {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(out.as_bytes()).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(())
+}
+
+/// Serves every vbd of backend domain `domid` until `stop` is set. `status` (if any) is
+/// rewritten every second with one line of statistics per device.
+pub fn run<G, E>(
+    p: Platform<G, E>,
+    domid: u32,
+    cfg: Config,
+    status: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), Error>
+where
+    G: GrantMap + Send + Sync + 'static,
+    G::Mapping: Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
+    let base = format!("/local/domain/{domid}/backend/vbd");
+    let watch = p.xs.watch(&base)?;
+    let mut devices: HashMap<String, Served> = HashMap::new();
+    let watchdog = watchdog_interval();
+    let _ = sd_notify("READY=1\nSTATUS=serving vbd devices");
+    tracing::info!(domid, "xenpv-blkback ready, watching {base}");
+    let mut last_ping = Instant::now();
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    while !stop.load(Ordering::SeqCst) {
+        // Every device directory: <base>/<frontend domid>/<devid>.
+        let mut present = Vec::new();
+        let fronts = match p.xs.directory(&base) {
+            Ok(v) => v,
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for f in fronts {
+            let devs = match p.xs.directory(&format!("{base}/{f}")) {
+                Ok(v) => v,
+                Err(e) if e.is_not_found() => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            for d in devs {
+                present.push(format!("{base}/{f}/{d}"));
+            }
+        }
+        devices.retain(|path, s| !s.thread.is_finished() || present.contains(path));
+        for path in present {
+            if devices.contains_key(&path) {
+                continue;
+            }
+            // A finished device thread whose directory still exists: its device was
+            // unplugged (online=0) and awaits removal; don't serve it again.
+            if p.xs.read_opt(&format!("{path}/online"))?.as_deref() == Some(b"0".as_slice()) {
+                continue;
+            }
+            let stats = Arc::new(Mutex::new(None));
+            let (p2, cfg2, path2, stats2) = (p.clone(), cfg.clone(), path.clone(), stats.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!(
+                    "vbd-{}",
+                    path.rsplit('/').take(2).collect::<Vec<_>>().join("-")
+                ))
+                .spawn(move || {
+                    match device::serve_with_stats(&p2, &path2, &cfg2, |s| {
+                        if let Ok(mut slot) = stats2.lock() {
+                            *slot = Some(s);
+                        }
+                    }) {
+                        Ok(_) => tracing::info!("{path2}: unplugged"),
+                        Err(e) => tracing::warn!("{path2}: {e}"),
+                    }
+                });
+            match thread {
+                Ok(thread) => {
+                    devices.insert(path, Served { thread, stats });
+                }
+                Err(e) => tracing::warn!("cannot start a device thread for {path}: {e}"),
+            }
+        }
+        if let Some(path) = &status {
+            if last_status.elapsed() >= Duration::from_secs(1) {
+                write_status(path, &devices)?;
+                last_status = Instant::now();
+            }
+        }
+        if let Some(w) = watchdog {
+            if last_ping.elapsed() >= w / 2 {
+                let _ = sd_notify("WATCHDOG=1");
+                last_ping = Instant::now();
+            }
+        }
+        let _ = watch.next_timeout(Duration::from_millis(250));
+    }
+    let _ = sd_notify("STOPPING=1");
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! `xenpv-blkback` as a process on the local platform: systemd readiness and watchdog through a
+//! `NOTIFY_SOCKET` this test creates, a frontend (played here) connecting and doing I/O that
+//! reaches the image, the status file, the error for a missing platform, and a clean SIGTERM.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xenpv_evtchn::local::LocalEvtchn;
+use xenpv_evtchn::{spin_then_wait, EventChannel, SpinBudget};
+use xenpv_grant::local::LocalGrants;
+use xenpv_grant::{Access, GrantMemory, GrantShare, SharedPages};
+use xenpv_ring::blkif::*;
+use xenpv_ring::FrontRing;
+use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
+
+const T: Duration = Duration::from_secs(20);
+
+struct Backend(Child);
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn daemon_serves_a_frontend_and_talks_to_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("xp");
+    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
+        state_dir: Some(root.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    daemon.create_domain(Some(1), Some("g1")).unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let dom0 = Client::connect_local(&root, 0).unwrap();
+    xenpv::toolstack::attach_disk(&dom0, 1, &format!("vdev=xvda,target={}", image.display()))
+        .unwrap();
+
+    let notify = dir.path().join("notify.sock");
+    let sd = UnixDatagram::bind(&notify).unwrap();
+    sd.set_read_timeout(Some(T)).unwrap();
+    let status = dir.path().join("status");
+    let child = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .args(["--platform", "local", "--state-dir"])
+        .arg(&root)
+        .arg("--status-file")
+        .arg(&status)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut backend = Backend(child);
+    let mut buf = [0u8; 256];
+    let n = sd.recv(&mut buf).unwrap();
+    assert!(std::str::from_utf8(&buf[..n]).unwrap().contains("READY=1"));
+    let n = sd.recv(&mut buf).unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "WATCHDOG=1");
+
+    // The frontend (domain 1).
+    let xs = Client::connect_local(&root, 1).unwrap();
+    let grants = LocalGrants::connect(LocalGrants::socket_path(&root, 1)).unwrap();
+    let evtchn = LocalEvtchn::connect(xenpv_evtchn::local::socket_path(&root, 1)).unwrap();
+    let fe = "/local/domain/1/device/vbd/51712";
+    let be = "/local/domain/0/backend/vbd/1/51712";
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::InitWait, T).unwrap();
+    assert_eq!(
+        xs.read_string(&format!("{be}/feature-max-indirect-segments"))
+            .unwrap(),
+        "256"
+    );
+    let ring_page = grants.share(0, 1, Access::Writable).unwrap();
+    let data = grants.share(0, 2, Access::Writable).unwrap();
+    let mut ring = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let port = evtchn.bind_unbound(0).unwrap();
+    xs.write_str(&format!("{fe}/ring-ref"), &ring_page.grefs()[0].to_string())
+        .unwrap();
+    xs.write_str(&format!("{fe}/event-channel"), &port.to_string())
+        .unwrap();
+    xs.write_str(&format!("{fe}/protocol"), "x86_64-abi")
+        .unwrap();
+    xenbus::switch_state(&xs, fe, XenbusState::Initialised).unwrap();
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Connected, T).unwrap();
+    assert_eq!(xs.read_string(&format!("{be}/sectors")).unwrap(), "2048");
+    assert_eq!(
+        xs.read_string(&format!("{be}/feature-flush-cache"))
+            .unwrap(),
+        "1"
+    );
+    xenbus::switch_state(&xs, fe, XenbusState::Connected).unwrap();
+
+    data.volatile().fill(0, 4096, 0x5A).unwrap();
+    let mut w = BlkifRequest::new(OP_WRITE, 0, 1, 8);
+    w.nr_segments = 1;
+    w.seg[0] = BlkifRequestSegment::new(data.grefs()[0], 0, 7);
+    ring.produce(w).unwrap();
+    ring.produce(BlkifRequest::new(OP_FLUSH_DISKCACHE, 0, 2, 0))
+        .unwrap();
+    let mut r = BlkifRequest::new(OP_READ, 0, 3, 8);
+    r.nr_segments = 1;
+    r.seg[0] = BlkifRequestSegment::new(data.grefs()[1], 0, 7);
+    ring.produce(r).unwrap();
+    if ring.push_requests() {
+        evtchn.notify(port).unwrap();
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + T;
+    let mut ports = Vec::new();
+    while got.len() < 3 && Instant::now() < deadline {
+        while let Some(rsp) = ring.next_response().unwrap() {
+            got.push((rsp.id, rsp.status));
+        }
+        if got.len() < 3 && !ring.final_check_for_responses().unwrap() {
+            ports.clear();
+            spin_then_wait(
+                &evtchn,
+                &mut ports,
+                SpinBudget::default(),
+                Some(Duration::from_millis(200)),
+            )
+            .unwrap();
+            for p in &ports {
+                evtchn.unmask(*p).unwrap();
+            }
+        }
+    }
+    assert_eq!(got, [(1, RSP_OKAY), (2, RSP_OKAY), (3, RSP_OKAY)]);
+    let img = std::fs::read(&image).unwrap();
+    assert!(
+        img[4096..8192].iter().all(|&b| b == 0x5A),
+        "the write reached the image"
+    );
+    let mut page = vec![0u8; 4096];
+    data.volatile().read(4096, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0x5A), "the read came back");
+
+    // The status file counts the I/O.
+    let deadline = Instant::now() + T;
+    loop {
+        let s = std::fs::read_to_string(&status).unwrap_or_default();
+        if s.contains("writes=1") && s.contains("reads=1") && s.contains("flushes=1") {
+            assert!(s.starts_with(be), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status file: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Close: the backend follows to Closed.
+    xenbus::switch_state(&xs, fe, XenbusState::Closing).unwrap();
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Closed, T).unwrap();
+    xenbus::switch_state(&xs, fe, XenbusState::Closed).unwrap();
+    let _ = evtchn.unbind(port);
+    grants.revoke(ring_page).unwrap();
+
+    // SIGTERM: a clean exit.
+    // kill(1) keeps the test free of unsafe code.
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(backend.0.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + T;
+    let status = loop {
+        if let Some(s) = backend.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "xenpv-blkback did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn missing_platform_and_bad_arguments_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .args(["--platform", "local", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("xenpv local"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .args(["--platform", "vmware"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown platform `vmware`"));
+    let cfg = dir.path().join("b.toml");
+    std::fs::write(&cfg, "max_queues = 0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_queues = 0"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&cfg, "colour = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("colour"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_example_configuration_parses() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/blkback.toml");
+    let dir = tempfile::tempdir().unwrap();
+    // It parses, and fails only later, at the missing platform.
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .args(["--platform", "local", "--config", cfg, "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("xenpv local") && !err.contains("bad configuration"),
+        "{err}"
+    );
+}
