@@ -3,6 +3,7 @@
 //! into exactly libxl's backend and frontend xenstore nodes and permissions.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod layout;
 pub mod platform;
 pub mod spec;

@@ -49,6 +49,33 @@ enum Command {
     },
     /// List PV devices and their states.
     List,
+    /// Benchmark a disk served end to end on the local platform against fio on the same file.
+    Bench {
+        /// What to benchmark (only `disk` so far).
+        #[arg(default_value = "disk")]
+        what: String,
+        /// Directories for the test file.
+        #[arg(long, value_delimiter = ',', default_value = "/tmp,/dev/shm")]
+        dirs: Vec<PathBuf>,
+        /// Test file size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Seconds per fio run.
+        #[arg(long, default_value_t = 4)]
+        runtime: u64,
+        /// Interleaved rounds per workload (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Engine of fio's baseline and of blkback: io_uring or psync.
+        #[arg(long, default_value = "io_uring")]
+        engine: String,
+        /// Also write the results as JSON here.
+        #[arg(long, default_value = "xenpv-bench.json")]
+        json: PathBuf,
+        /// A short run (256 MiB, 2 s, 3 rounds) to check the set-up.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run the local platform (hypervisor + xenstored for processes) until SIGTERM/SIGINT.
     Local {
         /// Stay in the foreground (the only mode; for systemd `Type=simple` and scripts).
@@ -151,10 +178,49 @@ fn connect(cli: &Cli) -> Result<Client, String> {
     }
 }
 
+fn bench(cli: &Cli) -> Result<(), String> {
+    let Command::Bench {
+        what,
+        dirs,
+        size_mib,
+        runtime,
+        rounds,
+        engine,
+        json,
+        quick,
+    } = &cli.command
+    else {
+        return Ok(());
+    };
+    if what != "disk" {
+        return Err(format!("unknown benchmark `{what}` (only `disk` so far)"));
+    }
+    if !matches!(engine.as_str(), "io_uring" | "psync") {
+        return Err(format!("unknown engine `{engine}` (use io_uring or psync)"));
+    }
+    let opts = xenpv::bench::Options {
+        dirs: dirs.clone(),
+        size_mib: if *quick { 256 } else { *size_mib },
+        runtime: if *quick { 2 } else { *runtime },
+        rounds: if *quick { 3 } else { *rounds },
+        engine: engine.clone(),
+        json: Some(json.clone()),
+        bin_dir: None,
+    };
+    let results = xenpv::bench::run_disk(&opts).map_err(|e| e.to_string())?;
+    xenpv::bench::print(&results, engine);
+    let text = serde_json::to_string_pretty(&xenpv::bench::to_json(&results, engine))
+        .map_err(|e| e.to_string())?;
+    std::fs::write(json, text).map_err(|e| format!("cannot write {}: {e}", json.display()))?;
+    println!("\nresults written to {}", json.display());
+    Ok(())
+}
+
 fn run(cli: &Cli) -> Result<(), String> {
     match &cli.command {
         Command::Local { .. } => return run_local(cli),
         Command::Domain(cmd) => return run_domain(cli, cmd),
+        Command::Bench { .. } => return bench(cli),
         _ => {}
     }
     let xs = connect(cli)?;
@@ -195,7 +261,8 @@ fn run(cli: &Cli) -> Result<(), String> {
                 );
             }
         }
-        Command::Local { .. } | Command::Domain(_) => unreachable!("handled above"),
+        // Served above, before connecting to xenstore.
+        Command::Local { .. } | Command::Domain(_) | Command::Bench { .. } => {}
     }
     Ok(())
 }

@@ -1,0 +1,524 @@
+//! `xenpv bench disk`: a disk served end to end on the local platform — `xenpv local`,
+//! `xenpv-blkback` and `xenpv-blkfront` as separate processes, fio driving the frontend's NBD
+//! export — measured against fio on the very same file with the same engine, interleaved
+//! (baseline, ours, baseline, ours …), medians reported with their ratios.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A program could not be started or failed.
+    #[error("{what}: {why}")]
+    Step {
+        /// What was being done.
+        what: String,
+        /// Why it failed, and what to do.
+        why: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn step(what: impl Into<String>, why: impl ToString) -> Error {
+    Error::Step {
+        what: what.into(),
+        why: why.to_string(),
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Directories holding the test file (e.g. `/tmp` and `/dev/shm`).
+    pub dirs: Vec<PathBuf>,
+    /// Test file size in MiB.
+    pub size_mib: u64,
+    /// Seconds per fio run.
+    pub runtime: u64,
+    /// Interleaved rounds per workload (medians are reported).
+    pub rounds: usize,
+    /// Storage engine of blkback and fio (`io_uring` or `psync`).
+    pub engine: String,
+    /// Where to write the results as JSON.
+    pub json: Option<PathBuf>,
+    /// Directory holding `xenpv-blkback` and `xenpv-blkfront` (default: next to this program).
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// One fio workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Label.
+    pub name: &'static str,
+    /// fio `rw`.
+    pub rw: &'static str,
+    /// Block size in bytes.
+    pub bs: u32,
+    /// Queue depth.
+    pub qd: u32,
+}
+
+/// The workloads of the issue: 4 KiB random read QD1 and QD32, 4 KiB random write QD32, 1 MiB
+/// sequential read QD8.
+pub const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "4k randread QD1",
+        rw: "randread",
+        bs: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "4k randread QD32",
+        rw: "randread",
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "4k randwrite QD32",
+        rw: "randwrite",
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "1M seqread QD8",
+        rw: "read",
+        bs: 1 << 20,
+        qd: 8,
+    },
+];
+
+/// What one fio run measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Measure {
+    /// I/O operations per second.
+    pub iops: f64,
+    /// MB/s (10^6 bytes).
+    pub mbps: f64,
+    /// Median completion latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile completion latency, µs.
+    pub p99_us: f64,
+    /// Backend CPU seconds per I/O, µs (ours: blkback's; baseline: fio's own).
+    pub cpu_us_per_io: f64,
+    /// Event-channel notifications per I/O sent by the backend (ours only).
+    pub notify_per_io: f64,
+}
+
+fn json_num(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for p in path {
+        cur = match cur.get(p) {
+            Some(c) => c,
+            None => return 0.0,
+        };
+    }
+    cur.as_f64().unwrap_or(0.0)
+}
+
+/// Runs fio and returns its measure (the job's read or write side, whichever did I/O).
+fn fio(args: &[String]) -> Result<Measure> {
+    let out = Command::new("fio")
+        .args(args)
+        .arg("--output-format=json")
+        .output()
+        .map_err(|e| {
+            step(
+                "running fio",
+                format!("{e} (install it: apt-get install -y fio)"),
+            )
+        })?;
+    if !out.status.success() {
+        return Err(step(
+            "fio",
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print warnings before the JSON.
+    let start = text
+        .find('{')
+        .ok_or_else(|| step("fio output", "no JSON"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| step("fio JSON", e))?;
+    let job = &v["jobs"][0];
+    let side = if json_num(job, &["write", "io_bytes"]) > json_num(job, &["read", "io_bytes"]) {
+        "write"
+    } else {
+        "read"
+    };
+    let s = &job[side];
+    let ios = json_num(s, &["total_ios"]).max(1.0);
+    let cpu_s = (json_num(job, &["usr_cpu"]) + json_num(job, &["sys_cpu"])) / 100.0
+        * json_num(job, &["job_runtime"])
+        / 1000.0;
+    Ok(Measure {
+        iops: json_num(s, &["iops"]),
+        mbps: json_num(s, &["bw_bytes"]) / 1e6,
+        p50_us: json_num(s, &["clat_ns", "percentile", "50.000000"]) / 1000.0,
+        p99_us: json_num(s, &["clat_ns", "percentile", "99.000000"]) / 1000.0,
+        cpu_us_per_io: cpu_s / ios * 1e6,
+        notify_per_io: 0.0,
+    })
+}
+
+fn common_args(w: &Workload, size_mib: u64, runtime: u64) -> Vec<String> {
+    vec![
+        "--name=xenpv-bench".into(),
+        format!("--rw={}", w.rw),
+        format!("--bs={}", w.bs),
+        format!("--iodepth={}", w.qd),
+        format!("--size={size_mib}M"),
+        "--time_based".into(),
+        format!("--runtime={runtime}"),
+        "--ramp_time=1".into(),
+        "--norandommap".into(),
+        "--randrepeat=0".into(),
+    ]
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The backend's notification counter for a device, from its status file.
+fn notifications(status: &Path, device: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(status) else {
+        return 0.0;
+    };
+    s.lines()
+        .find(|l| l.starts_with(device))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("notifications="))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn median_measure(ms: &[Measure]) -> Measure {
+    let m = |f: fn(&Measure) -> f64| median(ms.iter().map(f).collect());
+    Measure {
+        iops: m(|x| x.iops),
+        mbps: m(|x| x.mbps),
+        p50_us: m(|x| x.p50_us),
+        p99_us: m(|x| x.p99_us),
+        cpu_us_per_io: m(|x| x.cpu_us_per_io),
+        notify_per_io: m(|x| x.notify_per_io),
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` and waits for a stdout line containing `ready` (the rest of stdout is drained
+/// on a thread).
+fn start(mut cmd: Command, name: &'static str, ready: &str) -> Result<Proc> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            step(
+                format!("starting {name}"),
+                format!("{e} (build it: cargo build --release --workspace)"),
+            )
+        })?;
+    let out = child.stdout.take().ok_or_else(|| step(name, "no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_string();
+    std::thread::spawn(move || {
+        let mut said = false;
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if !said && line.contains(&ready) {
+                let _ = tx.send(());
+                said = true;
+            }
+        }
+    });
+    let proc_ = Proc(child);
+    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+        step(
+            format!("starting {name}"),
+            "it did not become ready in 30 s",
+        )
+    })?;
+    Ok(proc_)
+}
+
+fn progress(msg: &str) {
+    eprintln!("[xenpv bench] {msg}");
+}
+
+/// One directory's results: per workload, the baseline and our medians.
+#[derive(Debug, Clone)]
+pub struct DirResult {
+    /// The directory.
+    pub dir: PathBuf,
+    /// (workload, fio on the file, fio through blkfront→blkback).
+    pub rows: Vec<(Workload, Measure, Measure)>,
+}
+
+/// Runs the disk benchmark.
+pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
+    let me = std::env::current_exe().map_err(|e| step("locating xenpv", e))?;
+    let bin_dir = opts
+        .bin_dir
+        .clone()
+        .unwrap_or_else(|| me.parent().map(Path::to_path_buf).unwrap_or_default());
+    let work = tempfile::Builder::new()
+        .prefix("xenpv-bench")
+        .tempdir()
+        .map_err(|e| step("temporary directory", e))?;
+    let root = work.path().join("state");
+    progress(&format!(
+        "starting the local platform in {}",
+        root.display()
+    ));
+    let mut local = Command::new(&me);
+    local.args(["--state-dir"]).arg(&root).arg("local");
+    let _platform = start(local, "xenpv local", "XENSTORED_PATH")?;
+    let mut control =
+        xenpv_local::control::Control::connect(&root).map_err(|e| step("local platform", e))?;
+    let domid = control
+        .create(None, Some("bench"))
+        .map_err(|e| step("creating the guest domain", e))?;
+    let xs = xenpv_xenstore::Client::connect_local(&root, 0).map_err(|e| step("xenstore", e))?;
+
+    let status = work.path().join("blkback.status");
+    let mut back = Command::new(bin_dir.join("xenpv-blkback"));
+    back.args(["--platform", "local", "--state-dir"])
+        .arg(&root)
+        .arg("--status-file")
+        .arg(&status);
+    if opts.engine == "psync" {
+        back.args(["--engine", "psync"]);
+    }
+    let blkback = {
+        let child = back
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                step(
+                    "starting xenpv-blkback",
+                    format!("{e} (build it: cargo build --release --workspace)"),
+                )
+            })?;
+        Proc(child)
+    };
+
+    let mut results = Vec::new();
+    for (i, dir) in opts.dirs.iter().enumerate() {
+        let file = dir.join(format!("xenpv-bench-{}.img", std::process::id()));
+        progress(&format!(
+            "writing a {} MiB test file {}",
+            opts.size_mib,
+            file.display()
+        ));
+        fill(&file, opts.size_mib)?;
+        let _cleanup = Cleanup(file.clone());
+        let tmpfs = is_tmpfs(dir);
+        let vdev = format!("xvd{}", (b'a' + i as u8) as char);
+        let spec = format!(
+            "vdev={vdev},access=rw{},target={}",
+            if tmpfs { "" } else { ",direct-io-safe" },
+            file.display()
+        );
+        let nodes = crate::toolstack::attach_disk(&xs, domid, &spec)
+            .map_err(|e| step("attaching the disk", e))?;
+        let sock = work.path().join(format!("{vdev}.nbd"));
+        let mut front = Command::new(bin_dir.join("xenpv-blkfront"));
+        front
+            .args(["--platform", "local", "--state-dir"])
+            .arg(&root)
+            .args([
+                "--domid",
+                &domid.to_string(),
+                "--device",
+                &vdev,
+                "--nbd-socket",
+            ])
+            .arg(&sock);
+        progress(&format!(
+            "connecting blkfront to {vdev} ({})",
+            if tmpfs { "tmpfs" } else { "disk" }
+        ));
+        let blkfront = start(front, "xenpv-blkfront", "ready")?;
+        let direct = if tmpfs { "--direct=0" } else { "--direct=1" };
+        let mut rows = Vec::new();
+        for w in WORKLOADS {
+            let (mut base, mut ours) = (Vec::new(), Vec::new());
+            for round in 0..opts.rounds {
+                progress(&format!(
+                    "{}: {} round {}/{}",
+                    dir.display(),
+                    w.name,
+                    round + 1,
+                    opts.rounds
+                ));
+                let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                a.push(format!("--filename={}", file.display()));
+                a.push(format!("--ioengine={}", opts.engine));
+                a.push(direct.into());
+                base.push(fio(&a)?);
+                let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                a.push("--ioengine=nbd".into());
+                a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
+                let (cpu0, n0) = (
+                    cpu_seconds(blkback.0.id()),
+                    notifications(&status, &nodes.backend_path),
+                );
+                let mut m = fio(&a)?;
+                std::thread::sleep(Duration::from_millis(1100)); // one status-file period
+                let ios = (m.iops * opts.runtime as f64).max(1.0);
+                m.cpu_us_per_io = (cpu_seconds(blkback.0.id()) - cpu0) / ios * 1e6;
+                m.notify_per_io = (notifications(&status, &nodes.backend_path) - n0) / ios;
+                ours.push(m);
+            }
+            rows.push((w, median_measure(&base), median_measure(&ours)));
+        }
+        drop(blkfront);
+        let _ = crate::toolstack::detach(&xs, domid, &vdev, Duration::from_secs(10), true);
+        results.push(DirResult {
+            dir: dir.clone(),
+            rows,
+        });
+    }
+    drop(blkback);
+    let _ = control.destroy(domid);
+    Ok(results)
+}
+
+struct Cleanup(PathBuf);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn is_tmpfs(dir: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut best: Option<(usize, bool)> = None;
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 3 || !dir.starts_with(f[1]) {
+            continue;
+        }
+        if best.is_none_or(|(len, _)| f[1].len() >= len) {
+            best = Some((f[1].len(), f[2] == "tmpfs"));
+        }
+    }
+    best.is_some_and(|(_, t)| t)
+}
+
+fn fill(file: &Path, size_mib: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(file).map_err(|e| step(format!("creating {}", file.display()), e))?;
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..size_mib {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        f.write_all(&block)
+            .map_err(|e| step(format!("writing {}", file.display()), e))?;
+    }
+    f.sync_all()
+        .map_err(|e| step(format!("syncing {}", file.display()), e))
+}
+
+/// Prints the results as a table with the ratios against the goals of perf-baselines.md.
+pub fn print(results: &[DirResult], engine: &str) {
+    for r in results {
+        println!();
+        println!("{} (engine {engine}; ours = fio nbd → xenpv-blkfront → xenpv-blkback → file; base = fio on the file)", r.dir.display());
+        println!(
+            "{:<18} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "workload",
+            "base IOPS",
+            "ours IOPS",
+            "ratio",
+            "base MB/s",
+            "ours MB/s",
+            "base p50",
+            "ours p50",
+            "ours p99",
+            "cpu/io",
+            "ntf/io"
+        );
+        for (w, b, o) in &r.rows {
+            let ratio = if b.iops > 0.0 { o.iops / b.iops } else { 0.0 };
+            println!(
+                "{:<18} {:>10.0} {:>10.0} {:>6.2} {:>9.1} {:>9.1} {:>8.1}µ {:>8.1}µ {:>7.1}µ {:>7.2}µ {:>8.3}",
+                w.name, b.iops, o.iops, ratio, b.mbps, o.mbps, b.p50_us, o.p50_us, o.p99_us, o.cpu_us_per_io, o.notify_per_io
+            );
+        }
+    }
+}
+
+/// The results as JSON.
+pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
+    let m = |x: &Measure| {
+        serde_json::json!({
+            "iops": x.iops, "mbps": x.mbps, "p50_us": x.p50_us, "p99_us": x.p99_us,
+            "cpu_us_per_io": x.cpu_us_per_io, "notify_per_io": x.notify_per_io,
+        })
+    };
+    serde_json::json!({
+        "engine": engine,
+        "dirs": results.iter().map(|r| serde_json::json!({
+            "dir": r.dir.display().to_string(),
+            "workloads": r.rows.iter().map(|(w, b, o)| serde_json::json!({
+                "name": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.qd,
+                "baseline": m(b), "ours": m(o),
+                "iops_ratio": if b.iops > 0.0 { o.iops / b.iops } else { 0.0 },
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
