@@ -446,7 +446,7 @@ fn is_tmpfs(dir: &Path) -> bool {
         if f.len() < 3 || !dir.starts_with(f[1]) {
             continue;
         }
-        if best.is_none_or(|(len, _)| f[1].len() >= len) {
+        if best.map_or(true, |(len, _)| f[1].len() >= len) {
             best = Some((f[1].len(), f[2] == "tmpfs"));
         }
     }
