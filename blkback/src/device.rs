@@ -166,7 +166,6 @@ where
     )?;
     // A read-only NBD export makes the disk read-only whatever the mode node says.
     let read_only = read_only || storage.read_only();
-    tracing::info!(engine = storage.engine(), "serving {}", params.trim());
     let stats = Arc::new(Stats::default());
     let span = tracing::info_span!(
         "vbd",
@@ -174,6 +173,7 @@ where
         dev = be.rsplit('/').next().unwrap_or("")
     );
     let _g = span.enter();
+    tracing::info!(engine = storage.engine(), "serving {}", params.trim());
 
     // Probe: transport features, then InitWait.
     xs.transaction(|tx| {
