@@ -3,7 +3,6 @@
 //! Initialised (or Connected), late features and Connected, serving threads per queue, and
 //! Closing/Closed on the frontend's close, a protocol error or the toolstack's unplug.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
 
 use crate::queue::{Abi, Queue, Stats};
 use crate::request::Limits;
-use crate::storage::{FileOptions, FileStorage, Storage};
+use crate::storage::{open_storage, Engine, Storage, StorageOptions};
 
 /// Tunables of the daemon.
 #[derive(Debug, Clone)]
@@ -35,6 +34,8 @@ pub struct Config {
     pub direct_io: bool,
     /// How long a queue thread polls before sleeping on its event channel.
     pub spin: SpinBudget,
+    /// Engine for image files and block devices (NBD URIs in `params` always use NBD).
+    pub engine: Engine,
 }
 
 impl Default for Config {
@@ -47,6 +48,7 @@ impl Default for Config {
             persistent_capacity: 1024,
             direct_io: false,
             spin: SpinBudget::default(),
+            engine: Engine::default(),
         }
     }
 }
@@ -168,11 +170,17 @@ where
     let direct =
         cfg.direct_io && read(xs, &format!("{be}/direct-io-safe"))?.as_deref() == Some("1");
     let discard_enable = read(xs, &format!("{be}/discard-enable"))?.as_deref() != Some("0");
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(
-        Path::new(params.trim()),
-        FileOptions { read_only, direct },
-        512,
-    )?);
+    let storage: Arc<dyn Storage> = open_storage(
+        &params,
+        &StorageOptions {
+            engine: cfg.engine,
+            read_only,
+            direct,
+            sector_size: 512,
+        },
+    )?;
+    // A read-only NBD export makes the disk read-only whatever the mode node says.
+    let read_only = read_only || storage.read_only();
     let stats = Arc::new(Stats::default());
     on_stats(stats.clone());
     let span = tracing::info_span!(
@@ -181,6 +189,7 @@ where
         dev = be.rsplit('/').next().unwrap_or("")
     );
     let _g = span.enter();
+    tracing::info!(engine = storage.engine(), "serving {}", params.trim());
 
     // Probe: transport features, then InitWait.
     xs.transaction(|tx| {

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, MapCache, VolatileSlice, PAGE_SIZE};
+use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, MapCache, PAGE_SIZE};
 use xenpv_ring::blkif::{
     Blkif, BlkifRequest, BlkifRequestSegment, BlkifResponse, BlkifX86_32, X86_32Request,
     X86_32Response, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_ERROR,
@@ -14,7 +14,7 @@ use xenpv_ring::blkif::{
 use xenpv_ring::{BackRing, RingMemory, RingProtocol};
 
 use crate::request::{indirect_segments, validate, Direction, Limits, Plan, Segment};
-use crate::storage::Storage;
+use crate::storage::{Op, Storage};
 
 /// A blkif ABI the backend serves: how its slots translate to the native layout.
 pub trait Abi: RingProtocol {
@@ -125,20 +125,41 @@ where
     /// Serves every request the frontend has published, then re-arms `req_event` (final
     /// check). Returns whether the frontend must be notified. An error is a protocol error of
     /// the frontend (an impossible ring index): stop serving this device.
+    ///
+    /// Requests are taken in chunks (at most [`MAX_BATCH_REQUESTS`] requests or
+    /// [`MAX_BATCH_PAGES`] mapped pages); the transfers of a chunk go to the storage as batches
+    /// ([`Storage::submit`]) so that an asynchronous engine has them all in flight at once.
+    /// Ops that conflict ([`Op::conflicts`]: overlapping writes, flushes, barriers) go to
+    /// separate batches, in ring order, so the outcome is that of serving the requests one by
+    /// one. Responses of a chunk are produced in ring order once it completes.
     pub fn service(&mut self) -> xenpv_ring::Result<bool> {
         let mut notify = false;
         loop {
             if self.ring.unconsumed_requests()? == self.ring.size() {
                 Stats::add(&self.stats.ring_full, 1);
             }
-            while let Some(req) = self.ring.next_request()? {
-                let native = P::to_native(&req);
-                let status = self.execute(&native);
-                self.ring.produce(P::response(BlkifResponse::new(
-                    native.id,
-                    native.operation,
-                    status,
-                )))?;
+            loop {
+                let mut chunk: Vec<Prepared<G::Mapping>> = Vec::new();
+                let mut pages = 0usize;
+                while chunk.len() < MAX_BATCH_REQUESTS && pages < MAX_BATCH_PAGES {
+                    let Some(req) = self.ring.next_request()? else {
+                        break;
+                    };
+                    let p = self.prepare(&P::to_native(&req));
+                    pages += p.pages();
+                    chunk.push(p);
+                }
+                if chunk.is_empty() {
+                    break;
+                }
+                let statuses = self.execute(&chunk);
+                for (p, status) in chunk.iter().zip(statuses) {
+                    self.ring.produce(P::response(BlkifResponse::new(
+                        p.id,
+                        p.operation,
+                        status,
+                    )))?;
+                }
             }
             notify |= self.ring.push_responses();
             if !self.ring.final_check_for_requests()? {
@@ -156,42 +177,40 @@ where
         self.maps.clear();
     }
 
-    fn execute(&mut self, req: &BlkifRequest) -> i16 {
-        let result = match validate(req, &self.limits) {
+    /// Validates a request and maps its data (resolving indirect segments): everything up to
+    /// the I/O itself. Failures become the request's status.
+    fn prepare(&mut self, req: &BlkifRequest) -> Prepared<G::Mapping> {
+        let mut p = Prepared {
+            id: req.id,
+            operation: req.operation,
+            outcome: Ok(()),
+            steps: Vec::new(),
+            sectors: 0,
+        };
+        let plan = match validate(req, &self.limits) {
             Err(refusal) => {
                 tracing::debug!(
                     id = req.id,
                     op = req.operation,
                     "request refused: {refusal}"
                 );
-                Stats::add(&self.stats.errors, 1);
-                return refusal.status();
+                p.outcome = Err(refusal.status());
+                return p;
             }
-            Ok(plan) => self.run(plan),
+            Ok(plan) => plan,
         };
-        match result {
-            Ok(()) => {
-                match req.operation {
-                    OP_READ => Stats::add(&self.stats.reads, 1),
-                    OP_WRITE => Stats::add(&self.stats.writes, 1),
-                    OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER => Stats::add(&self.stats.flushes, 1),
-                    OP_DISCARD => Stats::add(&self.stats.discards, 1),
-                    _ => {}
-                }
-                RSP_OKAY
-            }
-            Err(e) => {
-                tracing::debug!(id = req.id, op = req.operation, "request failed: {e}");
-                Stats::add(&self.stats.errors, 1);
-                RSP_ERROR
-            }
+        if let Err(e) = self.plan_steps(plan, &mut p) {
+            tracing::debug!(id = req.id, op = req.operation, "request failed: {e}");
+            p.outcome = Err(RSP_ERROR);
+            p.steps.clear();
         }
+        p
     }
 
-    fn run(&mut self, plan: Plan) -> Result<(), Failure> {
+    fn plan_steps(&mut self, plan: Plan, p: &mut Prepared<G::Mapping>) -> Result<(), Failure> {
         match plan {
-            Plan::Flush { .. } => Ok(self.storage.flush()?),
-            Plan::Discard { offset, len, .. } => Ok(self.storage.discard(offset, len)?),
+            Plan::Flush { .. } => p.steps.push(Step::Flush),
+            Plan::Discard { offset, len, .. } => p.steps.push(Step::Discard { offset, len }),
             Plan::Indirect {
                 dir,
                 offset,
@@ -211,7 +230,7 @@ where
                 drop(mapping);
                 let plan = indirect_segments(dir, offset, &segs, &self.limits)
                     .map_err(|r| io::Error::new(io::ErrorKind::InvalidInput, r.to_string()))?;
-                self.run(plan)
+                return self.plan_steps(plan, p);
             }
             Plan::Transfer {
                 dir,
@@ -221,61 +240,219 @@ where
                 barrier,
             } => {
                 if flush_before || barrier {
-                    self.storage.flush()?;
+                    p.steps.push(Step::Flush);
                 }
-                self.transfer(dir, offset, &segments)?;
+                // A read from disk writes into the guest's pages: map them writable.
+                let access = match dir {
+                    Direction::Read => Access::Writable,
+                    Direction::Write => Access::ReadOnly,
+                };
+                let pages = if self.persistent {
+                    let mut maps = Vec::with_capacity(segments.len());
+                    for s in &segments {
+                        maps.push(self.maps.get(self.frontend, s.gref, access)?);
+                    }
+                    Pages::Persistent(maps)
+                } else {
+                    let refs: Vec<_> = segments.iter().map(|s| (self.frontend, s.gref)).collect();
+                    Pages::Whole(self.maps.grants().map(&refs, access)?)
+                };
+                p.sectors = segments.iter().map(|s| u64::from(s.len)).sum::<u64>() / 512;
+                p.steps.push(Step::Transfer {
+                    dir,
+                    offset,
+                    segments,
+                    pages,
+                });
                 if barrier {
-                    self.storage.flush()?;
+                    p.steps.push(Step::Flush);
                 }
-                Ok(())
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the steps of a chunk of prepared requests in batches and returns each request's
+    /// status, counting statistics.
+    fn execute(&self, chunk: &[Prepared<G::Mapping>]) -> Vec<i16> {
+        let storage = self.storage.as_ref();
+        let mut failed: Vec<Option<Failure>> = chunk.iter().map(|_| None).collect();
+        let mut batch: Vec<Op<'_>> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
+        let run =
+            |batch: &mut Vec<Op<'_>>, owners: &mut Vec<usize>, failed: &mut [Option<Failure>]| {
+                if batch.is_empty() {
+                    return;
+                }
+                for (r, owner) in storage.submit(batch).into_iter().zip(owners.iter()) {
+                    if let Err(e) = r {
+                        failed[*owner].get_or_insert(Failure::Io(e));
+                    }
+                }
+                batch.clear();
+                owners.clear();
+            };
+        for (i, p) in chunk.iter().enumerate() {
+            if p.outcome.is_err() {
+                continue;
+            }
+            for step in &p.steps {
+                let op = match step.op() {
+                    Ok(op) => op,
+                    Err(e) => {
+                        failed[i].get_or_insert(e);
+                        break;
+                    }
+                };
+                // A request's steps run in order; conflicting ops of different requests too.
+                if owners.contains(&i) || batch.iter().any(|b| b.conflicts(&op)) {
+                    run(&mut batch, &mut owners, &mut failed);
+                }
+                if failed[i].is_some() {
+                    break;
+                }
+                batch.push(op);
+                owners.push(i);
+            }
+        }
+        run(&mut batch, &mut owners, &mut failed);
+
+        chunk
+            .iter()
+            .zip(failed)
+            .map(|(p, f)| {
+                let status = match (p.outcome, f) {
+                    (Err(status), _) => status,
+                    (Ok(()), Some(e)) => {
+                        tracing::debug!(id = p.id, op = p.operation, "request failed: {e}");
+                        RSP_ERROR
+                    }
+                    (Ok(()), None) => RSP_OKAY,
+                };
+                self.count(p, status);
+                status
+            })
+            .collect()
+    }
+
+    fn count(&self, p: &Prepared<G::Mapping>, status: i16) {
+        if status != RSP_OKAY {
+            Stats::add(&self.stats.errors, 1);
+            return;
+        }
+        match p.operation {
+            OP_READ => Stats::add(&self.stats.reads, 1),
+            OP_WRITE => Stats::add(&self.stats.writes, 1),
+            OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER => Stats::add(&self.stats.flushes, 1),
+            OP_DISCARD => Stats::add(&self.stats.discards, 1),
+            _ => {}
+        }
+        for step in &p.steps {
+            if let Step::Transfer { dir, .. } = step {
+                match dir {
+                    Direction::Read => Stats::add(&self.stats.sectors_read, p.sectors),
+                    Direction::Write => Stats::add(&self.stats.sectors_written, p.sectors),
+                }
             }
         }
     }
+}
 
-    fn transfer(
-        &mut self,
+/// Requests taken from the ring per chunk (their transfers may all be in flight together).
+pub const MAX_BATCH_REQUESTS: usize = 64;
+/// Grant pages mapped per chunk, at most (a chunk stops taking requests past this).
+pub const MAX_BATCH_PAGES: usize = 2048;
+
+/// The data pages of one transfer, mapped.
+enum Pages<M> {
+    /// One persistent mapping per segment.
+    Persistent(Vec<Arc<M>>),
+    /// One contiguous mapping of every segment's page, unmapped when the request completes.
+    Whole(M),
+}
+
+/// One storage step of a request.
+enum Step<M> {
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    Transfer {
         dir: Direction,
         offset: u64,
-        segments: &[Segment],
-    ) -> Result<(), Failure> {
-        // A read from disk writes into the guest's pages: map them writable.
-        let access = match dir {
-            Direction::Read => Access::Writable,
-            Direction::Write => Access::ReadOnly,
-        };
-        let bytes: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
-        let io = |bufs: &[VolatileSlice<'_>], storage: &dyn Storage| match dir {
-            Direction::Read => storage.read_into(offset, bufs),
-            Direction::Write => storage.write_from(offset, bufs),
-        };
-        if self.persistent {
-            let mut maps = Vec::with_capacity(segments.len());
-            for s in segments {
-                maps.push(self.maps.get(self.frontend, s.gref, access)?);
+        segments: Vec<Segment>,
+        pages: Pages<M>,
+    },
+}
+
+impl<M: GrantMemory> Step<M> {
+    fn op(&self) -> Result<Op<'_>, Failure> {
+        Ok(match self {
+            Step::Flush => Op::Flush,
+            Step::Discard { offset, len } => Op::Discard {
+                offset: *offset,
+                len: *len,
+            },
+            Step::Transfer {
+                dir,
+                offset,
+                segments,
+                pages,
+            } => {
+                let mut bufs = Vec::with_capacity(segments.len());
+                match pages {
+                    Pages::Persistent(maps) => {
+                        for (m, s) in maps.iter().zip(segments) {
+                            bufs.push(
+                                m.volatile()
+                                    .subslice(usize::from(s.offset), usize::from(s.len))?,
+                            );
+                        }
+                    }
+                    Pages::Whole(m) => {
+                        let mem = m.volatile();
+                        for (i, s) in segments.iter().enumerate() {
+                            bufs.push(mem.subslice(
+                                i * PAGE_SIZE + usize::from(s.offset),
+                                usize::from(s.len),
+                            )?);
+                        }
+                    }
+                }
+                match dir {
+                    Direction::Read => Op::Read {
+                        offset: *offset,
+                        bufs,
+                    },
+                    Direction::Write => Op::Write {
+                        offset: *offset,
+                        bufs,
+                    },
+                }
             }
-            let mut bufs = Vec::with_capacity(segments.len());
-            for (m, s) in maps.iter().zip(segments) {
-                bufs.push(
-                    m.volatile()
-                        .subslice(usize::from(s.offset), usize::from(s.len))?,
-                );
-            }
-            io(&bufs, self.storage.as_ref())?;
-        } else {
-            let refs: Vec<_> = segments.iter().map(|s| (self.frontend, s.gref)).collect();
-            let mapping = self.maps.grants().map(&refs, access)?;
-            let mem = mapping.volatile();
-            let mut bufs = Vec::with_capacity(segments.len());
-            for (i, s) in segments.iter().enumerate() {
-                bufs.push(mem.subslice(i * PAGE_SIZE + usize::from(s.offset), usize::from(s.len))?);
-            }
-            io(&bufs, self.storage.as_ref())?;
-        }
-        let sectors = bytes / 512;
-        match dir {
-            Direction::Read => Stats::add(&self.stats.sectors_read, sectors),
-            Direction::Write => Stats::add(&self.stats.sectors_written, sectors),
-        }
-        Ok(())
+        })
+    }
+}
+
+/// A request validated and mapped, waiting for its I/O.
+struct Prepared<M> {
+    id: u64,
+    operation: u8,
+    /// `Err(status)`: refused or failed before any I/O.
+    outcome: Result<(), i16>,
+    steps: Vec<Step<M>>,
+    sectors: u64,
+}
+
+impl<M> Prepared<M> {
+    fn pages(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Transfer { segments, .. } => segments.len(),
+                _ => 0,
+            })
+            .sum()
     }
 }

@@ -1,7 +1,10 @@
 //! A blkback queue against a frontend played by this test over the local grant provider: data
 //! reaches the image and comes back (direct and indirect, with and without persistent
 //! grants, both ABIs), flush and discard work, and hostile requests get error responses while
-//! the queue keeps serving.
+//! the queue keeps serving. Each runs on the psync, io_uring and NBD (qemu-nbd over the image)
+//! engines.
+
+mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixListener;
@@ -9,8 +12,9 @@ use std::sync::Arc;
 
 use xenpv_blkback::queue::{Queue, Stats};
 use xenpv_blkback::request::Limits;
-use xenpv_blkback::storage::{FileOptions, FileStorage, Storage};
+use xenpv_blkback::storage::{open_storage, Engine, Op, Storage, StorageOptions};
 use xenpv_grant::local::{Broker, BrokerConfig, LocalGrants};
+use xenpv_grant::VolatileSlice;
 use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, GrantShare, MapCache, SharedPages};
 use xenpv_ring::blkif::*;
 use xenpv_ring::{BackRing, FrontRing};
@@ -75,10 +79,73 @@ fn image_bytes(s: &Setup, off: u64, len: usize) -> Vec<u8> {
     v
 }
 
-fn run(persistent: bool) {
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Psync,
+    IoUring,
+    Nbd,
+}
+
+/// The image of `s` behind the engine `kind` (for NBD, a qemu-nbd serving it, kept alive by
+/// the returned guard).
+fn storage(s: &Setup, kind: Kind) -> (Arc<dyn Storage>, Option<common::NbdServer>) {
+    let file = |engine| {
+        let opts = StorageOptions {
+            engine,
+            ..Default::default()
+        };
+        open_storage(&s.image.path().display().to_string(), &opts).unwrap()
+    };
+    match kind {
+        Kind::Psync => (file(Engine::Psync), None),
+        Kind::IoUring => {
+            let st = file(Engine::IoUring);
+            assert_eq!(st.engine(), "io_uring");
+            (st, None)
+        }
+        Kind::Nbd => {
+            let srv = common::qemu_nbd(s.image.path(), false);
+            let st = open_storage(&srv.uri(), &StorageOptions::default()).unwrap();
+            assert_eq!(st.engine(), "nbd");
+            (st, Some(srv))
+        }
+    }
+}
+
+/// Delegates to an engine, recording the sizes of the batches the queue submits.
+struct Recorder {
+    inner: Arc<dyn Storage>,
+    batches: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Storage for Recorder {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_into(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        self.inner.read_into(o, b)
+    }
+    fn write_from(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        self.inner.write_from(o, b)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> std::io::Result<()> {
+        self.inner.discard(o, l)
+    }
+    fn can_discard(&self) -> bool {
+        self.inner.can_discard()
+    }
+    fn submit(&self, ops: &[Op<'_>]) -> Vec<std::io::Result<()>> {
+        self.batches.lock().unwrap().push(ops.len());
+        self.inner.submit(ops)
+    }
+}
+
+fn run(persistent: bool, kind: Kind) {
     let s = setup();
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::open(s.image.path(), FileOptions::default(), 512).unwrap());
+    let (storage, _server) = storage(&s, kind);
     let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
     let data = s.front.share(BACK, 16, Access::Writable).unwrap();
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
@@ -216,19 +283,142 @@ fn run(persistent: bool) {
 
 #[test]
 fn serves_direct_indirect_flush_discard_and_refuses_hostile_requests() {
-    run(false);
+    run(false, Kind::Psync);
 }
 
 #[test]
 fn serves_the_same_with_persistent_grants() {
-    run(true);
+    run(true, Kind::Psync);
+}
+
+#[test]
+fn io_uring_serves_direct_indirect_flush_discard_and_refuses_hostile_requests() {
+    run(false, Kind::IoUring);
+}
+
+#[test]
+fn io_uring_serves_the_same_with_persistent_grants() {
+    run(true, Kind::IoUring);
+}
+
+#[test]
+fn nbd_serves_direct_indirect_flush_discard_and_refuses_hostile_requests() {
+    run(false, Kind::Nbd);
+}
+
+#[test]
+fn nbd_serves_the_same_with_persistent_grants() {
+    run(true, Kind::Nbd);
+}
+
+/// A full ring in one drain: 16 writes to distinct ranges, 8 reads of the disk's own
+/// pattern, 8 reads of what the first 8 writes wrote (conflicting: served after them).
+/// Every response carries its own id, op and status.
+fn deep(kind: Kind, persistent: bool) {
+    let s = setup();
+    let (inner, _server) = storage(&s, kind);
+    let recorder = Arc::new(Recorder {
+        inner,
+        batches: Default::default(),
+    });
+    let storage: Arc<dyn Storage> = recorder.clone();
+    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
+    let data = s.front.share(BACK, 32, Access::Writable).unwrap();
+    let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let ring_map = s
+        .back
+        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
+        .unwrap();
+    let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+    let mut q = Queue::new(
+        back,
+        FRONT,
+        MapCache::new(&s.back, 64),
+        persistent,
+        storage,
+        limits(),
+        Arc::new(Stats::default()),
+    );
+    let mem = data.volatile();
+    let g = data.grefs().to_vec();
+    let sector = |i: u64| 1024 + i * 16;
+    for (i, &gref) in g.iter().enumerate().take(16) {
+        mem.fill(i * 4096, 4096, 0x40 + i as u8).unwrap();
+        let mut w = BlkifRequest::new(OP_WRITE, 0, 100 + i as u64, sector(i as u64));
+        w.nr_segments = 1;
+        w.seg[0] = BlkifRequestSegment::new(gref, 0, 7);
+        front.produce(w).unwrap();
+    }
+    for i in 0..16usize {
+        // 0..8: unwritten ranges (the disk's pattern); 8..16: the ranges of writes 0..8.
+        let at = if i < 8 {
+            512 + i as u64 * 8
+        } else {
+            sector(i as u64 - 8)
+        };
+        let mut r = BlkifRequest::new(OP_READ, 0, 200 + i as u64, at);
+        r.nr_segments = 1;
+        r.seg[0] = BlkifRequestSegment::new(g[16 + i], 0, 7);
+        front.produce(r).unwrap();
+    }
+    assert!(front.push_requests());
+    assert!(q.service().unwrap());
+    let mut got = Vec::new();
+    while let Some(rsp) = front.next_response().unwrap() {
+        got.push((rsp.id, rsp.operation, rsp.status));
+    }
+    got.sort();
+    let want: Vec<_> = (0..16)
+        .map(|i| (100 + i, OP_WRITE, RSP_OKAY))
+        .chain((0..16).map(|i| (200 + i, OP_READ, RSP_OKAY)))
+        .collect();
+    assert_eq!(got, want, "{kind:?}");
+    // 16 writes + the 8 reads that touch none of them in flight together; the 8 reads of
+    // written ranges wait for the next batch.
+    assert_eq!(*recorder.batches.lock().unwrap(), [24, 8], "{kind:?}");
+    for i in 0..16u64 {
+        let img = image_bytes(&s, sector(i) * 512, 4096);
+        assert!(
+            img.iter().all(|&b| b == 0x40 + i as u8),
+            "{kind:?} write {i}"
+        );
+    }
+    for i in 0..16usize {
+        let mut page = vec![0u8; 4096];
+        mem.read((16 + i) * 4096, &mut page).unwrap();
+        if i < 8 {
+            let at = (512 + i as u64 * 8) * 512;
+            assert_eq!(page, image_bytes(&s, at, 4096), "{kind:?} read {i}");
+        } else {
+            assert!(
+                page.iter().all(|&b| b == 0x40 + (i - 8) as u8),
+                "{kind:?} read {i} saw the write before it"
+            );
+        }
+    }
+    q.release_mappings();
+}
+
+#[test]
+fn full_ring_in_one_drain_psync() {
+    deep(Kind::Psync, false);
+}
+
+#[test]
+fn full_ring_in_one_drain_io_uring() {
+    deep(Kind::IoUring, false);
+    deep(Kind::IoUring, true);
+}
+
+#[test]
+fn full_ring_in_one_drain_nbd() {
+    deep(Kind::Nbd, true);
 }
 
 #[test]
 fn frontend_moving_req_prod_impossibly_is_a_protocol_error() {
     let s = setup();
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::open(s.image.path(), FileOptions::default(), 512).unwrap());
+    let (storage, _) = storage(&s, Kind::IoUring);
     let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
     let _front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let ring_map = s
