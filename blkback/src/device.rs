@@ -170,10 +170,18 @@ where
     let direct =
         cfg.direct_io && read(xs, &format!("{be}/direct-io-safe"))?.as_deref() == Some("1");
     let discard_enable = read(xs, &format!("{be}/discard-enable"))?.as_deref() != Some("0");
+    // The engine is per backend (engines differ 5x on tmpfs): the daemon's default, or the
+    // toolstack's choice in the backend's `xenpv-engine` node.
+    let engine = match read(xs, &format!("{be}/xenpv-engine"))? {
+        Some(e) => e
+            .parse()
+            .map_err(|e: crate::storage::Error| bad("xenpv-engine", &e.to_string()))?,
+        None => cfg.engine,
+    };
     let storage: Arc<dyn Storage> = open_storage(
         &params,
         &StorageOptions {
-            engine: cfg.engine,
+            engine,
             read_only,
             direct,
             sector_size: 512,

@@ -46,6 +46,10 @@ struct Args {
     /// Open images with O_DIRECT where the toolstack says direct-io-safe.
     #[arg(long)]
     direct_io: bool,
+    /// Storage engine for files and block devices: io_uring or psync (a backend's
+    /// `xenpv-engine` node overrides it per device).
+    #[arg(long)]
+    engine: Option<String>,
 }
 
 /// The configuration file.
@@ -60,6 +64,7 @@ struct File {
     direct_io: Option<bool>,
     spin_us: Option<u64>,
     status_file: Option<PathBuf>,
+    engine: Option<String>,
 }
 
 fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
@@ -120,6 +125,9 @@ fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
     }
     if args.direct_io {
         c.direct_io = true;
+    }
+    if let Some(e) = args.engine.as_ref().or(file.engine.as_ref()) {
+        c.engine = e.parse().map_err(|err| format!("engine `{e}`: {err}"))?;
     }
     Ok((c, args.status_file.clone().or(file.status_file)))
 }
