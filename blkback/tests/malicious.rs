@@ -401,6 +401,11 @@ fn ring_overflow_disconnects_the_device_alone_and_it_reconnects() {
         // The frontend recovers with a reconnect and a new ring.
         f.reconnect();
         assert_eq!(f.backend_state(), XenbusState::Connected);
+        assert_eq!(
+            f.backend_node("error"),
+            None,
+            "a stale error after reconnect"
+        );
         f.verified_io(8 * round as u64, 0x40 + round as u8);
         healthy.progress(2);
     }
@@ -444,5 +449,40 @@ fn event_flood_without_requests_neither_stalls_nor_spins() {
     std::thread::sleep(Duration::from_secs(1));
     let used = p.backend.cpu_seconds() - t0;
     assert!(used < 0.5, "xenpv-blkback used {used} s of CPU in 1 s idle");
+    assert!(p.backend.alive());
+}
+
+#[test]
+fn bad_ring_setup_disconnects_the_device_alone() {
+    let mut p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
+    let healthy = Healthy::start(&p.root, 2, "xvda");
+    let mut f = p.frontend(1, "xvda", false);
+    f.verified_io(0, 0x71);
+    let cases: [&[(&str, Option<&str>)]; 9] = [
+        &[("ring-ref", Some("3735928559"))],
+        &[("ring-ref", Some("banana"))],
+        &[("ring-ref", None)],
+        &[("event-channel", Some("4000"))],
+        &[("event-channel", Some("-1"))],
+        &[("ring-page-order", Some("20"))],
+        &[("multi-queue-num-queues", Some("0"))],
+        &[("multi-queue-num-queues", Some("4294967295"))],
+        &[("protocol", Some("pdp11-abi"))],
+    ];
+    for (i, bad) in cases.into_iter().enumerate() {
+        f.publish_bad(bad);
+        let e = disconnected(&f);
+        assert!(!e.is_empty(), "{bad:?}");
+        healthy.progress(2);
+        f.remove_nodes(&["ring-page-order", "multi-queue-num-queues"]);
+        f.reconnect();
+        assert_eq!(
+            f.backend_node("error"),
+            None,
+            "a stale error after reconnect"
+        );
+        f.verified_io(8 * i as u64, 0x80 + i as u8);
+    }
+    healthy.finish();
     assert!(p.backend.alive());
 }

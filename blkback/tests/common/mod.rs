@@ -262,6 +262,32 @@ impl Frontend {
         let _ = self.grants.revoke(old.into_memory());
     }
 
+    /// After the backend closed the device: Closed, then Initialising, and once the backend is
+    /// back at InitWait a valid ring and event channel but with `bad` frontend nodes written
+    /// over them (`(key, Some(value))`, or `(key, None)` to remove it), then Initialised. The
+    /// previous ring stays in place (the caller reconnects properly afterwards).
+    pub fn publish_bad(&mut self, bad: &[(&str, Option<&str>)]) {
+        xenbus::switch_state(&self.xs, &self.fe, XenbusState::Closed).unwrap();
+        xenbus::wait_for_peer_state(&self.xs, &self.be, |s| s == XenbusState::Closed, T).unwrap();
+        xenbus::switch_state(&self.xs, &self.fe, XenbusState::Initialising).unwrap();
+        xenbus::wait_for_peer_state(&self.xs, &self.be, |s| s == XenbusState::InitWait, T).unwrap();
+        for (k, v) in bad {
+            let path = format!("{}/{k}", self.fe);
+            match v {
+                Some(v) => self.xs.write_str(&path, v).unwrap(),
+                None => self.xs.rm(&path).unwrap(),
+            }
+        }
+        xenbus::switch_state(&self.xs, &self.fe, XenbusState::Initialised).unwrap();
+    }
+
+    /// Removes frontend nodes (ignoring missing ones).
+    pub fn remove_nodes(&self, keys: &[&str]) {
+        for k in keys {
+            let _ = self.xs.rm(&format!("{}/{k}", self.fe));
+        }
+    }
+
     /// Notifies the backend.
     pub fn notify(&self) {
         self.evtchn.notify(self.port).unwrap();
