@@ -486,3 +486,35 @@ fn bad_ring_setup_disconnects_the_device_alone() {
     healthy.finish();
     assert!(p.backend.alive());
 }
+
+#[test]
+fn xenbus_state_flapping_leaves_other_devices_alone() {
+    use xenpv_xenstore::xenbus;
+    let mut p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
+    let healthy = Healthy::start(&p.root, 2, "xvda");
+    let mut f = p.frontend(1, "xvda", false);
+    f.verified_io(0, 0x91);
+    // XSA-349/350: the frontend flips its state as fast as it can.
+    let states = [
+        XenbusState::Initialised,
+        XenbusState::Closing,
+        XenbusState::Connected,
+        XenbusState::Initialising,
+        XenbusState::Closed,
+        XenbusState::Unknown,
+    ];
+    for i in 0..600 {
+        xenbus::switch_state(&f.xs, &f.fe, states[i % states.len()]).unwrap();
+        if i % 100 == 0 {
+            healthy.progress(1);
+        }
+    }
+    healthy.progress(3);
+    // Closing always brings the backend to Closed; then a normal reconnect works.
+    xenbus::switch_state(&f.xs, &f.fe, XenbusState::Closing).unwrap();
+    xenbus::wait_for_peer_state(&f.xs, &f.be, |s| s == XenbusState::Closed, T).unwrap();
+    f.reconnect();
+    f.verified_io(8, 0x92);
+    healthy.finish();
+    assert!(p.backend.alive());
+}
