@@ -30,8 +30,9 @@ fn refused(f: &mut Frontend, healthy: &Healthy, what: &str, bad: BlkifRequest, w
     healthy.progress(2);
 }
 
-/// The statuses that mean "refused": ERROR for a malformed request, EOPNOTSUPP for an
-/// operation the backend does not serve.
+/// Every per-request attack: ERROR for a malformed request, EOPNOTSUPP for an operation the
+/// backend does not serve; the device stays Connected and no refused write reaches the disk.
+/// With `persistent`, the attacker negotiates `feature-persistent` (grants stay mapped).
 fn request_attacks(persistent: bool) {
     let p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
     let healthy = Healthy::start(&p.root, 2, "xvda");
@@ -349,7 +350,7 @@ fn request_attacks(persistent: bool) {
     let rounds = healthy.finish();
     assert!(rounds > 100, "{rounds}");
     let mut p = p;
-    assert!(p.backend.alive());
+    assert!(p.backend.alive(), "xenpv-blkback died");
 }
 
 #[test]
