@@ -409,6 +409,12 @@ where
         }
         let info = if limits.read_only { VDISK_READONLY } else { 0 };
         xs.transaction(|tx| {
+            // A reconnect recovers the device from an earlier protocol error: the `error` node
+            // written then describes the old connection, not this one.
+            match tx.rm(&format!("{be}/error")) {
+                Err(e) if !e.is_not_found() => return Err(e),
+                _ => {}
+            }
             tx.write_str(&format!("{be}/sectors"), &limits.sectors.to_string())?;
             tx.write_str(&format!("{be}/info"), &info.to_string())?;
             tx.write_str(&format!("{be}/sector-size"), "512")?;
