@@ -442,6 +442,7 @@ where
         xenbus::switch_state(xs, be, XenbusState::Connected)?;
         tracing::info!(queues, order, persistent, x86_32, "connected");
         // Serve until the frontend closes, a queue fails, or the device is unplugged.
+        let mut announced = limits.sectors;
         loop {
             if running.stop.load(Ordering::SeqCst) {
                 break;
@@ -455,6 +456,20 @@ where
             }
             if !xs.exists(be)? {
                 break;
+            }
+            // Online resize: a grown store is announced as blkback does, by rewriting
+            // `sectors` and then `state` so that the frontend's watch fires.
+            if let Ok(size) = storage.refresh_size() {
+                let sectors = size / 512;
+                if sectors > announced {
+                    tracing::info!(sectors, "disk grew: announcing the new size");
+                    xs.transaction(|tx| {
+                        tx.write_str(&format!("{be}/sectors"), &sectors.to_string())?;
+                        tx.write_str(&format!("{be}/state"), &XenbusState::Connected.as_value())?;
+                        Ok(())
+                    })?;
+                    announced = sectors;
+                }
             }
             let _ = watch.next_timeout(Duration::from_millis(200));
         }

@@ -134,6 +134,8 @@ where
     /// one. Responses of a chunk are produced in ring order once it completes.
     pub fn service(&mut self) -> xenpv_ring::Result<bool> {
         let mut notify = false;
+        // The disk may have grown (online resize): check requests against its size now.
+        self.limits.sectors = self.storage.size() / 512;
         loop {
             if self.ring.unconsumed_requests()? == self.ring.size() {
                 Stats::add(&self.stats.ring_full, 1);

@@ -155,6 +155,11 @@ pub trait Storage: Send + Sync {
     fn engine(&self) -> &'static str {
         "psync"
     }
+    /// Re-reads the size of the backing store (online resize) and returns it. A store only
+    /// grows: a smaller size is ignored (shrinking a disk under a running guest loses data).
+    fn refresh_size(&self) -> io::Result<u64> {
+        Ok(self.size())
+    }
     /// Runs a batch: the ops may be in flight together and complete in any order (the caller
     /// keeps conflicting ops in separate batches). Returns one result per op, in the order of
     /// `ops`; when this returns, no op is in flight any more (the buffers may be unmapped).
@@ -363,7 +368,8 @@ pub fn open_storage(params: &str, opts: &StorageOptions) -> Result<Arc<dyn Stora
 #[derive(Debug)]
 pub struct FileStorage {
     pub(crate) file: File,
-    pub(crate) size: u64,
+    size: std::sync::atomic::AtomicU64,
+    sector_size: u32,
     pub(crate) block_device: bool,
     read_only: bool,
 }
@@ -421,7 +427,8 @@ impl FileStorage {
         }
         Ok(Self {
             file,
-            size,
+            size: std::sync::atomic::AtomicU64::new(size),
+            sector_size,
             block_device,
             read_only: opts.read_only,
         })
@@ -537,19 +544,39 @@ pub(crate) fn discard_sync(
 
 impl Storage for FileStorage {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refresh_size(&self) -> io::Result<u64> {
+        let now = if self.block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for it.
+            let r =
+                unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            size
+        } else {
+            self.file.metadata()?.len()
+        };
+        let now = now - now % u64::from(self.sector_size);
+        Ok(self
+            .size
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed)
+            .max(now))
     }
 
     fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
         if bufs.iter().any(|b| !b.is_writable()) {
             return Err(read_only_mapping());
         }
-        check_range(self.size, offset, total_len(bufs))?;
+        check_range(self.size(), offset, total_len(bufs))?;
         transfer(self.file.as_raw_fd(), offset, bufs, false, 0)
     }
 
     fn write_from(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        check_range(self.size, offset, total_len(bufs))?;
+        check_range(self.size(), offset, total_len(bufs))?;
         transfer(self.file.as_raw_fd(), offset, bufs, true, 0)
     }
 
@@ -558,7 +585,7 @@ impl Storage for FileStorage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         discard_sync(&self.file, self.block_device, offset, len)
     }
 

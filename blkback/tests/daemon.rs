@@ -151,6 +151,61 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Online resize: the image grows, the backend announces the new size, and the new
+    // sectors can be read.
+    let mut past = BlkifRequest::new(OP_READ, 0, 4, 3000);
+    past.nr_segments = 1;
+    past.seg[0] = BlkifRequestSegment::new(data.grefs()[1], 0, 7);
+    let mut roundtrip = |req: BlkifRequest| -> i16 {
+        ring.produce(req).unwrap();
+        if ring.push_requests() {
+            evtchn.notify(port).unwrap();
+        }
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(rsp) = ring.next_response().unwrap() {
+                return rsp.status;
+            }
+            assert!(Instant::now() < deadline, "no response");
+            if !ring.final_check_for_responses().unwrap() {
+                ports.clear();
+                spin_then_wait(
+                    &evtchn,
+                    &mut ports,
+                    SpinBudget::default(),
+                    Some(Duration::from_millis(200)),
+                )
+                .unwrap();
+                for p in &ports {
+                    evtchn.unmask(*p).unwrap();
+                }
+            }
+        }
+    };
+    assert_eq!(
+        roundtrip(past),
+        RSP_ERROR,
+        "sector 3000 is past the 2048-sector disk"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let deadline = Instant::now() + T;
+    while xs.read_string(&format!("{be}/sectors")).unwrap() != "4096" {
+        assert!(Instant::now() < deadline, "the new size was not announced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(xenbus::read_state(&xs, be).unwrap(), XenbusState::Connected);
+    past.id = 5;
+    assert_eq!(
+        roundtrip(past),
+        RSP_OKAY,
+        "the grown disk serves its new sectors"
+    );
+
     // Close: the backend follows to Closed.
     xenbus::switch_state(&xs, fe, XenbusState::Closing).unwrap();
     xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Closed, T).unwrap();

@@ -117,7 +117,7 @@ impl IoUringStorage {
     /// Checks an op; `Some` is its result when it needs no ring (refused, empty, or served
     /// synchronously), `None` when it goes on the ring.
     fn precheck(&self, op: &Op<'_>) -> Option<io::Result<()>> {
-        let size = self.file.size;
+        let size = self.file.size();
         match op {
             Op::Read { offset, bufs } | Op::Write { offset, bufs } => {
                 if matches!(op, Op::Read { .. }) && bufs.iter().any(|b| !b.is_writable()) {
@@ -276,7 +276,11 @@ impl IoUringStorage {
 
 impl Storage for IoUringStorage {
     fn size(&self) -> u64 {
-        self.file.size
+        self.file.size()
+    }
+
+    fn refresh_size(&self) -> io::Result<u64> {
+        self.file.refresh_size()
     }
 
     fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
