@@ -235,9 +235,15 @@ where
                         let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
                         return Ok(stats);
                     }
-                    if s == XenbusState::Closing {
+                    if matches!(s, XenbusState::Closing | XenbusState::Closed) {
+                        // Follow the frontend to Closed (as Linux blkback does).
                         let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
                     }
+                }
+                XenbusState::Initialising => {
+                    // The frontend (re)starts: offer the device again ("prepare for
+                    // reconnect"), also after following it to Closed.
+                    xenbus::switch_state(xs, be, XenbusState::InitWait)?;
                 }
                 _ => {}
             }

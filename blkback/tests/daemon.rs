@@ -291,3 +291,38 @@ fn the_example_configuration_parses() {
         "{err}"
     );
 }
+
+#[test]
+fn a_frontend_that_closes_before_connecting_can_start_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("xp");
+    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
+        state_dir: Some(root.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    daemon.create_domain(Some(1), Some("g1")).unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let dom0 = Client::connect_local(&root, 0).unwrap();
+    xenpv::toolstack::attach_disk(&dom0, 1, &format!("vdev=xvda,target={}", image.display()))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+        .args(["--platform", "local", "--state-dir"])
+        .arg(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _backend = Backend(child);
+    let xs = Client::connect_local(&root, 1).unwrap();
+    let fe = "/local/domain/1/device/vbd/51712";
+    let be = "/local/domain/0/backend/vbd/1/51712";
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::InitWait, T).unwrap();
+    // The frontend gives up before publishing a ring: the backend follows it to Closed …
+    xenbus::switch_state(&xs, fe, XenbusState::Closing).unwrap();
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Closed, T).unwrap();
+    // … and offers the device again when the frontend starts over.
+    xenbus::switch_state(&xs, fe, XenbusState::Initialising).unwrap();
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::InitWait, T).unwrap();
+}
