@@ -1,0 +1,815 @@
+//! The device: negotiation (pv-protocols.md §1.4–1.5), queue threads, the control thread that
+//! watches the backend and reconnects, and the public API.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use xenpv_evtchn::{spin_then_wait, EventChannel, Port};
+use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
+use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST, VDISK_READONLY};
+use xenpv_ring::FrontRing;
+use xenpv_xenstore::{xenbus, XenbusState, XsOps};
+
+use crate::queue::RingState;
+use crate::queue::{finish, ring_memory, Chunk, Features, Finished, Kind, Parent, QState};
+use crate::{Callback, Error, Op, Options, Platform, Result, Ticket};
+
+const CONNECTED: u8 = 0;
+const RECONNECTING: u8 = 1;
+const CLOSED: u8 = 2;
+const BROKEN: u8 = 3;
+
+/// What the backend told us about the disk, and what was negotiated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size in 512-byte sectors (`sectors`).
+    pub sectors: u64,
+    /// Logical sector size (`sector-size`).
+    pub sector_size: u32,
+    /// Physical sector size (`physical-sector-size`).
+    pub physical_sector_size: u32,
+    /// The `info` bitmap (`VDISK_*`).
+    pub info: u32,
+    /// `VDISK_READONLY` is set.
+    pub read_only: bool,
+    /// `feature-flush-cache`.
+    pub flush: bool,
+    /// `feature-barrier`.
+    pub barrier: bool,
+    /// `feature-discard`.
+    pub discard: bool,
+    /// `discard-granularity` (bytes).
+    pub discard_granularity: u64,
+    /// `discard-alignment` (bytes).
+    pub discard_alignment: u64,
+    /// Persistent grants in use (both sides offered them).
+    pub persistent: bool,
+    /// Queues in use.
+    pub queues: u32,
+    /// Ring page order in use.
+    pub ring_order: u32,
+    /// Segments per request (11 without indirect descriptors).
+    pub max_segments: u32,
+}
+
+pub(crate) struct Dev<G: GrantShare, E> {
+    p: Platform<G, E>,
+    fe: String,
+    be: String,
+    be_id: DomId,
+    handle: u16,
+    opts: Options,
+    queues: Vec<Mutex<QState<G, E>>>,
+    nq: AtomicUsize,
+    phase: AtomicU8,
+    error: Mutex<Option<Error>>,
+    info: Mutex<DiskInfo>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop: Mutex<Arc<AtomicBool>>,
+    rr: AtomicUsize,
+    closing: AtomicBool,
+    reconnects: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn complete(out: Finished) {
+    for (c, r) in out {
+        finish(c, r);
+    }
+}
+
+/// A connected blkif disk. Dropping it closes it.
+pub struct BlkFront<G: GrantShare, E> {
+    dev: Arc<Dev<G, E>>,
+    control: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<G, E> BlkFront<G, E>
+where
+    G: GrantShare + Send + Sync + 'static,
+    G::Shared: SharedPages + Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
+    /// Connects the device whose frontend directory is `device_dir`
+    /// (`/local/domain/<me>/device/vbd/<devid>`): waits for the backend's InitWait, publishes
+    /// rings, event channels and features, waits for Connected and reads the disk's properties.
+    pub fn connect(platform: Platform<G, E>, device_dir: &str, options: Options) -> Result<Self> {
+        let xs = &platform.xs;
+        let fe = device_dir.trim_end_matches('/').to_string();
+        let node = |k: &str, why: &str| Error::Node {
+            path: format!("{fe}/{k}"),
+            why: why.into(),
+        };
+        let be = xs
+            .read_opt(&format!("{fe}/backend"))?
+            .map(|v| String::from_utf8_lossy(&v).trim().to_string())
+            .ok_or_else(|| node("backend", "missing (is the disk attached?)"))?;
+        let be_id: DomId = xs
+            .read_opt(&format!("{fe}/backend-id"))?
+            .and_then(|v| String::from_utf8_lossy(&v).trim().parse().ok())
+            .ok_or_else(|| node("backend-id", "missing or not a domid"))?;
+        let handle = xs
+            .read_opt(&format!("{fe}/virtual-device"))?
+            .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<u32>().ok())
+            .or_else(|| fe.rsplit('/').next().and_then(|d| d.parse().ok()))
+            .unwrap_or(0) as u16;
+        let nq = options.queues.max(1) as usize;
+        let dev = Arc::new(Dev {
+            p: platform,
+            fe,
+            be,
+            be_id,
+            handle,
+            queues: (0..nq).map(|_| Mutex::new(QState::default())).collect(),
+            opts: options,
+            nq: AtomicUsize::new(1),
+            phase: AtomicU8::new(RECONNECTING),
+            error: Mutex::new(None),
+            info: Mutex::new(DiskInfo::default()),
+            threads: Mutex::new(Vec::new()),
+            stop: Mutex::new(Arc::new(AtomicBool::new(false))),
+            rr: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            reconnects: AtomicUsize::new(0),
+        });
+        let span = tracing::info_span!("vbd", domid = dev.be_id, dev = %dev.fe);
+        let _g = span.enter();
+        dev.negotiate()?;
+        let d2 = dev.clone();
+        let control = std::thread::Builder::new()
+            .name("blkfront-control".into())
+            .spawn(move || d2.control())
+            .map_err(|e| Error::Thread(e.to_string()))?;
+        Ok(Self {
+            dev,
+            control: Mutex::new(Some(control)),
+        })
+    }
+
+    /// The disk's properties and the negotiated features.
+    pub fn info(&self) -> DiskInfo {
+        lock(&self.dev.info).clone()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        lock(&self.dev.info).sectors * 512
+    }
+
+    /// Logical sector size in bytes.
+    pub fn sector_size(&self) -> u32 {
+        lock(&self.dev.info).sector_size
+    }
+
+    /// Whether the disk is read-only.
+    pub fn read_only(&self) -> bool {
+        lock(&self.dev.info).read_only
+    }
+
+    /// The backend protocol error that broke the device, if any.
+    pub fn error(&self) -> Option<Error> {
+        lock(&self.dev.error).clone()
+    }
+
+    /// Whether the device is connected (not reconnecting, closed or broken).
+    pub fn is_connected(&self) -> bool {
+        self.dev.phase.load(Ordering::SeqCst) == CONNECTED
+    }
+
+    /// How many times the device renegotiated after the backend left Connected.
+    pub fn reconnects(&self) -> usize {
+        self.dev.reconnects.load(Ordering::SeqCst)
+    }
+
+    /// The frontend directory.
+    pub fn device_dir(&self) -> &str {
+        &self.dev.fe
+    }
+
+    /// The backend directory.
+    pub fn backend_dir(&self) -> &str {
+        &self.dev.be
+    }
+
+    /// Submits `op`; `done` runs (on a queue thread, or on this one if the operation fails at
+    /// once) with the read data or the error.
+    pub fn submit(&self, op: Op, done: Callback) {
+        self.dev.submit(op, done)
+    }
+
+    /// Submits `op` and returns a [`Ticket`] to wait on.
+    pub fn submit_ticket(&self, op: Op) -> Ticket {
+        let (t, cb) = Ticket::new();
+        self.submit(op, cb);
+        t
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let data = self
+            .submit_ticket(Op::Read {
+                offset,
+                len: buf.len(),
+            })
+            .wait()?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.submit_ticket(Op::Write {
+            offset,
+            data: buf.to_vec(),
+        })
+        .wait()
+        .map(|_| ())
+    }
+
+    /// Commits the backend's volatile cache.
+    pub fn flush(&self) -> Result<()> {
+        self.submit_ticket(Op::Flush).wait().map(|_| ())
+    }
+
+    /// Discards `len` bytes at `offset`.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.submit_ticket(Op::Discard { offset, len })
+            .wait()
+            .map(|_| ())
+    }
+
+    /// Closes the device: waits (bounded) for requests in flight, Closing, waits for the backend
+    /// to close, revokes every grant, Closed.
+    pub fn close(&self) -> Result<()> {
+        let dev = &self.dev;
+        if dev.closing.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(t) = lock(&self.control).take() {
+            let _ = t.join();
+        }
+        let deadline = Instant::now() + dev.opts.timeout;
+        while dev.phase.load(Ordering::SeqCst) == CONNECTED
+            && dev.queues.iter().any(|q| lock(q).outstanding() > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let was = dev.phase.swap(CLOSED, Ordering::SeqCst);
+        let xs = &dev.p.xs;
+        let mut result = Ok(());
+        if was != BROKEN {
+            xenbus::switch_state(xs, &dev.fe, XenbusState::Closing)?;
+            match xenbus::wait_for_peer_state(
+                xs,
+                &dev.be,
+                |s| {
+                    matches!(
+                        s,
+                        XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
+                    )
+                },
+                dev.opts.timeout,
+            ) {
+                Ok(XenbusState::Closing) => {
+                    // Linux blkback closes only after we do; ours closes on our Closing.
+                    let _ = xenbus::wait_for_peer_state(
+                        xs,
+                        &dev.be,
+                        |s| matches!(s, XenbusState::Closed | XenbusState::Unknown),
+                        Duration::from_secs(2),
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => result = Err(e.into()),
+            }
+        }
+        dev.stop_threads();
+        dev.teardown(false);
+        let _ = xenbus::switch_state(xs, &dev.fe, XenbusState::Closed);
+        tracing::info!(dev = %dev.fe, "closed");
+        result
+    }
+}
+
+impl<G: GrantShare, E> Drop for BlkFront<G, E> {
+    fn drop(&mut self) {
+        // `close` needs the full bounds; do the minimum here if it was not called.
+        if !self.dev.closing.swap(true, Ordering::SeqCst) {
+            if let Some(t) = lock(&self.control).take() {
+                let _ = t.join();
+            }
+            self.dev.phase.store(CLOSED, Ordering::SeqCst);
+            let s = lock(&self.dev.stop).clone();
+            s.store(true, Ordering::SeqCst);
+            for t in lock(&self.dev.threads).drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl<G, E> Dev<G, E>
+where
+    G: GrantShare + Send + Sync + 'static,
+    G::Shared: SharedPages + Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
+    fn submit(&self, op: Op, done: Callback) {
+        let phase = self.phase.load(Ordering::SeqCst);
+        if phase == CLOSED || phase == BROKEN || self.closing.load(Ordering::SeqCst) {
+            let e = lock(&self.error).clone().unwrap_or(Error::Closed);
+            return done(Err(e));
+        }
+        let info = lock(&self.info).clone();
+        let size = info.sectors * 512;
+        let ss = u64::from(info.sector_size.max(512));
+        let (kind, offset, len, data) = match op {
+            Op::Read { offset, len } => (Kind::Read, offset, len as u64, Vec::new()),
+            Op::Write { offset, data } => (Kind::Write, offset, data.len() as u64, data),
+            Op::Flush => (Kind::Flush, 0, 0, Vec::new()),
+            Op::Discard { offset, len } => (Kind::Discard, offset, len, Vec::new()),
+        };
+        if kind != Kind::Flush {
+            if offset % ss != 0 || len % ss != 0 {
+                return done(Err(Error::Unaligned {
+                    offset,
+                    len,
+                    sector_size: ss as u32,
+                }));
+            }
+            if offset.checked_add(len).map_or(true, |end| end > size) {
+                return done(Err(Error::OutOfRange { offset, len, size }));
+            }
+            if len == 0 {
+                return done(Ok(Vec::new()));
+            }
+        }
+        if info.read_only && matches!(kind, Kind::Write | Kind::Discard) {
+            return done(Err(Error::ReadOnly));
+        }
+        let read_len = if kind == Kind::Read { len as usize } else { 0 };
+        let chunk = Chunk {
+            kind,
+            offset,
+            len,
+            data,
+            pos: 0,
+            parent: Parent::new(1, read_len, done),
+        };
+        let nq = self.nq.load(Ordering::SeqCst).clamp(1, self.queues.len());
+        let qi = self.rr.fetch_add(1, Ordering::Relaxed) % nq;
+        let mut out = Vec::new();
+        {
+            let mut q = lock(&self.queues[qi]);
+            let phase = self.phase.load(Ordering::SeqCst);
+            if phase == CLOSED || phase == BROKEN {
+                let e = lock(&self.error).clone().unwrap_or(Error::Closed);
+                out.push((chunk, Err(e)));
+            } else {
+                q.backlog.push_back(chunk);
+                if let Err(e) = q.issue(&self.p.grants, &mut out) {
+                    tracing::warn!("issuing requests: {e}");
+                }
+            }
+        }
+        complete(out);
+    }
+
+    fn read_num<T: std::str::FromStr>(&self, path: &str) -> Result<Option<T>> {
+        match self.p.xs.read_opt(path)? {
+            None => Ok(None),
+            Some(v) => {
+                let s = String::from_utf8_lossy(&v).trim().to_string();
+                s.parse().map(Some).map_err(|_| Error::Node {
+                    path: path.into(),
+                    why: format!("`{s}` is not a number"),
+                })
+            }
+        }
+    }
+
+    /// Our state back to Initialising, with the nodes of any earlier connection removed (one
+    /// transaction), so that no backend connects to stale rings.
+    fn reset_nodes(&self) -> Result<()> {
+        let fe = &self.fe;
+        self.p.xs.transaction(|tx| {
+            let keys = match tx.directory(fe) {
+                Ok(k) => k,
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for k in keys {
+                if k.starts_with("ring-ref")
+                    || k.starts_with("queue-")
+                    || k == "event-channel"
+                    || k == "ring-page-order"
+                    || k == "multi-queue-num-queues"
+                    || k == "error"
+                {
+                    tx.rm(&format!("{fe}/{k}"))?;
+                }
+            }
+            tx.write_str(
+                &format!("{fe}/state"),
+                &XenbusState::Initialising.as_value(),
+            )?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn wait_be(&self, what: &str, pred: impl Fn(XenbusState) -> bool) -> Result<XenbusState> {
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(format!(
+                    "backend {} to reach {what}",
+                    self.be
+                )));
+            }
+            match xenbus::wait_for_peer_state(
+                &self.p.xs,
+                &self.be,
+                &pred,
+                left.min(Duration::from_millis(500)),
+            ) {
+                Ok(s) => return Ok(s),
+                Err(xenpv_xenstore::Error::Timeout { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// One full negotiation: Initialising, wait InitWait, rings + event channels + features in
+    /// one transaction, Initialised, wait Connected, read the disk, start the queues, Connected.
+    fn negotiate(self: &Arc<Self>) -> Result<()> {
+        let xs = &self.p.xs;
+        let (fe, be) = (&self.fe, &self.be);
+        self.reset_nodes()?;
+        self.wait_be("InitWait", |s| s == XenbusState::InitWait)?;
+        let max_order: u32 = self
+            .read_num(&format!("{be}/max-ring-page-order"))?
+            .unwrap_or(0);
+        let max_queues: u32 = self
+            .read_num(&format!("{be}/multi-queue-max-queues"))?
+            .unwrap_or(1);
+        let max_indirect: u32 = self
+            .read_num(&format!("{be}/feature-max-indirect-segments"))?
+            .unwrap_or(0);
+        let order = self.opts.ring_order.min(max_order).min(4);
+        let nq = (self.opts.queues.max(1))
+            .min(max_queues.max(1))
+            .min(self.queues.len() as u32);
+        let max_segments = if self.opts.indirect && max_indirect > MAX_SEGMENTS_PER_REQUEST as u32 {
+            max_indirect
+                .min(self.opts.max_indirect_segments)
+                .min(4096)
+                .max(MAX_SEGMENTS_PER_REQUEST as u32)
+        } else {
+            MAX_SEGMENTS_PER_REQUEST as u32
+        };
+
+        // Rings and event channels.
+        #[allow(clippy::type_complexity)]
+        let mut rings: Vec<(FrontRing<Blkif, G::Shared>, Arc<E>, Port)> = Vec::new();
+        let setup = (|| -> Result<()> {
+            for _ in 0..nq {
+                let pages = self
+                    .p
+                    .grants
+                    .share(self.be_id, 1 << order, Access::Writable)?;
+                let ring = FrontRing::<Blkif, _>::init(pages)?;
+                let ev = match (self.p.open_evtchn)() {
+                    Ok(ev) => Arc::new(ev),
+                    Err(e) => {
+                        let _ = self.p.grants.revoke(ring.into_memory());
+                        return Err(e.into());
+                    }
+                };
+                let port = match ev.bind_unbound(self.be_id) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = self.p.grants.revoke(ring.into_memory());
+                        return Err(e.into());
+                    }
+                };
+                rings.push((ring, ev, port));
+            }
+            xs.transaction(|tx| {
+                if order > 0 {
+                    tx.write_str(&format!("{fe}/ring-page-order"), &order.to_string())?;
+                }
+                if nq > 1 {
+                    tx.write_str(&format!("{fe}/multi-queue-num-queues"), &nq.to_string())?;
+                }
+                for (q, (ring, _, port)) in rings.iter().enumerate() {
+                    let dir = if nq > 1 {
+                        format!("{fe}/queue-{q}")
+                    } else {
+                        fe.to_string()
+                    };
+                    let grefs = ring.memory().grefs();
+                    if order == 0 {
+                        tx.write_str(&format!("{dir}/ring-ref"), &grefs[0].to_string())?;
+                    } else {
+                        for (i, g) in grefs.iter().enumerate() {
+                            tx.write_str(&format!("{dir}/ring-ref{i}"), &g.to_string())?;
+                        }
+                    }
+                    tx.write_str(&format!("{dir}/event-channel"), &port.to_string())?;
+                }
+                tx.write_str(&format!("{fe}/protocol"), "x86_64-abi")?;
+                if self.opts.persistent {
+                    tx.write_str(&format!("{fe}/feature-persistent"), "1")?;
+                } else {
+                    tx.write_str(&format!("{fe}/feature-persistent"), "0")?;
+                }
+                Ok(())
+            })?;
+            xenbus::switch_state(xs, fe, XenbusState::Initialised)?;
+            let s = self.wait_be("Connected", |s| {
+                matches!(
+                    s,
+                    XenbusState::Connected | XenbusState::Closing | XenbusState::Closed
+                )
+            })?;
+            if s != XenbusState::Connected {
+                return Err(Error::Node {
+                    path: format!("{be}/state"),
+                    why: format!("backend went {s:?} instead of Connected"),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = setup {
+            for (ring, ev, port) in rings {
+                let _ = ev.unbind(port);
+                let _ = self.p.grants.revoke(ring.into_memory());
+            }
+            return Err(e);
+        }
+
+        // The disk.
+        let flag = |k: &str| -> Result<bool> {
+            Ok(self.read_num::<u64>(&format!("{be}/{k}"))?.unwrap_or(0) != 0)
+        };
+        let sectors: u64 = self
+            .read_num(&format!("{be}/sectors"))?
+            .ok_or_else(|| Error::Node {
+                path: format!("{be}/sectors"),
+                why: "missing".into(),
+            })?;
+        let info_bits: u32 = self.read_num(&format!("{be}/info"))?.unwrap_or(0);
+        let sector_size: u32 = self.read_num(&format!("{be}/sector-size"))?.unwrap_or(512);
+        let physical: u32 = self
+            .read_num(&format!("{be}/physical-sector-size"))?
+            .unwrap_or(sector_size);
+        let discard = flag("feature-discard")?;
+        let info = DiskInfo {
+            sectors,
+            sector_size: if sector_size.is_power_of_two() && sector_size >= 512 {
+                sector_size
+            } else {
+                512
+            },
+            physical_sector_size: physical,
+            info: info_bits,
+            read_only: info_bits & VDISK_READONLY != 0,
+            flush: flag("feature-flush-cache")?,
+            barrier: flag("feature-barrier")?,
+            discard,
+            discard_granularity: self
+                .read_num(&format!("{be}/discard-granularity"))?
+                .unwrap_or(u64::from(sector_size)),
+            discard_alignment: self
+                .read_num(&format!("{be}/discard-alignment"))?
+                .unwrap_or(0),
+            persistent: self.opts.persistent && flag("feature-persistent")?,
+            queues: nq,
+            ring_order: order,
+            max_segments,
+        };
+        let feat = Features {
+            flush: info.flush,
+            barrier: info.barrier,
+            discard: info.discard,
+            persistent: info.persistent,
+            max_segments: max_segments as usize,
+            handle: self.handle,
+            backend: self.be_id,
+            pool_pages: self.opts.pool_pages,
+        };
+        tracing::info!(?info, "backend connected");
+        *lock(&self.info) = info;
+        self.nq.store(nq as usize, Ordering::SeqCst);
+
+        // Queues: install the rings, move backlogs of queues no longer in use, start threads.
+        let stop = Arc::new(AtomicBool::new(false));
+        *lock(&self.stop) = stop.clone();
+        let mut moved = Vec::new();
+        for q in self.queues.iter().skip(nq as usize) {
+            moved.extend(lock(q).backlog.drain(..));
+        }
+        let mut threads = Vec::new();
+        for (qi, (ring, ev, port)) in rings.into_iter().enumerate() {
+            {
+                let mut q = lock(&self.queues[qi]);
+                if qi == 0 {
+                    q.backlog.extend(moved.drain(..));
+                }
+                q.ring = Some(RingState::new(ring, ev.clone(), port, feat));
+            }
+            let (d, stop) = (self.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("blkfront-q{qi}"))
+                .spawn(move || d.run_queue(qi, ev, stop))
+                .map_err(|e| Error::Thread(e.to_string()))?;
+            threads.push(t);
+        }
+        *lock(&self.threads) = threads;
+        self.phase.store(CONNECTED, Ordering::SeqCst);
+        for q in &self.queues[..nq as usize] {
+            let mut out = Vec::new();
+            if let Err(e) = lock(q).issue(&self.p.grants, &mut out) {
+                tracing::warn!("issuing requests: {e}");
+            }
+            complete(out);
+        }
+        xenbus::switch_state(xs, fe, XenbusState::Connected)?;
+        Ok(())
+    }
+
+    fn run_queue(self: Arc<Self>, qi: usize, ev: Arc<E>, stop: Arc<AtomicBool>) {
+        let span = tracing::info_span!("vbd", domid = self.be_id, dev = %self.fe, queue = qi);
+        let _g = span.enter();
+        let mut ports = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            let r = {
+                let mut q = lock(&self.queues[qi]);
+                match q.process(&self.p.grants, &mut out) {
+                    Ok(()) => q.issue(&self.p.grants, &mut out),
+                    Err(e) => Err(e),
+                }
+            };
+            for p in ports.drain(..) {
+                let _ = ev.unmask(p);
+            }
+            complete(out);
+            match r {
+                Ok(()) => {}
+                Err(e @ Error::Protocol(_)) => {
+                    tracing::error!("{e}: disconnecting");
+                    let mut err = lock(&self.error);
+                    if err.is_none() {
+                        *err = Some(e);
+                    }
+                    drop(err);
+                    self.phase.store(BROKEN, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => tracing::warn!("queue: {e}"),
+            }
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = spin_then_wait(
+                &*ev,
+                &mut ports,
+                self.opts.spin,
+                Some(Duration::from_millis(100)),
+            ) {
+                tracing::warn!("event channel: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    fn stop_threads(&self) {
+        lock(&self.stop).store(true, Ordering::SeqCst);
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Takes every ring down: requests in flight go back to the front of their backlog
+    /// (`requeue`) or fail; event channels are unbound; every grant is revoked (a deferred revoke
+    /// leaves the page unused for good).
+    fn teardown(&self, requeue: bool) {
+        let g = &self.p.grants;
+        for q in &self.queues {
+            let mut out = Vec::new();
+            {
+                let mut q = lock(q);
+                if let Some(rs) = q.ring.take() {
+                    let (ev, port) = (rs.evtchn.clone(), rs.port);
+                    let (mem, chunks, pages) = ring_memory(rs);
+                    let _ = ev.unbind(port);
+                    let n = chunks.len();
+                    for c in chunks.into_iter().rev() {
+                        q.backlog.push_front(c);
+                    }
+                    if n > 0 {
+                        tracing::info!(requests = n, "requests in flight kept for re-issue");
+                    }
+                    for p in pages {
+                        let _ = g.revoke(p.0);
+                    }
+                    match g.revoke(mem) {
+                        Ok(r) => tracing::debug!(?r, "ring revoked"),
+                        Err(e) => tracing::warn!("revoking the ring: {e}"),
+                    }
+                }
+                if !requeue {
+                    let e = lock(&self.error).clone().unwrap_or(Error::Closed);
+                    out.extend(q.backlog.drain(..).map(|c| (c, Err(e.clone()))));
+                }
+            }
+            complete(out);
+        }
+    }
+
+    /// The control thread: watches the backend's state; reconnects when it leaves Connected;
+    /// disconnects on a protocol error.
+    fn control(self: Arc<Self>) {
+        let span = tracing::info_span!("vbd", domid = self.be_id, dev = %self.fe);
+        let _g = span.enter();
+        let xs = self.p.xs.clone();
+        let watch = match xs.watch_with_capacity(&format!("{}/state", self.be), 16) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch the backend: {e}; polling");
+                None
+            }
+        };
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            match &watch {
+                Some(w) => {
+                    let _ = w.next_timeout(Duration::from_millis(100));
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.phase.load(Ordering::SeqCst) == BROKEN {
+                self.stop_threads();
+                self.teardown(false);
+                let why = lock(&self.error)
+                    .clone()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                let _ = xs.write_str(&format!("{}/error", self.fe), &why);
+                let _ = xenbus::switch_state(&xs, &self.fe, XenbusState::Closing);
+                return;
+            }
+            let s = xenbus::read_state(&xs, &self.be).unwrap_or(XenbusState::Unknown);
+            if s == XenbusState::Connected {
+                continue;
+            }
+            tracing::warn!(state = ?s, "backend left Connected: reconnecting");
+            self.phase.store(RECONNECTING, Ordering::SeqCst);
+            // Stale nodes first, so that no backend attaches to the old rings.
+            if let Err(e) = self.reset_nodes() {
+                tracing::warn!("resetting nodes: {e}");
+            }
+            self.stop_threads();
+            self.teardown(true);
+            loop {
+                if self.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                match self.negotiate() {
+                    Ok(()) => {
+                        self.reconnects.fetch_add(1, Ordering::SeqCst);
+                        tracing::info!("reconnected");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("reconnect failed: {e}; retrying");
+                        self.stop_threads();
+                        self.teardown(true);
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! A userspace Xen block frontend (blkif, pv-protocols.md §1).
+//!
+//! [`BlkFront::connect`] negotiates with any blkif backend (ours or Linux's): rings in dedicated
+//! granted pages (multi-page, multi-queue), one unbound event channel per queue, persistent
+//! grants and indirect descriptors when both sides offer them. Data travels through dedicated,
+//! zeroed, granted pages (XSA-403): the caller's buffer is copied into a per-queue pool (kept
+//! granted with persistent grants) or into pages granted for one request and revoked after its
+//! response (a deferred revoke is never reused, XSA-396).
+//!
+//! * blocking API: [`BlkFront::read_at`], [`write_at`](BlkFront::write_at),
+//!   [`flush`](BlkFront::flush), [`discard`](BlkFront::discard);
+//! * asynchronous API: [`BlkFront::submit`] with a completion callback, or
+//!   [`BlkFront::submit_ticket`] returning a [`Ticket`]; many requests in flight, ids bounded by
+//!   the ring (a slab of request slots);
+//! * every response is validated (id outstanding, operation, status, `rsp_prod`): a bad one is a
+//!   backend protocol error that breaks the device (reported by [`BlkFront::error`]) without
+//!   touching a page of the request it named (XSA-405);
+//! * when the backend leaves Connected (restart, crash, reconnect), the rings are torn down and
+//!   renegotiated, and every request in flight is issued again from its private copy: callers see
+//!   a completion only once the backend answered it.
+//!
+//! [`export::NbdExport`] serves the disk over NBD (the `xenpv-blkfront` binary).
+#![deny(missing_docs)]
+
+mod device;
+pub mod export;
+mod queue;
+pub mod vdev;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use device::{BlkFront, DiskInfo};
+use xenpv_evtchn::SpinBudget;
+use xenpv_xenstore::Client;
+
+/// Why an operation or the device failed. Cloneable, since one failure may complete many
+/// requests.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// xenstore failed.
+    #[error("xenstore: {0}")]
+    Xenstore(String),
+    /// A grant operation failed.
+    #[error("grant: {0}")]
+    Grant(String),
+    /// An event-channel operation failed.
+    #[error("event channel: {0}")]
+    Evtchn(String),
+    /// The ring refused its memory.
+    #[error("ring: {0}")]
+    Ring(#[from] xenpv_ring::Error),
+    /// A node written by the toolstack or the backend is missing or wrong.
+    #[error("{path}: {why}")]
+    Node {
+        /// The node.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The backend broke the protocol (a bad response or ring index): the device is dead.
+    #[error("backend protocol error: {0}")]
+    Protocol(String),
+    /// The backend answered the request with an error status.
+    #[error("backend answered {op} with status {status}")]
+    Io {
+        /// The wire operation.
+        op: u8,
+        /// `BLKIF_RSP_*`.
+        status: i16,
+    },
+    /// The backend does not offer the operation.
+    #[error("{0} is not supported by the backend")]
+    NotSupported(&'static str),
+    /// The disk is read-only.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// The offset or length is not a multiple of the sector size.
+    #[error("offset {offset} / length {len} not aligned to the sector size {sector_size}")]
+    Unaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// The disk's logical sector size.
+        sector_size: u32,
+    },
+    /// The range is beyond the end of the disk.
+    #[error("range {offset}+{len} is beyond the end of the disk ({size} bytes)")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// The device is closed (or closing).
+    #[error("the device is closed")]
+    Closed,
+    /// Waiting for the backend timed out.
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(String),
+}
+
+impl From<xenpv_xenstore::Error> for Error {
+    fn from(e: xenpv_xenstore::Error) -> Self {
+        Error::Xenstore(e.to_string())
+    }
+}
+impl From<xenpv_grant::Error> for Error {
+    fn from(e: xenpv_grant::Error) -> Self {
+        Error::Grant(e.to_string())
+    }
+}
+impl From<xenpv_evtchn::Error> for Error {
+    fn from(e: xenpv_evtchn::Error) -> Self {
+        Error::Evtchn(e.to_string())
+    }
+}
+
+impl Error {
+    /// The closest `std::io::Error` (for the NBD export).
+    pub fn to_io(&self) -> std::io::Error {
+        use std::io::ErrorKind as K;
+        let kind = match self {
+            Error::ReadOnly => K::PermissionDenied,
+            Error::Unaligned { .. } | Error::OutOfRange { .. } => K::InvalidInput,
+            Error::NotSupported(_) => K::Unsupported,
+            _ => K::Other,
+        };
+        std::io::Error::new(kind, self.to_string())
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What the frontend needs from the platform: xenstore with the guest's identity, grant sharing,
+/// and a way to open one event-channel handle per queue (each queue thread waits on its own).
+pub struct Platform<G, E> {
+    /// xenstore, as the frontend domain.
+    pub xs: Client,
+    /// Grant sharing (`GrantShare`).
+    pub grants: Arc<G>,
+    /// Opens an event-channel handle.
+    #[allow(clippy::type_complexity)]
+    pub open_evtchn: Arc<dyn Fn() -> std::result::Result<E, xenpv_evtchn::Error> + Send + Sync>,
+}
+
+impl<G, E> Clone for Platform<G, E> {
+    fn clone(&self) -> Self {
+        Self {
+            xs: self.xs.clone(),
+            grants: self.grants.clone(),
+            open_evtchn: self.open_evtchn.clone(),
+        }
+    }
+}
+
+/// Tunables of one device.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Queues (rings) wanted; the backend's `multi-queue-max-queues` caps it.
+    pub queues: u32,
+    /// `ring-page-order` wanted; the backend's `max-ring-page-order` caps it.
+    pub ring_order: u32,
+    /// Offer `feature-persistent` (used only if the backend offers it too).
+    pub persistent: bool,
+    /// Use indirect descriptors when the backend offers them.
+    pub indirect: bool,
+    /// Upper bound on segments per indirect request.
+    pub max_indirect_segments: u32,
+    /// Granted data pages kept per queue with persistent grants.
+    pub pool_pages: usize,
+    /// How long a queue thread polls before sleeping on its event channel.
+    pub spin: SpinBudget,
+    /// How long to wait for each backend state change while negotiating.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            queues: 1,
+            ring_order: 0,
+            persistent: true,
+            indirect: true,
+            max_indirect_segments: 256,
+            pool_pages: 1024,
+            spin: SpinBudget::default(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One block operation. Offsets and lengths are in bytes and must be multiples of the sector
+/// size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Read `len` bytes at `offset`; completes with the data.
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: usize,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The data (kept privately until the backend acknowledged it).
+        data: Vec<u8>,
+    },
+    /// Commit the volatile cache (`FLUSH_DISKCACHE`, or `WRITE_BARRIER` if only that is offered).
+    Flush,
+    /// Discard (trim) `len` bytes at `offset`.
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+}
+
+/// A completion callback: the read data (empty for other operations) or the error.
+pub type Callback = Box<dyn FnOnce(Result<Vec<u8>>) + Send + 'static>;
+
+/// The handle of one submitted operation.
+#[derive(Debug)]
+pub struct Ticket {
+    rx: mpsc::Receiver<Result<Vec<u8>>>,
+}
+
+impl Ticket {
+    pub(crate) fn new() -> (Ticket, Callback) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Ticket { rx },
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+    }
+
+    /// Waits for the operation to complete.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        self.rx.recv().unwrap_or(Err(Error::Closed))
+    }
+
+    /// Whether it completed, without blocking (`None`: still in flight).
+    pub fn try_wait(&self) -> Option<Result<Vec<u8>>> {
+        self.rx.try_recv().ok()
+    }
+}

@@ -1,0 +1,184 @@
+//! `xenpv-blkfront`: connects one blkif disk of this guest and exports it as an NBD server on a
+//! Unix socket, until SIGTERM/SIGINT (then closes the device cleanly).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use xenpv_blkfront::export::NbdExport;
+use xenpv_blkfront::{BlkFront, Options, Platform};
+use xenpv_evtchn::{EventChannel, SpinBudget};
+use xenpv_grant::{GrantShare, SharedPages};
+use xenpv_xenstore::Client;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PlatformKind {
+    Local,
+    Xen,
+}
+
+/// Connect a Xen virtual disk and export it over NBD on a Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "xenpv-blkfront", version)]
+struct Args {
+    /// The platform: the local one (processes as domains) or real Xen.
+    #[arg(long, value_enum, default_value = "local")]
+    platform: PlatformKind,
+    /// State directory of the local platform (default: $XENPV_STATE_DIR, $XDG_RUNTIME_DIR/xenpv,
+    /// /run/xenpv).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// This guest's domain id.
+    #[arg(long)]
+    domid: u32,
+    /// The disk: a device id (51712) or a name (xvda).
+    #[arg(long)]
+    device: String,
+    /// Where to listen for NBD clients.
+    #[arg(long)]
+    nbd_socket: PathBuf,
+    /// Queues (rings) to ask for.
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+    /// Ring page order to ask for.
+    #[arg(long, default_value_t = 0)]
+    ring_order: u32,
+    /// Do not offer persistent grants.
+    #[arg(long)]
+    no_persistent: bool,
+    /// Do not use indirect descriptors.
+    #[arg(long)]
+    no_indirect: bool,
+    /// Spin budget of the queue threads, in microseconds, before sleeping.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
+}
+
+fn state_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("XENPV_STATE_DIR").map(PathBuf::from))
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("xenpv")))
+        .unwrap_or_else(|| PathBuf::from("/run/xenpv"))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("xenpv-blkfront: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let devid = xenpv_blkfront::vdev::devid(&args.device).ok_or_else(|| {
+        format!(
+            "--device {}: not a device id or a name like xvda",
+            args.device
+        )
+    })?;
+    let opts = Options {
+        queues: args.queues,
+        ring_order: args.ring_order,
+        persistent: !args.no_persistent,
+        indirect: !args.no_indirect,
+        spin: if args.spin_us == 0 {
+            SpinBudget::None
+        } else {
+            SpinBudget::Duration(Duration::from_micros(args.spin_us))
+        },
+        ..Options::default()
+    };
+    let dir = format!("/local/domain/{}/device/vbd/{devid}", args.domid);
+    match args.platform {
+        PlatformKind::Local => {
+            use xenpv_evtchn::local::LocalEvtchn;
+            use xenpv_grant::local::LocalGrants;
+            let root = state_dir(args.state_dir.clone());
+            let dom = root.join(format!("dom{}", args.domid));
+            let xs = Client::connect_local(&root, args.domid).map_err(|e| {
+                format!(
+                    "xenstore of domain {} under {}: {e} (is 'xenpv local' running?)",
+                    args.domid,
+                    root.display()
+                )
+            })?;
+            let grants = LocalGrants::connect(dom.join("grant.sock"))
+                .map_err(|e| format!("grant broker: {e}"))?;
+            let ev_sock = dom.join("evtchn.sock");
+            let p = Platform {
+                xs,
+                grants: Arc::new(grants),
+                open_evtchn: Arc::new(move || LocalEvtchn::connect(&ev_sock)),
+            };
+            serve(p, &dir, opts, &args.nbd_socket)
+        }
+        PlatformKind::Xen => {
+            use xenpv_evtchn::xen::XenEvtchn;
+            use xenpv_grant::xen::XenGntalloc;
+            let xs = Client::open().map_err(|e| format!("xenstore: {e}"))?;
+            let grants = XenGntalloc::open().map_err(|e| e.to_string())?;
+            let p = Platform {
+                xs,
+                grants: Arc::new(grants),
+                open_evtchn: Arc::new(XenEvtchn::open),
+            };
+            serve(p, &dir, opts, &args.nbd_socket)
+        }
+    }
+}
+
+fn serve<G, E>(
+    p: Platform<G, E>,
+    dir: &str,
+    opts: Options,
+    socket: &std::path::Path,
+) -> Result<(), String>
+where
+    G: GrantShare + Send + Sync + 'static,
+    G::Shared: SharedPages + Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone()).map_err(|e| e.to_string())?;
+    }
+    let dev = Arc::new(BlkFront::connect(p, dir, opts).map_err(|e| e.to_string())?);
+    let _ = std::fs::remove_file(socket);
+    let server = xenpv_nbd::Server::bind_unix(socket, Arc::new(NbdExport::new(dev.clone())))
+        .map_err(|e| format!("{}: {e}", socket.display()))?
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let info = dev.info();
+    println!(
+        "xenpv-blkfront: ready {} size={} sector-size={} queues={} ring-order={} persistent={} max-segments={} nbd=unix:{}",
+        dir,
+        dev.size(),
+        info.sector_size,
+        info.queues,
+        info.ring_order,
+        info.persistent,
+        info.max_segments,
+        socket.display()
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    while !term.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+        if dev.error().is_some() {
+            break;
+        }
+    }
+    server.shutdown();
+    let r = dev.close();
+    println!("xenpv-blkfront: closed");
+    match (dev.error(), r) {
+        (Some(e), _) => Err(e.to_string()),
+        (None, Err(e)) => Err(e.to_string()),
+        _ => Ok(()),
+    }
+}

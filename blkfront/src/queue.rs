@@ -1,0 +1,627 @@
+//! One queue: its ring, its slab of request slots, its pool of granted data pages and its
+//! backlog of requests waiting for a slot. Everything here runs under the queue's lock; the
+//! callbacks of finished requests run after the lock is released.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use xenpv_evtchn::{EventChannel, Port};
+use xenpv_grant::{Access, DomId, GrantMemory, GrantShare, Revoke, SharedPages, PAGE_SIZE};
+use xenpv_ring::blkif::{
+    Blkif, BlkifRequest, BlkifRequestDiscard, BlkifRequestIndirect, BlkifRequestSegment,
+    MAX_INDIRECT_PAGES_PER_REQUEST, MAX_SEGMENTS_PER_REQUEST, OP_DISCARD, OP_FLUSH_DISKCACHE,
+    OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY,
+    SEGMENTS_PER_INDIRECT_FRAME,
+};
+use xenpv_ring::FrontRing;
+
+use crate::{Callback, Error, Result};
+
+/// What a chunk asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+}
+
+/// The caller's operation, completed when all its chunks are.
+pub(crate) struct Parent {
+    remaining: AtomicUsize,
+    state: Mutex<ParentState>,
+}
+
+struct ParentState {
+    buf: Vec<u8>,
+    err: Option<Error>,
+    done: Option<Callback>,
+}
+
+impl Parent {
+    pub(crate) fn new(chunks: usize, read_len: usize, done: Callback) -> Arc<Parent> {
+        Arc::new(Parent {
+            remaining: AtomicUsize::new(chunks),
+            state: Mutex::new(ParentState {
+                buf: vec![0; read_len],
+                err: None,
+                done: Some(done),
+            }),
+        })
+    }
+}
+
+/// A piece of an operation that one ring request carries (split further at issue time if the
+/// connection allows fewer segments). It owns a private copy of its write data until answered.
+pub(crate) struct Chunk {
+    pub(crate) kind: Kind,
+    /// Byte offset on the disk.
+    pub(crate) offset: u64,
+    /// Byte length.
+    pub(crate) len: u64,
+    /// Write data (`len` bytes) or empty.
+    pub(crate) data: Vec<u8>,
+    /// Where a read's data goes in the parent's buffer.
+    pub(crate) pos: usize,
+    pub(crate) parent: Arc<Parent>,
+}
+
+impl Chunk {
+    /// Splits off the first `bytes` bytes as a new chunk of the same parent (the parent's count
+    /// grows by one).
+    fn split_front(&mut self, bytes: u64) -> Chunk {
+        self.parent.remaining.fetch_add(1, Ordering::SeqCst);
+        let rest_data = if self.data.is_empty() {
+            Vec::new()
+        } else {
+            self.data.split_off(bytes as usize)
+        };
+        let front = Chunk {
+            kind: self.kind,
+            offset: self.offset,
+            len: bytes,
+            data: std::mem::replace(&mut self.data, rest_data),
+            pos: self.pos,
+            parent: self.parent.clone(),
+        };
+        self.offset += bytes;
+        self.len -= bytes;
+        self.pos += bytes as usize;
+        front
+    }
+}
+
+/// Completes a chunk (outside any queue lock).
+pub(crate) fn finish(chunk: Chunk, result: Result<Vec<u8>>) {
+    let mut st = match chunk.parent.state.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    match result {
+        Ok(data) => {
+            if chunk.kind == Kind::Read {
+                let end = chunk.pos + data.len();
+                if let Some(dst) = st.buf.get_mut(chunk.pos..end) {
+                    dst.copy_from_slice(&data);
+                }
+            }
+        }
+        Err(e) => {
+            if st.err.is_none() {
+                st.err = Some(e);
+            }
+        }
+    }
+    if chunk.parent.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let done = st.done.take();
+        let r = match st.err.take() {
+            Some(e) => Err(e),
+            None => Ok(std::mem::take(&mut st.buf)),
+        };
+        drop(st);
+        if let Some(done) = done {
+            done(r);
+        }
+    }
+}
+
+/// Features of the current connection that shape requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Features {
+    pub(crate) flush: bool,
+    pub(crate) barrier: bool,
+    pub(crate) discard: bool,
+    pub(crate) persistent: bool,
+    /// Segments per request: 11, or the indirect maximum.
+    pub(crate) max_segments: usize,
+    pub(crate) handle: u16,
+    pub(crate) backend: DomId,
+    pub(crate) pool_pages: usize,
+}
+
+/// Granted pages of one request.
+enum Pages<S> {
+    None,
+    /// (chunk, page) pairs in the persistent pool.
+    Pool(Vec<(u32, u32)>),
+    /// Pages granted for this request only.
+    Own(S),
+}
+
+struct Pool<S> {
+    chunks: Vec<S>,
+    free: Vec<(u32, u32)>,
+    total: usize,
+}
+
+const POOL_CHUNK: usize = 64;
+
+struct Inflight<S> {
+    chunk: Chunk,
+    seq: u64,
+    /// The wire operation, and the one a backend may echo instead (an indirect request's
+    /// `indirect_op`, as Linux blkback does).
+    op: u8,
+    alt_op: u8,
+    data: Pages<S>,
+    indirect: Pages<S>,
+}
+
+/// One connected ring.
+pub(crate) struct RingState<G: GrantShare, E> {
+    ring: FrontRing<Blkif, G::Shared>,
+    pub(crate) evtchn: Arc<E>,
+    pub(crate) port: Port,
+    slots: Vec<Option<Inflight<G::Shared>>>,
+    free_ids: Vec<u32>,
+    pool: Pool<G::Shared>,
+    feat: Features,
+    seq: u64,
+}
+
+impl<G: GrantShare, E: EventChannel> RingState<G, E> {
+    pub(crate) fn new(
+        ring: FrontRing<Blkif, G::Shared>,
+        evtchn: Arc<E>,
+        port: Port,
+        feat: Features,
+    ) -> Self {
+        let n = ring.size();
+        Self {
+            ring,
+            evtchn,
+            port,
+            slots: (0..n).map(|_| None).collect(),
+            free_ids: (0..n).rev().collect(),
+            pool: Pool {
+                chunks: Vec::new(),
+                free: Vec::new(),
+                total: 0,
+            },
+            feat,
+            seq: 0,
+        }
+    }
+}
+
+/// Memory for a ring: the ring's pages are revoked by the device on teardown.
+pub(crate) fn ring_memory<G: GrantShare, E>(
+    rs: RingState<G, E>,
+) -> (G::Shared, Vec<Chunk>, Vec<Pages2<G::Shared>>) {
+    let RingState {
+        ring, slots, pool, ..
+    } = rs;
+    let mut inflight: Vec<Inflight<G::Shared>> = slots.into_iter().flatten().collect();
+    inflight.sort_by_key(|i| i.seq);
+    let mut pages = Vec::new();
+    let mut chunks = Vec::new();
+    for i in inflight {
+        chunks.push(i.chunk);
+        for p in [i.data, i.indirect] {
+            if let Pages::Own(s) = p {
+                pages.push(Pages2(s));
+            }
+        }
+    }
+    for c in pool.chunks {
+        pages.push(Pages2(c));
+    }
+    (ring.into_memory(), chunks, pages)
+}
+
+/// Granted pages handed back for revocation.
+pub(crate) struct Pages2<S>(pub(crate) S);
+
+/// The state behind a queue's lock.
+pub(crate) struct QState<G: GrantShare, E> {
+    pub(crate) ring: Option<RingState<G, E>>,
+    pub(crate) backlog: VecDeque<Chunk>,
+}
+
+impl<G: GrantShare, E> Default for QState<G, E> {
+    fn default() -> Self {
+        Self {
+            ring: None,
+            backlog: VecDeque::new(),
+        }
+    }
+}
+
+/// Finished chunks, to complete once the lock is released.
+pub(crate) type Finished = Vec<(Chunk, Result<Vec<u8>>)>;
+
+fn revoke_quiet<G: GrantShare>(g: &G, s: G::Shared) {
+    match g.revoke(s) {
+        Ok(Revoke::Revoked) => {}
+        Ok(Revoke::Deferred { in_use }) => {
+            tracing::debug!(
+                in_use,
+                "data grants still mapped: revoke deferred, pages not reused"
+            )
+        }
+        Err(e) => tracing::warn!("revoking data grants: {e}"),
+    }
+}
+
+impl<G, E> QState<G, E>
+where
+    G: GrantShare,
+    G::Shared: SharedPages,
+    E: EventChannel,
+{
+    /// Issues as much of the backlog as slots and pages allow, publishes and notifies.
+    pub(crate) fn issue(&mut self, g: &G, out: &mut Finished) -> Result<()> {
+        let Some(rs) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        let mut produced = false;
+        while let Some(mut chunk) = self.backlog.pop_front() {
+            // Requests that need no ring slot.
+            if chunk.kind == Kind::Flush && !rs.feat.flush && !rs.feat.barrier {
+                out.push((chunk, Ok(Vec::new())));
+                continue;
+            }
+            if chunk.kind == Kind::Discard && !rs.feat.discard {
+                out.push((chunk, Err(Error::NotSupported("discard"))));
+                continue;
+            }
+            if rs.ring.is_full() || rs.free_ids.is_empty() {
+                self.backlog.push_front(chunk);
+                break;
+            }
+            let max_bytes = (rs.feat.max_segments * PAGE_SIZE) as u64;
+            if matches!(chunk.kind, Kind::Read | Kind::Write) && chunk.len > max_bytes {
+                let front = chunk.split_front(max_bytes);
+                self.backlog.push_front(chunk);
+                chunk = front;
+            }
+            match rs.start(g, chunk) {
+                Ok(()) => produced = true,
+                Err((chunk, e)) => {
+                    if rs.ring.in_flight() > 0 {
+                        // Out of pages or grants for now: retry after the next response.
+                        self.backlog.push_front(chunk);
+                        break;
+                    }
+                    out.push((chunk, Err(e)));
+                }
+            }
+        }
+        if produced && rs.ring.push_requests() {
+            rs.evtchn.notify(rs.port)?;
+        }
+        Ok(())
+    }
+
+    /// Consumes every response (validating each), then final-checks. A bad response is a
+    /// protocol error: nothing of the request it names is touched.
+    pub(crate) fn process(&mut self, g: &G, out: &mut Finished) -> Result<()> {
+        let Some(rs) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            while let Some(rsp) = rs
+                .ring
+                .next_response()
+                .map_err(|e| Error::Protocol(e.to_string()))?
+            {
+                let id = rsp.id;
+                let slot = usize::try_from(id)
+                    .ok()
+                    .and_then(|i| rs.slots.get_mut(i))
+                    .ok_or_else(|| Error::Protocol(format!("response with unknown id {id}")))?;
+                let Some(inf) = slot.as_ref() else {
+                    return Err(Error::Protocol(format!(
+                        "response for id {id}, which is not outstanding (duplicate?)"
+                    )));
+                };
+                if rsp.operation != inf.op && rsp.operation != inf.alt_op {
+                    return Err(Error::Protocol(format!(
+                        "response for id {id} has operation {}, the request was {}",
+                        rsp.operation, inf.op
+                    )));
+                }
+                let status = rsp.status;
+                if !matches!(status, RSP_OKAY | RSP_ERROR | RSP_EOPNOTSUPP) {
+                    return Err(Error::Protocol(format!(
+                        "response for id {id} has unknown status {status}"
+                    )));
+                }
+                let inf = slot
+                    .take()
+                    .ok_or_else(|| Error::Protocol("slot vanished".into()))?;
+                rs.free_ids.push(id as u32);
+                let result = if status == RSP_OKAY {
+                    Ok(rs.collect(&inf))
+                } else {
+                    if status == RSP_EOPNOTSUPP {
+                        match inf.chunk.kind {
+                            Kind::Flush => {
+                                rs.feat.flush = false;
+                                rs.feat.barrier = false
+                            }
+                            Kind::Discard => rs.feat.discard = false,
+                            _ => {}
+                        }
+                    }
+                    Err(Error::Io { op: inf.op, status })
+                };
+                let Inflight {
+                    chunk,
+                    data,
+                    indirect,
+                    ..
+                } = inf;
+                rs.release(g, data);
+                rs.release(g, indirect);
+                out.push((chunk, result));
+            }
+            if !rs
+                .ring
+                .final_check_for_responses()
+                .map_err(|e| Error::Protocol(e.to_string()))?
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests in flight plus waiting.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.backlog.len()
+            + self
+                .ring
+                .as_ref()
+                .map_or(0, |r| r.ring.in_flight() as usize)
+    }
+}
+
+impl<G, E> RingState<G, E>
+where
+    G: GrantShare,
+    G::Shared: SharedPages,
+    E: EventChannel,
+{
+    fn take_pages(&mut self, g: &G, n: usize, access: Access) -> Result<Pages<G::Shared>> {
+        if n == 0 {
+            return Ok(Pages::None);
+        }
+        if !self.feat.persistent {
+            return Ok(Pages::Own(g.share(self.feat.backend, n, access)?));
+        }
+        while self.pool.free.len() < n {
+            if self.pool.total + POOL_CHUNK > self.feat.pool_pages.max(POOL_CHUNK * 5) {
+                return Err(Error::Grant("persistent pool exhausted".into()));
+            }
+            let s = g.share(self.feat.backend, POOL_CHUNK, Access::Writable)?;
+            let c = self.pool.chunks.len() as u32;
+            self.pool.chunks.push(s);
+            self.pool.total += POOL_CHUNK;
+            self.pool
+                .free
+                .extend((0..POOL_CHUNK as u32).rev().map(|p| (c, p)));
+        }
+        let at = self.pool.free.len() - n;
+        Ok(Pages::Pool(self.pool.free.split_off(at)))
+    }
+
+    fn release(&mut self, g: &G, p: Pages<G::Shared>) {
+        match p {
+            Pages::None => {}
+            Pages::Pool(v) => self.pool.free.extend(v),
+            Pages::Own(s) => revoke_quiet(g, s),
+        }
+    }
+
+    fn page_gref(&self, p: &Pages<G::Shared>, i: usize) -> u32 {
+        match p {
+            Pages::None => 0,
+            Pages::Pool(v) => {
+                let (c, pg) = v[i];
+                self.pool.chunks[c as usize].grefs()[pg as usize]
+            }
+            Pages::Own(s) => s.grefs()[i],
+        }
+    }
+
+    fn page_write(&self, p: &Pages<G::Shared>, i: usize, off: usize, buf: &[u8]) -> Result<()> {
+        let r = match p {
+            Pages::None => return Ok(()),
+            Pages::Pool(v) => {
+                let (c, pg) = v[i];
+                self.pool.chunks[c as usize]
+                    .volatile()
+                    .write(pg as usize * PAGE_SIZE + off, buf)
+            }
+            Pages::Own(s) => s.volatile().write(i * PAGE_SIZE + off, buf),
+        };
+        r.map_err(Error::from)
+    }
+
+    fn page_read(&self, p: &Pages<G::Shared>, i: usize, buf: &mut [u8]) -> Result<()> {
+        let r = match p {
+            Pages::None => return Ok(()),
+            Pages::Pool(v) => {
+                let (c, pg) = v[i];
+                self.pool.chunks[c as usize]
+                    .volatile()
+                    .read(pg as usize * PAGE_SIZE, buf)
+            }
+            Pages::Own(s) => s.volatile().read(i * PAGE_SIZE, buf),
+        };
+        r.map_err(Error::from)
+    }
+
+    /// Copies a successful read out of its pages.
+    fn collect(&self, inf: &Inflight<G::Shared>) -> Vec<u8> {
+        if inf.chunk.kind != Kind::Read {
+            return Vec::new();
+        }
+        let len = inf.chunk.len as usize;
+        let mut buf = vec![0u8; len];
+        for (i, piece) in buf.chunks_mut(PAGE_SIZE).enumerate() {
+            if self.page_read(&inf.data, i, piece).is_err() {
+                piece.fill(0);
+            }
+        }
+        buf
+    }
+
+    /// Builds and produces the ring request for `chunk`.
+    fn start(&mut self, g: &G, chunk: Chunk) -> std::result::Result<(), (Chunk, Error)> {
+        let id = match self.free_ids.pop() {
+            Some(id) => id,
+            None => return Err((chunk, Error::Protocol("no free request id".into()))),
+        };
+        match self.build(g, &chunk, id) {
+            Ok((req, op, alt_op, data, indirect)) => {
+                if let Err(e) = self.ring.produce(req) {
+                    self.release(g, data);
+                    self.release(g, indirect);
+                    self.free_ids.push(id);
+                    return Err((chunk, e.into()));
+                }
+                self.seq += 1;
+                self.slots[id as usize] = Some(Inflight {
+                    chunk,
+                    seq: self.seq,
+                    op,
+                    alt_op,
+                    data,
+                    indirect,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.free_ids.push(id);
+                Err((chunk, e))
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build(
+        &mut self,
+        g: &G,
+        chunk: &Chunk,
+        id: u32,
+    ) -> Result<(BlkifRequest, u8, u8, Pages<G::Shared>, Pages<G::Shared>)> {
+        let sector = chunk.offset / 512;
+        let handle = self.feat.handle;
+        let id64 = u64::from(id);
+        match chunk.kind {
+            Kind::Flush => {
+                let op = if self.feat.flush {
+                    OP_FLUSH_DISKCACHE
+                } else {
+                    OP_WRITE_BARRIER
+                };
+                Ok((
+                    BlkifRequest::new(op, handle, id64, 0),
+                    op,
+                    op,
+                    Pages::None,
+                    Pages::None,
+                ))
+            }
+            Kind::Discard => {
+                let req = BlkifRequestDiscard::new(0, handle, id64, sector, chunk.len / 512);
+                Ok((
+                    req.to_request(),
+                    OP_DISCARD,
+                    OP_DISCARD,
+                    Pages::None,
+                    Pages::None,
+                ))
+            }
+            Kind::Read | Kind::Write => {
+                let op = if chunk.kind == Kind::Read {
+                    OP_READ
+                } else {
+                    OP_WRITE
+                };
+                let len = chunk.len as usize;
+                let nseg = len.div_ceil(PAGE_SIZE);
+                let access = if op == OP_READ {
+                    Access::Writable
+                } else {
+                    Access::ReadOnly
+                };
+                let data = self.take_pages(g, nseg, access)?;
+                let segs: Vec<BlkifRequestSegment> = (0..nseg)
+                    .map(|i| {
+                        let bytes = (len - i * PAGE_SIZE).min(PAGE_SIZE);
+                        BlkifRequestSegment::new(
+                            self.page_gref(&data, i),
+                            0,
+                            (bytes / 512).saturating_sub(1) as u8,
+                        )
+                    })
+                    .collect();
+                if op == OP_WRITE {
+                    for (i, piece) in chunk.data.chunks(PAGE_SIZE).enumerate() {
+                        if let Err(e) = self.page_write(&data, i, 0, piece) {
+                            self.release(g, data);
+                            return Err(e);
+                        }
+                    }
+                }
+                if nseg <= MAX_SEGMENTS_PER_REQUEST {
+                    let mut req = BlkifRequest::new(op, handle, id64, sector);
+                    req.nr_segments = nseg as u8;
+                    req.seg[..nseg].copy_from_slice(&segs);
+                    return Ok((req, op, op, data, Pages::None));
+                }
+                let npages = BlkifRequestIndirect::pages_for(nseg);
+                if npages > MAX_INDIRECT_PAGES_PER_REQUEST {
+                    self.release(g, data);
+                    return Err(Error::Protocol("request too large".into()));
+                }
+                let ind = match self.take_pages(g, npages, Access::ReadOnly) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.release(g, data);
+                        return Err(e);
+                    }
+                };
+                let mut req = BlkifRequestIndirect::new(op, nseg as u16, handle, id64, sector);
+                for (k, group) in segs.chunks(SEGMENTS_PER_INDIRECT_FRAME).enumerate() {
+                    let mut bytes = Vec::with_capacity(group.len() * 8);
+                    for s in group {
+                        bytes.extend_from_slice(&s.gref.to_le_bytes());
+                        bytes.extend_from_slice(&[s.first_sect, s.last_sect, 0, 0]);
+                    }
+                    if let Err(e) = self.page_write(&ind, k, 0, &bytes) {
+                        self.release(g, data);
+                        self.release(g, ind);
+                        return Err(e);
+                    }
+                    req.indirect_grefs[k] = self.page_gref(&ind, k);
+                }
+                Ok((req.to_request(), OP_INDIRECT, op, data, ind))
+            }
+        }
+    }
+}

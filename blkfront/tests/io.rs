@@ -1,0 +1,156 @@
+//! Round trips through our blkback on the local platform, checked against the image file.
+
+mod common;
+
+use common::*;
+use xenpv_blkfront::{Op, Options};
+
+const SIZE: usize = 8 << 20;
+
+fn round_trip(opts: Options, backend: xenpv_blkback::device::Config) {
+    let env = env(SIZE);
+    let _b = start_backend(&env, backend);
+    let dev = connect(&env, opts.clone());
+    let info = dev.info();
+    assert_eq!(dev.size(), SIZE as u64);
+    assert_eq!(dev.sector_size(), 512);
+    assert!(!dev.read_only());
+    eprintln!("negotiated: {info:?}");
+
+    // Reads of the initial contents, of various sizes (direct, indirect, split).
+    for (off, len) in [
+        (0u64, 512usize),
+        (4096, 4096),
+        (512, 45056),
+        (1 << 20, 1 << 20),
+        (3 << 20, 3 << 20),
+    ] {
+        let mut buf = vec![0; len];
+        dev.read_at(&mut buf, off).unwrap();
+        assert_eq!(buf, read_image(&env.img, off, len), "read {off}+{len}");
+    }
+    // Writes, then check the image directly and read back.
+    for (i, (off, len)) in [
+        (0u64, 512usize),
+        (8192, 4096),
+        (1536, 50000 / 512 * 512),
+        (2 << 20, 2 << 20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(100 + i as u64, len);
+        dev.write_at(&data, off).unwrap();
+        assert_eq!(
+            read_image(&env.img, off, len),
+            data,
+            "image after write {off}+{len}"
+        );
+        let mut back = vec![0; len];
+        dev.read_at(&mut back, off).unwrap();
+        assert_eq!(back, data);
+    }
+    dev.flush().unwrap();
+    if info.discard {
+        dev.discard(4 << 20, 1 << 20).unwrap();
+        let mut buf = vec![1; 1 << 20];
+        dev.read_at(&mut buf, 4 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "discarded range reads zero");
+        assert_eq!(read_image(&env.img, 4 << 20, 1 << 20), buf);
+    }
+    // Bad requests are refused locally.
+    assert!(dev.read_at(&mut [0; 100], 0).is_err());
+    assert!(dev.read_at(&mut [0; 512], SIZE as u64).is_err());
+    dev.close().unwrap();
+    assert!(dev.read_at(&mut [0; 512], 0).is_err());
+    let state = xenpv_xenstore::xenbus::read_state(&env.dom0, &env.fe).unwrap();
+    assert_eq!(state, xenpv_xenstore::XenbusState::Closed);
+}
+
+#[test]
+fn defaults_persistent_indirect() {
+    round_trip(Options::default(), Default::default());
+}
+
+#[test]
+fn no_persistent_no_indirect() {
+    round_trip(
+        Options {
+            persistent: false,
+            indirect: false,
+            ..Options::default()
+        },
+        Default::default(),
+    );
+}
+
+#[test]
+fn no_persistent_indirect_two_queues_order_two() {
+    round_trip(
+        Options {
+            persistent: false,
+            queues: 2,
+            ring_order: 2,
+            ..Options::default()
+        },
+        Default::default(),
+    );
+}
+
+#[test]
+fn persistent_two_queues_order_two_backend_without_indirect() {
+    round_trip(
+        Options {
+            queues: 2,
+            ring_order: 2,
+            ..Options::default()
+        },
+        xenpv_blkback::device::Config {
+            max_indirect_segments: 0,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn deep_queue_64_in_flight() {
+    let env = env(SIZE);
+    let _b = start_backend(&env, Default::default());
+    let dev = connect(
+        &env,
+        Options {
+            queues: 2,
+            ring_order: 1,
+            ..Options::default()
+        },
+    );
+    let mut tickets = Vec::new();
+    for i in 0..64u64 {
+        let data = pattern(1000 + i, 8192);
+        tickets.push((
+            i,
+            dev.submit_ticket(Op::Write {
+                offset: i * 65536,
+                data,
+            }),
+        ));
+    }
+    for (_, t) in tickets.drain(..) {
+        t.wait().unwrap();
+    }
+    for i in 0..64u64 {
+        tickets.push((
+            i,
+            dev.submit_ticket(Op::Read {
+                offset: i * 65536,
+                len: 8192,
+            }),
+        ));
+    }
+    for (i, t) in tickets {
+        let data = t.wait().unwrap();
+        assert_eq!(data, pattern(1000 + i, 8192));
+        assert_eq!(read_image(&env.img, i * 65536, 8192), data);
+    }
+    dev.close().unwrap();
+}
