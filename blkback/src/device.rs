@@ -217,6 +217,17 @@ where
     })?;
     let watch = xs.watch(&fe)?;
     let be_watch = xs.watch(be)?;
+    // A frontend already Connected when we start was connected to a previous backend
+    // instance (we were restarted). Its ring holds that instance's state: requests it consumed
+    // and responses it may have written without publishing them. Attaching to it at index 0 —
+    // or even at `rsp_prod` — could replay stale or half-overwritten requests, so wait for the
+    // frontend to renegotiate (it sees us leave Connected) before connecting.
+    let mut stale = xenbus::read_state(xs, &fe)? == XenbusState::Connected;
+    if stale {
+        tracing::info!(
+            "frontend still connected to a previous backend: waiting for it to reconnect"
+        );
+    }
     loop {
         if !xs.exists(be)? {
             return Ok(stats);
@@ -228,7 +239,11 @@ where
             if !xs.exists(be)? {
                 return Ok(stats);
             }
+            if s != XenbusState::Connected {
+                stale = false;
+            }
             match s {
+                XenbusState::Connected if stale => {}
                 XenbusState::Initialised | XenbusState::Connected => break s,
                 XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
                     if read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {

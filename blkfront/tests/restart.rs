@@ -26,6 +26,18 @@ fn backend_child() {
 
 #[test]
 fn backend_restart_reissues_in_flight() {
+    restart(true);
+}
+
+/// The same without any toolstack help: the new backend finds the frontend still Connected to
+/// the dead instance, refuses to attach to that ring (it could replay stale requests), offers
+/// the device again, and the frontend renegotiates.
+#[test]
+fn backend_restart_without_the_toolstack() {
+    restart(false);
+}
+
+fn restart(mark_closed: bool) {
     let env = env(16 << 20);
     let spawn = || {
         Command::new(std::env::current_exe().unwrap())
@@ -58,17 +70,19 @@ fn backend_restart_reissues_in_flight() {
     std::thread::sleep(Duration::from_millis(2));
     child.kill().unwrap();
     child.wait().unwrap();
-    // The toolstack (systemd) notices and marks the backend Closed.
-    env.dom0
-        .write_str(&format!("{}/state", env.be), "6")
+    if mark_closed {
+        // The toolstack (systemd) notices and marks the backend Closed.
+        env.dom0
+            .write_str(&format!("{}/state", env.be), "6")
+            .unwrap();
+        xenbus::wait_for_peer_state(
+            &env.dom0,
+            &env.fe,
+            |s| s == XenbusState::Initialising,
+            Duration::from_secs(10),
+        )
         .unwrap();
-    xenbus::wait_for_peer_state(
-        &env.dom0,
-        &env.fe,
-        |s| s == XenbusState::Initialising,
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    }
     // A new backend.
     let _b = start_backend(&env, Default::default());
     for t in tickets {
