@@ -266,15 +266,16 @@ where
             while be_watch.events().try_recv().is_ok() {}
         };
         tracing::info!(?fstate, "frontend ready: connecting");
+        let logical = storage.logical_sector_size();
         let limits = Limits {
             sectors: storage.size() / 512,
-            sector_size: 512,
+            sector_size: logical,
             read_only,
             flush: true,
             barrier: true,
             discard: discard_enable && storage.can_discard() && !read_only,
             discard_secure: false,
-            discard_granularity: 4096,
+            discard_granularity: logical.max(4096),
             max_indirect_segments: cfg.max_indirect_segments,
         };
         match connect(p, be, &fe, fe_id, cfg, &storage, limits, &stats, &watch) {
@@ -438,8 +439,18 @@ where
             }
             tx.write_str(&format!("{be}/sectors"), &limits.sectors.to_string())?;
             tx.write_str(&format!("{be}/info"), &info.to_string())?;
-            tx.write_str(&format!("{be}/sector-size"), "512")?;
-            tx.write_str(&format!("{be}/physical-sector-size"), "512")?;
+            // `sectors` stays in 512-byte units whatever the sector size (blkif.h, Linux).
+            tx.write_str(
+                &format!("{be}/sector-size"),
+                &limits.sector_size.to_string(),
+            )?;
+            tx.write_str(
+                &format!("{be}/physical-sector-size"),
+                &storage
+                    .physical_sector_size()
+                    .max(limits.sector_size)
+                    .to_string(),
+            )?;
             tx.write_str(&format!("{be}/feature-flush-cache"), "1")?;
             tx.write_str(&format!("{be}/feature-barrier"), "1")?;
             tx.write_str(

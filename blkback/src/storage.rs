@@ -155,6 +155,14 @@ pub trait Storage: Send + Sync {
     fn engine(&self) -> &'static str {
         "psync"
     }
+    /// The logical block size (`sector-size`): the smallest unit the store can address.
+    fn logical_sector_size(&self) -> u32 {
+        512
+    }
+    /// The physical block size (`physical-sector-size`): a multiple of the logical one.
+    fn physical_sector_size(&self) -> u32 {
+        self.logical_sector_size()
+    }
     /// Re-reads the size of the backing store (online resize) and returns it. A store only
     /// grows: a smaller size is ignored (shrinking a disk under a running guest loses data).
     fn refresh_size(&self) -> io::Result<u64> {
@@ -385,6 +393,8 @@ pub struct FileOptions {
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
 
 impl FileStorage {
     /// Opens `path`; its size must be a multiple of `sector_size`.
@@ -458,6 +468,20 @@ fn advance(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
             v.iov_len -= n;
             n = 0;
         }
+    }
+}
+
+impl FileStorage {
+    /// A block device's logical or physical block size (`BLKSSZGET`/`BLKPBSZGET`): a power of
+    /// two from 512 to 64 KiB, or `None` (a file, or a value that makes no sense).
+    fn block_size(&self, request: libc::c_ulong) -> Option<u32> {
+        if !self.block_device {
+            return None;
+        }
+        let mut v: libc::c_uint = 0;
+        // SAFETY: both ioctls write one unsigned int through the pointer, valid for it.
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), request, &mut v as *mut libc::c_uint) };
+        (r == 0 && v.is_power_of_two() && (512..=65536).contains(&v)).then_some(v)
     }
 }
 
@@ -545,6 +569,17 @@ pub(crate) fn discard_sync(
 impl Storage for FileStorage {
     fn size(&self) -> u64 {
         self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        self.block_size(BLKSSZGET).unwrap_or(512)
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        let logical = self.logical_sector_size();
+        self.block_size(BLKPBSZGET)
+            .filter(|p| *p >= logical && p % logical == 0)
+            .unwrap_or(logical)
     }
 
     fn refresh_size(&self) -> io::Result<u64> {

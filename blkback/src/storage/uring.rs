@@ -283,6 +283,14 @@ impl Storage for IoUringStorage {
         self.file.refresh_size()
     }
 
+    fn logical_sector_size(&self) -> u32 {
+        self.file.logical_sector_size()
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        self.file.physical_sector_size()
+    }
+
     fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
         one(self.submit(&[Op::Read {
             offset,
