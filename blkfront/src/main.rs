@@ -154,7 +154,13 @@ where
         .spawn()
         .map_err(|e| e.to_string())?;
     let info = dev.info();
-    println!(
+    // Not println!: whoever reads the ready line may close the pipe afterwards (a
+    // supervisor that only waits for readiness), and println! panics on EPIPE — exit 101
+    // after an otherwise clean close.
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
         "xenpv-blkfront: ready {} size={} sector-size={} queues={} ring-order={} persistent={} max-segments={} nbd=unix:{}",
         dir,
         dev.size(),
@@ -165,8 +171,7 @@ where
         info.max_segments,
         socket.display()
     );
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let _ = stdout.flush();
     while !term.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
         if dev.error().is_some() {
@@ -175,7 +180,7 @@ where
     }
     server.shutdown();
     let r = dev.close();
-    println!("xenpv-blkfront: closed");
+    let _ = writeln!(stdout, "xenpv-blkfront: closed");
     match (dev.error(), r) {
         (Some(e), _) => Err(e.to_string()),
         (None, Err(e)) => Err(e.to_string()),

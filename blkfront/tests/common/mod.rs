@@ -19,6 +19,8 @@ pub struct Env {
     pub dom0: Client,
     pub fe: String,
     pub be: String,
+    /// The `qemu-nbd` serving the image, for [`Backing::QemuNbd`].
+    pub nbd: Option<KillOnDrop>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -36,7 +38,65 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn env(size: usize) -> Env {
+    env_with(size, Backing::File, "")
+}
+
+/// What backs the disk: the image file itself, or the image file served by `qemu-nbd`
+/// (the disk's target is then its `nbd+unix://` URI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    File,
+    QemuNbd,
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fails (does not skip) when a tool is missing, naming the Debian package.
+pub fn need(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed: apt-get install {package}");
+}
+
+/// `qemu-nbd --persistent` serving the raw file `img` on the Unix socket `socket`.
+pub fn qemu_nbd(img: &Path, socket: &Path) -> KillOnDrop {
+    need("qemu-nbd", "qemu-utils");
+    let child = std::process::Command::new("qemu-nbd")
+        .args(["--persistent", "--shared=8", "-f", "raw", "--socket"])
+        .arg(socket)
+        .arg(img)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    KillOnDrop(child)
+}
+
+/// Like [`env`], with the image behind `backing` and `extra` options (`direct-io-safe,`…,
+/// each followed by a comma) in the disk spec.
+pub fn env_with(size: usize, backing: Backing, extra: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
+    env_in(dir, size, backing, extra)
+}
+
+/// Like [`env_with`], in the given directory.
+pub fn env_in(dir: tempfile::TempDir, size: usize, backing: Backing, extra: &str) -> Env {
     let root = dir.path().join("xenpv");
     let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
         state_dir: Some(root.clone()),
@@ -47,10 +107,21 @@ pub fn env(size: usize) -> Env {
     let img = dir.path().join("disk.img");
     std::fs::write(&img, pattern(1, size)).unwrap();
     let dom0 = Client::connect_local(&root, 0).unwrap();
+    let (target, nbd) = match backing {
+        Backing::File => (img.display().to_string(), None),
+        Backing::QemuNbd => {
+            let sock = dir.path().join("qemu-nbd.sock");
+            let server = qemu_nbd(&img, &sock);
+            (
+                format!("nbd+unix:///?socket={}", sock.display()),
+                Some(server),
+            )
+        }
+    };
     let nodes = xenpv::toolstack::attach_disk(
         &dom0,
         1,
-        &format!("vdev=xvda,access=rw,target={}", img.display()),
+        &format!("vdev=xvda,access=rw,{extra}target={target}"),
     )
     .unwrap();
     Env {
@@ -60,6 +131,7 @@ pub fn env(size: usize) -> Env {
         dom0,
         fe: nodes.frontend_path,
         be: nodes.backend_path,
+        nbd,
         _dir: dir,
     }
 }
@@ -103,4 +175,47 @@ pub fn read_image(img: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
     f.read_exact(&mut buf).unwrap();
     buf
+}
+
+/// The `xenpv-blkfront` binary exporting the disk of `env` over NBD; SIGTERM on [`Export::close`]
+/// (or SIGKILL on drop).
+pub struct Export {
+    child: KillOnDrop,
+    pub uri: String,
+}
+
+impl Export {
+    /// Starts the binary with extra `args` (`--queues 2`, `--no-persistent`…) and waits until
+    /// it says it is ready.
+    pub fn start(env: &Env, args: &[&str]) -> Export {
+        use std::io::BufRead;
+        let sock = env.root.join("disk.nbd");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xenpv-blkfront"))
+            .args(["--platform", "local", "--state-dir"])
+            .arg(&env.root)
+            .args(["--domid", "1", "--device", "xvda", "--nbd-socket"])
+            .arg(&sock)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.contains("ready"), "xenpv-blkfront: {line:?}");
+        eprintln!("{}", line.trim());
+        Export {
+            child: KillOnDrop(child),
+            uri: format!("nbd+unix:///?socket={}", sock.display()),
+        }
+    }
+
+    /// SIGTERM; the binary must close the device cleanly and exit 0.
+    pub fn close(mut self) {
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGTERM) };
+        let status = self.child.0.wait().unwrap();
+        assert!(status.success(), "xenpv-blkfront exited with {status}");
+    }
 }

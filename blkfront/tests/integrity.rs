@@ -1,0 +1,441 @@
+//! Integrity through real clients, and "flush means durable".
+//!
+//! The matrix: storage engine (psync, io_uring, NBD storage = qemu-nbd serving a raw file) ×
+//! persistent grants × indirect descriptors × queues × ring order, compact (every value of every
+//! dimension at least once, plus mixed cases). In each case, through the NBD export of the
+//! `xenpv-blkfront` binary: fio (nbd engine, QD32, random writes of 4k–64k, crc32c verified
+//! inline and again in a separate verify-only pass), then `qemu-img convert -n` of a random file
+//! onto the disk and `nbdcopy` back out; sha256 of what was written = of what is read back = of
+//! the backing file read directly.
+//!
+//! Durability: blkback in a child process (this test binary re-executed); writes, a flush, and
+//! SIGKILL of the backend the moment the flush is answered; the backing file, read from this
+//! process, holds every write. (A process kill leaves the page cache alone, so this proves that
+//! nothing acknowledged was still only in the backend's hands — buffered, queued, or in flight
+//! in io_uring — not that the flush reached the platter; with O_DIRECT the writes bypass the
+//! page cache too.)
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::*;
+use xenpv_blkback::storage::Engine;
+use xenpv_blkfront::{Op, Options};
+
+const SIZE: usize = 32 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Psync,
+    IoUring,
+    Nbd,
+}
+
+/// One cell of the matrix. `persistent`/`indirect` off are set on the frontend (its flags) or
+/// on the backend (not offered), alternately, so both sides' "off" paths run.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    store: Store,
+    persistent: bool,
+    indirect: bool,
+    /// Turn features off on the backend side (not offered) rather than the frontend's flags.
+    off_in_backend: bool,
+    queues: u32,
+    ring_order: u32,
+}
+
+fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Runs `cmd`, which must succeed; its stdout.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fio(uri: &str, extra: &[&str]) -> String {
+    run(Command::new("fio")
+        .args([
+            "--name=integrity",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bssplit=4k/30:8k/15:16k/15:32k/10:64k/30",
+            "--iodepth=32",
+            "--size=24m",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--randseed=4242",
+        ])
+        .args(extra))
+}
+
+fn matrix(case: Case) {
+    let t0 = Instant::now();
+    for (t, p) in [
+        ("fio", "fio"),
+        ("qemu-img", "qemu-utils"),
+        ("nbdcopy", "libnbd-bin"),
+    ] {
+        need(t, p);
+    }
+    let backing = if case.store == Store::Nbd {
+        Backing::QemuNbd
+    } else {
+        Backing::File
+    };
+    let env = env_with(SIZE, backing, "");
+    let mut cfg = xenpv_blkback::device::Config {
+        engine: if case.store == Store::Psync {
+            Engine::Psync
+        } else {
+            Engine::IoUring
+        },
+        ..Default::default()
+    };
+    let mut args: Vec<String> = vec![
+        "--queues".into(),
+        case.queues.to_string(),
+        "--ring-order".into(),
+        case.ring_order.to_string(),
+    ];
+    if !case.persistent {
+        if case.off_in_backend {
+            cfg.persistent = false;
+        } else {
+            args.push("--no-persistent".into());
+        }
+    }
+    if !case.indirect {
+        if case.off_in_backend {
+            cfg.max_indirect_segments = 0;
+        } else {
+            args.push("--no-indirect".into());
+        }
+    }
+    let _b = start_backend(&env, cfg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let export = Export::start(&env, &args);
+    let uri = export.uri.clone();
+    let dir = tempfile::tempdir().unwrap();
+
+    // (a) fio: random writes at QD32, verified as it goes, then a separate verify-only pass
+    // (the same seed replays the same offsets and sizes) reading everything back.
+    fio(&uri, &["--do_verify=1"]);
+    let out = fio(&uri, &["--verify_only=1"]);
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("READ:") && l.contains("io=24.0MiB")),
+        "{case:?}: the verify-only pass did not read everything back:\n{out}"
+    );
+    // The whole disk through the export = the backing file read directly (flushed first: fio
+    // ends with one).
+    fio(
+        &uri,
+        &[
+            "--rw=write",
+            "--bs=4k",
+            "--size=4k",
+            "--end_fsync=1",
+            "--do_verify=1",
+        ],
+    );
+    let through = dir.path().join("through.raw");
+    run(Command::new("nbdcopy").arg(&uri).arg(&through));
+    assert_eq!(
+        sha256_file(&through),
+        sha256_file(&env.img),
+        "{case:?}: after fio, the export differs from the backing file"
+    );
+    let t_fio = t0.elapsed();
+
+    // (b) qemu-img convert -n of a random file onto the disk, nbdcopy back out.
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, pattern(0xC0FFEE + u64::from(case.queues), SIZE)).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw", "-W"])
+        .arg(&src)
+        .arg(&uri));
+    run(Command::new("nbdcopy").arg(&uri).arg(&through));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&uri));
+    let want = sha256_file(&src);
+    assert_eq!(
+        sha256_file(&through),
+        want,
+        "{case:?}: read back via nbdcopy"
+    );
+    assert_eq!(sha256_file(&env.img), want, "{case:?}: the backing file");
+    export.close();
+    eprintln!("{case:?}: ok in {:.1?} (fio {:.1?})", t0.elapsed(), t_fio);
+}
+
+const ON: bool = true;
+const OFF: bool = false;
+
+#[test]
+fn matrix_psync_defaults() {
+    matrix(Case {
+        store: Store::Psync,
+        persistent: ON,
+        indirect: ON,
+        off_in_backend: false,
+        queues: 1,
+        ring_order: 0,
+    });
+}
+
+#[test]
+fn matrix_psync_2q_order2_no_persistent_backend() {
+    matrix(Case {
+        store: Store::Psync,
+        persistent: OFF,
+        indirect: ON,
+        off_in_backend: true,
+        queues: 2,
+        ring_order: 2,
+    });
+}
+
+#[test]
+fn matrix_io_uring_2q_order2_no_persistent_no_indirect() {
+    matrix(Case {
+        store: Store::IoUring,
+        persistent: OFF,
+        indirect: OFF,
+        off_in_backend: false,
+        queues: 2,
+        ring_order: 2,
+    });
+}
+
+#[test]
+fn matrix_io_uring_no_indirect_backend() {
+    matrix(Case {
+        store: Store::IoUring,
+        persistent: ON,
+        indirect: OFF,
+        off_in_backend: true,
+        queues: 1,
+        ring_order: 0,
+    });
+}
+
+#[test]
+fn matrix_nbd_2q() {
+    matrix(Case {
+        store: Store::Nbd,
+        persistent: ON,
+        indirect: ON,
+        off_in_backend: false,
+        queues: 2,
+        ring_order: 0,
+    });
+}
+
+#[test]
+fn matrix_nbd_order2_no_persistent_no_indirect() {
+    matrix(Case {
+        store: Store::Nbd,
+        persistent: OFF,
+        indirect: OFF,
+        off_in_backend: true,
+        queues: 1,
+        ring_order: 2,
+    });
+}
+
+// ---- flush means durable ----
+
+/// The child: serves the device named in the environment with the engine named there, until
+/// killed.
+#[test]
+#[ignore = "helper run by the durable_* tests"]
+fn durable_backend_child() {
+    let Ok(root) = std::env::var("INTEGRITY_TEST_ROOT") else {
+        return;
+    };
+    let be = std::env::var("INTEGRITY_TEST_BE").unwrap();
+    let engine: Engine = std::env::var("INTEGRITY_TEST_ENGINE")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cfg = xenpv_blkback::device::Config {
+        engine,
+        direct_io: std::env::var_os("INTEGRITY_TEST_DIRECT").is_some(),
+        ..Default::default()
+    };
+    let p = backend_platform(Path::new(&root));
+    if let Err(e) = xenpv_blkback::device::serve(&p, &be, &cfg) {
+        eprintln!("backend child: {e}");
+    }
+}
+
+/// The `open(2)` flags of the descriptor process `pid` has on `path`.
+fn open_flags(pid: u32, path: &Path) -> Option<u32> {
+    let path = path.canonicalize().unwrap();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+        let fd = fd.ok()?;
+        if std::fs::read_link(fd.path()).ok().as_deref() == Some(path.as_path()) {
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?))
+                    .ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            return u32::from_str_radix(flags.trim(), 8).ok();
+        }
+    }
+    None
+}
+
+/// Where the durable tests' backend keeps the data: blkback's file engines, or blkback's NBD
+/// storage in front of qemu-nbd (killed too, right after the backend).
+#[derive(Debug, Clone, Copy)]
+enum DurableStore {
+    File { engine: Engine, direct: bool },
+    Nbd,
+}
+
+fn durable(store: DurableStore) {
+    const DSIZE: usize = 16 << 20;
+    let (engine, direct, backing) = match store {
+        DurableStore::File { engine, direct } => (engine, direct, Backing::File),
+        DurableStore::Nbd => (Engine::default(), false, Backing::QemuNbd),
+    };
+    // O_DIRECT needs a filesystem that supports it (tmpfs may not): the target directory.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut env = env_in(
+        dir,
+        DSIZE,
+        backing,
+        if direct { "direct-io-safe," } else { "" },
+    );
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "durable_backend_child",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("INTEGRITY_TEST_ROOT", &env.root)
+    .env("INTEGRITY_TEST_BE", &env.be)
+    .env("INTEGRITY_TEST_ENGINE", engine.to_string())
+    .stdout(Stdio::null());
+    if direct {
+        cmd.env("INTEGRITY_TEST_DIRECT", "1");
+    }
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let dev = connect(
+        &env,
+        Options {
+            queues: 2,
+            ring_order: 1,
+            ..Options::default()
+        },
+    );
+    assert!(dev.info().flush, "the backend offers flush");
+    if let DurableStore::File { .. } = store {
+        let flags = open_flags(child.0.id(), &env.img).expect("the backend has the image open");
+        assert_eq!(
+            flags & libc::O_DIRECT as u32 != 0,
+            direct,
+            "O_DIRECT on the backend's image descriptor (flags {flags:o})"
+        );
+    }
+    // Many writes in flight together (sizes 4k..128k, scattered, both queues), all answered;
+    // then the flush, and the backend dies the moment the flush is answered.
+    let mut writes = Vec::new();
+    let mut off = 0u64;
+    for i in 0..160u64 {
+        let len = 4096 << (i % 6);
+        let data = pattern(9000 + i, len);
+        writes.push((off, data.clone()));
+        off += len as u64 + 4096 * (i % 3);
+        if off as usize + (128 << 10) > DSIZE {
+            break;
+        }
+    }
+    let tickets: Vec<_> = writes
+        .iter()
+        .map(|(offset, data)| {
+            dev.submit_ticket(Op::Write {
+                offset: *offset,
+                data: data.clone(),
+            })
+        })
+        .collect();
+    for t in tickets {
+        t.wait().expect("write answered");
+    }
+    dev.flush().expect("flush answered");
+    child.0.kill().unwrap();
+    if let Some(mut nbd) = env.nbd.take() {
+        nbd.0.kill().unwrap();
+        nbd.0.wait().unwrap();
+    }
+    child.0.wait().unwrap();
+    for (offset, data) in &writes {
+        assert!(
+            read_image(&env.img, *offset, data.len()) == *data,
+            "{store:?}: write at {offset}+{} lost after the flush was answered",
+            data.len()
+        );
+    }
+    eprintln!("{store:?}: {} writes durable", writes.len());
+    drop(dev);
+}
+
+#[test]
+fn durable_psync() {
+    durable(DurableStore::File {
+        engine: Engine::Psync,
+        direct: false,
+    });
+}
+
+#[test]
+fn durable_io_uring() {
+    durable(DurableStore::File {
+        engine: Engine::IoUring,
+        direct: false,
+    });
+}
+
+#[test]
+fn durable_psync_o_direct() {
+    durable(DurableStore::File {
+        engine: Engine::Psync,
+        direct: true,
+    });
+}
+
+#[test]
+fn durable_io_uring_o_direct() {
+    durable(DurableStore::File {
+        engine: Engine::IoUring,
+        direct: true,
+    });
+}
+
+#[test]
+fn durable_nbd_storage() {
+    durable(DurableStore::Nbd);
+}
