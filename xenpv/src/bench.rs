@@ -293,8 +293,8 @@ fn progress(msg: &str) {
 pub struct DirResult {
     /// The directory.
     pub dir: PathBuf,
-    /// (workload, fio on the file, fio through blkfront→blkback).
-    pub rows: Vec<(Workload, Measure, Measure)>,
+    /// (workload, fio on the file, fio through blkfront→blkback, fio through qemu-nbd).
+    pub rows: Vec<(Workload, Measure, Measure, Measure)>,
 }
 
 /// Runs the disk benchmark.
@@ -383,10 +383,14 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
             if tmpfs { "tmpfs" } else { "disk" }
         ));
         let blkfront = start(front, "xenpv-blkfront", "ready")?;
+        // A second baseline with the same NBD hop as ours: qemu-nbd serving the same file, so
+        // that the cost of our drivers can be told apart from the cost of NBD itself.
+        let qsock = work.path().join(format!("{vdev}.qemu-nbd"));
+        let _qemu_nbd = start_qemu_nbd(&file, &qsock, tmpfs, &opts.engine)?;
         let direct = if tmpfs { "--direct=0" } else { "--direct=1" };
         let mut rows = Vec::new();
         for w in WORKLOADS {
-            let (mut base, mut ours) = (Vec::new(), Vec::new());
+            let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..opts.rounds {
                 progress(&format!(
                     "{}: {} round {}/{}",
@@ -413,8 +417,17 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 m.cpu_us_per_io = (cpu_seconds(blkback.0.id()) - cpu0) / ios * 1e6;
                 m.notify_per_io = (notifications(&status, &nodes.backend_path) - n0) / ios;
                 ours.push(m);
+                let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                a.push("--ioengine=nbd".into());
+                a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
+                nbd.push(fio(&a)?);
             }
-            rows.push((w, median_measure(&base), median_measure(&ours)));
+            rows.push((
+                w,
+                median_measure(&base),
+                median_measure(&ours),
+                median_measure(&nbd),
+            ));
         }
         drop(blkfront);
         let _ = crate::toolstack::detach(&xs, domid, &vdev, Duration::from_secs(10), true);
@@ -426,6 +439,47 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
     drop(blkback);
     let _ = control.destroy(domid);
     Ok(results)
+}
+
+/// qemu-nbd serving `file` on `sock` (as many clients as fio opens), with the same engine and
+/// cache mode as the baseline.
+fn start_qemu_nbd(file: &Path, sock: &Path, tmpfs: bool, engine: &str) -> Result<Proc> {
+    let aio = if engine == "io_uring" {
+        "io_uring"
+    } else {
+        "threads"
+    };
+    let child = Command::new("qemu-nbd")
+        .args(["--persistent", "--shared=0", "-f", "raw", "--aio", aio])
+        .arg(if tmpfs {
+            "--cache=writeback"
+        } else {
+            "--cache=none"
+        })
+        .arg("--socket")
+        .arg(sock)
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            step(
+                "starting qemu-nbd",
+                format!("{e} (install it: apt-get install -y qemu-utils)"),
+            )
+        })?;
+    let p = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if Instant::now() > deadline {
+            return Err(step(
+                "starting qemu-nbd",
+                "its socket did not appear in 10 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(p)
 }
 
 struct Cleanup(PathBuf);
@@ -477,13 +531,18 @@ fn fill(file: &Path, size_mib: u64) -> Result<()> {
 pub fn print(results: &[DirResult], engine: &str) {
     for r in results {
         println!();
-        println!("{} (engine {engine}; ours = fio nbd → xenpv-blkfront → xenpv-blkback → file; base = fio on the file)", r.dir.display());
         println!(
-            "{:<18} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "{} (engine {engine}; base = fio on the file; ours = fio nbd -> xenpv-blkfront -> xenpv-blkback -> file; qnbd = fio nbd -> qemu-nbd -> file)",
+            r.dir.display()
+        );
+        println!(
+            "{:<18} {:>9} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}",
             "workload",
             "base IOPS",
             "ours IOPS",
-            "ratio",
+            "qnbd IOPS",
+            "o/base",
+            "o/qnbd",
             "base MB/s",
             "ours MB/s",
             "base p50",
@@ -492,14 +551,27 @@ pub fn print(results: &[DirResult], engine: &str) {
             "cpu/io",
             "ntf/io"
         );
-        for (w, b, o) in &r.rows {
-            let ratio = if b.iops > 0.0 { o.iops / b.iops } else { 0.0 };
+        for (w, b, o, q) in &r.rows {
+            let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
             println!(
-                "{:<18} {:>10.0} {:>10.0} {:>6.2} {:>9.1} {:>9.1} {:>8.1}µ {:>8.1}µ {:>7.1}µ {:>7.2}µ {:>8.3}",
-                w.name, b.iops, o.iops, ratio, b.mbps, o.mbps, b.p50_us, o.p50_us, o.p99_us, o.cpu_us_per_io, o.notify_per_io
+                "{:<18} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2} {:>9.1} {:>9.1} {:>8.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>7.3}",
+                w.name,
+                b.iops,
+                o.iops,
+                q.iops,
+                ratio(o.iops, b.iops),
+                ratio(o.iops, q.iops),
+                b.mbps,
+                o.mbps,
+                b.p50_us,
+                o.p50_us,
+                o.p99_us,
+                o.cpu_us_per_io,
+                o.notify_per_io
             );
         }
     }
+    println!("\ncpu/io: xenpv-blkback CPU per I/O; ntf/io: its notifications to the frontend per I/O; latencies in microseconds.");
 }
 
 /// The results as JSON.
@@ -514,10 +586,11 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
         "engine": engine,
         "dirs": results.iter().map(|r| serde_json::json!({
             "dir": r.dir.display().to_string(),
-            "workloads": r.rows.iter().map(|(w, b, o)| serde_json::json!({
+            "workloads": r.rows.iter().map(|(w, b, o, q)| serde_json::json!({
                 "name": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.qd,
-                "baseline": m(b), "ours": m(o),
+                "baseline": m(b), "ours": m(o), "qemu_nbd": m(q),
                 "iops_ratio": if b.iops > 0.0 { o.iops / b.iops } else { 0.0 },
+                "iops_ratio_vs_qemu_nbd": if q.iops > 0.0 { o.iops / q.iops } else { 0.0 },
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
