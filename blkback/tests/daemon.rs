@@ -292,8 +292,17 @@ fn the_example_configuration_parses() {
     );
 }
 
-#[test]
-fn a_frontend_that_closes_before_connecting_can_start_again() {
+/// The local platform (in this process) with guest domain 1, a zeroed 1 MiB image attached to
+/// it as xvda, and `xenpv-blkback` serving it as a child process.
+struct Setup {
+    root: std::path::PathBuf,
+    image: std::path::PathBuf,
+    _backend: Backend,
+    _daemon: xenpv_local::Daemon,
+    _dir: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("xp");
     let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
@@ -314,8 +323,19 @@ fn a_frontend_that_closes_before_connecting_can_start_again() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _backend = Backend(child);
-    let xs = Client::connect_local(&root, 1).unwrap();
+    Setup {
+        root,
+        image,
+        _backend: Backend(child),
+        _daemon: daemon,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn a_frontend_that_closes_before_connecting_can_start_again() {
+    let Setup { root, .. } = &setup();
+    let xs = Client::connect_local(root, 1).unwrap();
     let fe = "/local/domain/1/device/vbd/51712";
     let be = "/local/domain/0/backend/vbd/1/51712";
     xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::InitWait, T).unwrap();
@@ -329,30 +349,10 @@ fn a_frontend_that_closes_before_connecting_can_start_again() {
 
 #[test]
 fn an_x86_32_abi_frontend_is_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("xp");
-    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
-        state_dir: Some(root.clone()),
-        ..Default::default()
-    })
-    .unwrap();
-    daemon.create_domain(Some(1), Some("g32")).unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let dom0 = Client::connect_local(&root, 0).unwrap();
-    xenpv::toolstack::attach_disk(&dom0, 1, &format!("vdev=xvda,target={}", image.display()))
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
-        .args(["--platform", "local", "--state-dir"])
-        .arg(&root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _backend = Backend(child);
-    let xs = Client::connect_local(&root, 1).unwrap();
-    let grants = LocalGrants::connect(LocalGrants::socket_path(&root, 1)).unwrap();
-    let evtchn = LocalEvtchn::connect(xenpv_evtchn::local::socket_path(&root, 1)).unwrap();
+    let Setup { root, image, .. } = &setup();
+    let xs = Client::connect_local(root, 1).unwrap();
+    let grants = LocalGrants::connect(LocalGrants::socket_path(root, 1)).unwrap();
+    let evtchn = LocalEvtchn::connect(xenpv_evtchn::local::socket_path(root, 1)).unwrap();
     let fe = "/local/domain/1/device/vbd/51712";
     let be = "/local/domain/0/backend/vbd/1/51712";
     xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::InitWait, T).unwrap();
@@ -415,7 +415,7 @@ fn an_x86_32_abi_frontend_is_served() {
     }
     got.sort();
     assert_eq!(got, expect);
-    let img = std::fs::read(&image).unwrap();
+    let img = std::fs::read(image).unwrap();
     assert!(
         img[..20 * 4096].iter().all(|&b| b == 0x32),
         "every write reached the image"
