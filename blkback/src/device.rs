@@ -32,7 +32,8 @@ pub struct Config {
     pub persistent_capacity: usize,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,
-    /// How long a queue thread polls before sleeping on its event channel.
+    /// How long a queue thread polls before sleeping on its event channel
+    /// ([`SpinBudget::auto`] by default).
     pub spin: SpinBudget,
     /// Engine for image files and block devices (NBD URIs in `params` always use NBD).
     pub engine: Engine,
@@ -47,7 +48,7 @@ impl Default for Config {
             persistent: true,
             persistent_capacity: 1024,
             direct_io: false,
-            spin: SpinBudget::default(),
+            spin: SpinBudget::auto(),
             engine: Engine::default(),
         }
     }

@@ -192,7 +192,7 @@ impl Default for Options {
             indirect: true,
             max_indirect_segments: 256,
             pool_pages: 1024,
-            spin: SpinBudget::default(),
+            spin: SpinBudget::auto(),
             timeout: Duration::from_secs(30),
         }
     }

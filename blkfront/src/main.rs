@@ -51,9 +51,10 @@ struct Args {
     /// Do not use indirect descriptors.
     #[arg(long)]
     no_indirect: bool,
-    /// Spin budget of the queue threads, in microseconds, before sleeping.
-    #[arg(long, default_value_t = 50)]
-    spin_us: u64,
+    /// Spin budget of the queue threads, in microseconds, before sleeping (default: 50 with
+    /// 4 CPUs or more, 0 otherwise).
+    #[arg(long)]
+    spin_us: Option<u64>,
 }
 
 fn state_dir(arg: Option<PathBuf>) -> PathBuf {
@@ -86,10 +87,10 @@ fn run(args: Args) -> Result<(), String> {
         ring_order: args.ring_order,
         persistent: !args.no_persistent,
         indirect: !args.no_indirect,
-        spin: if args.spin_us == 0 {
-            SpinBudget::None
-        } else {
-            SpinBudget::Duration(Duration::from_micros(args.spin_us))
+        spin: match args.spin_us {
+            None => SpinBudget::auto(),
+            Some(0) => SpinBudget::None,
+            Some(us) => SpinBudget::Duration(Duration::from_micros(us)),
         },
         ..Options::default()
     };

@@ -15,6 +15,20 @@ pub enum SpinBudget {
     Duration(Duration),
 }
 
+impl SpinBudget {
+    /// The budget for a driver thread on this machine: the default 50 µs when the process may
+    /// run on at least 4 CPUs, no spinning otherwise. Spinning pays only when the spinner does
+    /// not take the CPU its peer needs: on 2 vCPUs, where the application, the frontend and the
+    /// backend already compete, `xenpv bench` measured 1.3–1.9× the IOPS and less than half
+    /// the CPU per I/O without it.
+    pub fn auto() -> Self {
+        match std::thread::available_parallelism() {
+            Ok(n) if n.get() >= 4 => SpinBudget::default(),
+            _ => SpinBudget::None,
+        }
+    }
+}
+
 impl Default for SpinBudget {
     /// 50 µs: about twice the cost of a cross-core wake-up on our machines.
     fn default() -> Self {

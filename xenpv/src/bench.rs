@@ -47,6 +47,9 @@ pub struct Options {
     pub json: Option<PathBuf>,
     /// Directory holding `xenpv-blkback` and `xenpv-blkfront` (default: next to this program).
     pub bin_dir: Option<PathBuf>,
+    /// Polling budget of both drivers before they sleep on their event channels (µs); `None`
+    /// keeps their defaults.
+    pub spin_us: Option<u64>,
 }
 
 /// One fio workload.
@@ -329,8 +332,9 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         .arg(&root)
         .arg("--status-file")
         .arg(&status);
-    if opts.engine == "psync" {
-        back.args(["--engine", "psync"]);
+    back.args(["--engine", &opts.engine]);
+    if let Some(us) = opts.spin_us {
+        back.args(["--spin-us", &us.to_string()]);
     }
     let blkback = {
         let child = back
@@ -378,6 +382,9 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 "--nbd-socket",
             ])
             .arg(&sock);
+        if let Some(us) = opts.spin_us {
+            front.args(["--spin-us", &us.to_string()]);
+        }
         progress(&format!(
             "connecting blkfront to {vdev} ({})",
             if tmpfs { "tmpfs" } else { "disk" }

@@ -75,6 +75,9 @@ enum Command {
         /// A short run (256 MiB, 2 s, 3 rounds) to check the set-up.
         #[arg(long)]
         quick: bool,
+        /// Polling budget (µs) of blkback and blkfront before sleeping (default: theirs, 50).
+        #[arg(long)]
+        spin_us: Option<u64>,
     },
     /// Run the local platform (hypervisor + xenstored for processes) until SIGTERM/SIGINT.
     Local {
@@ -188,6 +191,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         engine,
         json,
         quick,
+        spin_us,
     } = &cli.command
     else {
         return Ok(());
@@ -206,6 +210,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         engine: engine.clone(),
         json: Some(json.clone()),
         bin_dir: None,
+        spin_us: *spin_us,
     };
     let results = xenpv::bench::run_disk(&opts).map_err(|e| e.to_string())?;
     xenpv::bench::print(&results, engine);
