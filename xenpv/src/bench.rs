@@ -561,7 +561,7 @@ pub fn print(results: &[DirResult], engine: &str) {
         for (w, b, o, q) in &r.rows {
             let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
             println!(
-                "{:<18} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2} {:>9.1} {:>9.1} {:>8.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>7.3}",
+                "{:<18} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2} {:>9.1} {:>9.1} {:>8.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>7.3}",
                 w.name,
                 b.iops,
                 o.iops,
@@ -574,11 +574,14 @@ pub fn print(results: &[DirResult], engine: &str) {
                 o.p50_us,
                 o.p99_us,
                 o.cpu_us_per_io,
+                ratio(o.cpu_us_per_io, b.cpu_us_per_io),
                 o.notify_per_io
             );
         }
     }
-    println!("\ncpu/io: xenpv-blkback CPU per I/O; ntf/io: its notifications to the frontend per I/O; latencies in microseconds.");
+    println!(
+        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's own CPU per I/O in the baseline (R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds."
+    );
 }
 
 /// The results as JSON.
@@ -598,6 +601,7 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
                 "baseline": m(b), "ours": m(o), "qemu_nbd": m(q),
                 "iops_ratio": if b.iops > 0.0 { o.iops / b.iops } else { 0.0 },
                 "iops_ratio_vs_qemu_nbd": if q.iops > 0.0 { o.iops / q.iops } else { 0.0 },
+                "backend_cpu_ratio": if b.cpu_us_per_io > 0.0 { o.cpu_us_per_io / b.cpu_us_per_io } else { 0.0 },
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
