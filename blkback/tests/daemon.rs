@@ -26,36 +26,19 @@ impl Drop for Backend {
 
 #[test]
 fn daemon_serves_a_frontend_and_talks_to_systemd() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("xp");
-    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
-        state_dir: Some(root.clone()),
-        ..Default::default()
-    })
-    .unwrap();
-    daemon.create_domain(Some(1), Some("g1")).unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let dom0 = Client::connect_local(&root, 0).unwrap();
-    xenpv::toolstack::attach_disk(&dom0, 1, &format!("vdev=xvda,target={}", image.display()))
-        .unwrap();
-
-    let notify = dir.path().join("notify.sock");
-    let sd = UnixDatagram::bind(&notify).unwrap();
-    sd.set_read_timeout(Some(T)).unwrap();
-    let status = dir.path().join("status");
-    let child = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
-        .args(["--platform", "local", "--state-dir"])
-        .arg(&root)
-        .arg("--status-file")
-        .arg(&status)
-        .env("NOTIFY_SOCKET", &notify)
-        .env("WATCHDOG_USEC", "200000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut backend = Backend(child);
+    let (mut setup, (sd, status)) = setup_with(|dir, cmd| {
+        let notify = dir.join("notify.sock");
+        let sd = UnixDatagram::bind(&notify).unwrap();
+        sd.set_read_timeout(Some(T)).unwrap();
+        let status = dir.join("status");
+        cmd.arg("--status-file")
+            .arg(&status)
+            .env("NOTIFY_SOCKET", &notify)
+            .env("WATCHDOG_USEC", "200000");
+        (sd, status)
+    });
+    let (root, image) = (setup.root.clone(), setup.image.clone());
+    let backend = &mut setup.backend;
     let mut buf = [0u8; 256];
     let n = sd.recv(&mut buf).unwrap();
     assert!(std::str::from_utf8(&buf[..n]).unwrap().contains("READY=1"));
@@ -297,12 +280,18 @@ fn the_example_configuration_parses() {
 struct Setup {
     root: std::path::PathBuf,
     image: std::path::PathBuf,
-    _backend: Backend,
+    backend: Backend,
     _daemon: xenpv_local::Daemon,
     _dir: tempfile::TempDir,
 }
 
 fn setup() -> Setup {
+    setup_with(|_, _| ()).0
+}
+
+/// [`setup`], letting `configure` add arguments and environment to the daemon's command line
+/// (it gets the test's temporary directory).
+fn setup_with<R>(configure: impl FnOnce(&std::path::Path, &mut Command) -> R) -> (Setup, R) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("xp");
     let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
@@ -316,20 +305,21 @@ fn setup() -> Setup {
     let dom0 = Client::connect_local(&root, 0).unwrap();
     xenpv::toolstack::attach_disk(&dom0, 1, &format!("vdev=xvda,target={}", image.display()))
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
-        .args(["--platform", "local", "--state-dir"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"));
+    cmd.args(["--platform", "local", "--state-dir"])
         .arg(&root)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Setup {
+        .stderr(Stdio::null());
+    let extra = configure(dir.path(), &mut cmd);
+    let backend = Backend(cmd.spawn().unwrap());
+    let setup = Setup {
         root,
         image,
-        _backend: Backend(child),
+        backend,
         _daemon: daemon,
         _dir: dir,
-    }
+    };
+    (setup, extra)
 }
 
 #[test]
