@@ -11,7 +11,7 @@ use xenpv_evtchn::{spin_then_wait, EventChannel, SpinBudget};
 use xenpv_grant::local::LocalGrants;
 use xenpv_grant::{Access, GrantMemory, GrantShare, SharedPages};
 use xenpv_ring::blkif::*;
-use xenpv_ring::FrontRing;
+use xenpv_ring::{FrontRing, RingMemory, RingProtocol};
 use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
 
 const T: Duration = Duration::from_secs(20);
@@ -21,6 +21,44 @@ impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Waits until `n` responses have arrived on `ring` (final check, then spin-then-block on the
+/// event channel and unmask), and returns them in arrival order.
+fn responses<P: RingProtocol, M: RingMemory>(
+    ring: &mut FrontRing<P, M>,
+    evtchn: &LocalEvtchn,
+    n: usize,
+) -> Vec<P::Rsp> {
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    let mut ports = Vec::new();
+    loop {
+        while let Some(rsp) = ring.next_response().unwrap() {
+            got.push(rsp);
+        }
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} responses",
+            got.len()
+        );
+        if !ring.final_check_for_responses().unwrap() {
+            ports.clear();
+            spin_then_wait(
+                evtchn,
+                &mut ports,
+                SpinBudget::default(),
+                Some(Duration::from_millis(200)),
+            )
+            .unwrap();
+            for p in &ports {
+                evtchn.unmask(*p).unwrap();
+            }
+        }
     }
 }
 
@@ -91,27 +129,10 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
     if ring.push_requests() {
         evtchn.notify(port).unwrap();
     }
-    let mut got = Vec::new();
-    let deadline = Instant::now() + T;
-    let mut ports = Vec::new();
-    while got.len() < 3 && Instant::now() < deadline {
-        while let Some(rsp) = ring.next_response().unwrap() {
-            got.push((rsp.id, rsp.status));
-        }
-        if got.len() < 3 && !ring.final_check_for_responses().unwrap() {
-            ports.clear();
-            spin_then_wait(
-                &evtchn,
-                &mut ports,
-                SpinBudget::default(),
-                Some(Duration::from_millis(200)),
-            )
-            .unwrap();
-            for p in &ports {
-                evtchn.unmask(*p).unwrap();
-            }
-        }
-    }
+    let got: Vec<_> = responses(&mut ring, &evtchn, 3)
+        .iter()
+        .map(|r| (r.id, r.status))
+        .collect();
     assert_eq!(got, [(1, RSP_OKAY), (2, RSP_OKAY), (3, RSP_OKAY)]);
     let img = std::fs::read(&image).unwrap();
     assert!(
@@ -144,26 +165,7 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         if ring.push_requests() {
             evtchn.notify(port).unwrap();
         }
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(rsp) = ring.next_response().unwrap() {
-                return rsp.status;
-            }
-            assert!(Instant::now() < deadline, "no response");
-            if !ring.final_check_for_responses().unwrap() {
-                ports.clear();
-                spin_then_wait(
-                    &evtchn,
-                    &mut ports,
-                    SpinBudget::default(),
-                    Some(Duration::from_millis(200)),
-                )
-                .unwrap();
-                for p in &ports {
-                    evtchn.unmask(*p).unwrap();
-                }
-            }
-        }
+        responses(&mut ring, &evtchn, 1)[0].status
     };
     assert_eq!(
         roundtrip(past),
@@ -365,7 +367,6 @@ fn an_x86_32_abi_frontend_is_served() {
     xenbus::switch_state(&xs, fe, XenbusState::Connected).unwrap();
 
     data.volatile().fill(0, 4096, 0x32).unwrap();
-    let mut ports = Vec::new();
     let mut expect = Vec::new();
     // 40 requests: more than one lap of the 64-slot ring is not needed, but slot 37 (the one
     // that straddles the pages) must be crossed.
@@ -381,27 +382,10 @@ fn an_x86_32_abi_frontend_is_served() {
         evtchn.notify(port).unwrap();
     }
     let mut got = Vec::new();
-    let deadline = Instant::now() + T;
-    while got.len() < expect.len() {
-        assert!(Instant::now() < deadline, "only {} responses", got.len());
-        while let Some(rsp) = ring.next_response().unwrap() {
-            let rsp = BlkifResponse::from(rsp);
-            assert_eq!(rsp.status, RSP_OKAY, "request {}", { rsp.id });
-            got.push((rsp.id, rsp.operation));
-        }
-        if got.len() < expect.len() && !ring.final_check_for_responses().unwrap() {
-            ports.clear();
-            spin_then_wait(
-                &evtchn,
-                &mut ports,
-                SpinBudget::default(),
-                Some(Duration::from_millis(200)),
-            )
-            .unwrap();
-            for p in &ports {
-                evtchn.unmask(*p).unwrap();
-            }
-        }
+    for rsp in responses(&mut ring, &evtchn, expect.len()) {
+        let rsp = BlkifResponse::from(rsp);
+        assert_eq!(rsp.status, RSP_OKAY, "request {}", { rsp.id });
+        got.push((rsp.id, rsp.operation));
     }
     got.sort();
     assert_eq!(got, expect);
