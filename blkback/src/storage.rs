@@ -23,6 +23,42 @@ use xenpv_grant::VolatileSlice;
 mod nbd;
 mod uring;
 
+/// The single-op methods of [`Storage`] for an engine whose real path is
+/// [`submit`](Storage::submit) (io_uring, NBD): each runs a batch of one.
+macro_rules! single_ops_via_submit {
+    () => {
+        fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+            $crate::storage::only(self.submit(&[Op::Read {
+                offset,
+                bufs: bufs.to_vec(),
+            }]))
+        }
+
+        fn write_from(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+            $crate::storage::only(self.submit(&[Op::Write {
+                offset,
+                bufs: bufs.to_vec(),
+            }]))
+        }
+
+        fn flush(&self) -> io::Result<()> {
+            $crate::storage::only(self.submit(&[Op::Flush]))
+        }
+
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            $crate::storage::only(self.submit(&[Op::Discard { offset, len }]))
+        }
+    };
+}
+pub(crate) use single_ops_via_submit;
+
+/// The result of a batch of one op.
+pub(crate) fn only(mut results: Vec<io::Result<()>>) -> io::Result<()> {
+    results
+        .pop()
+        .unwrap_or_else(|| Err(io::Error::other("a batch of one op returned no result")))
+}
+
 pub use self::nbd::NbdStorage;
 pub use self::uring::IoUringStorage;
 

@@ -251,27 +251,7 @@ impl Storage for NbdStorage {
         self.client.size()
     }
 
-    fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        one(self.submit(&[Op::Read {
-            offset,
-            bufs: bufs.to_vec(),
-        }]))
-    }
-
-    fn write_from(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        one(self.submit(&[Op::Write {
-            offset,
-            bufs: bufs.to_vec(),
-        }]))
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        one(self.submit(&[Op::Flush]))
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        one(self.submit(&[Op::Discard { offset, len }]))
-    }
+    crate::storage::single_ops_via_submit!();
 
     fn can_discard(&self) -> bool {
         self.client.info().can_trim() && !self.read_only
@@ -321,9 +301,4 @@ impl Storage for NbdStorage {
         }
         results
     }
-}
-
-fn one(mut r: Vec<io::Result<()>>) -> io::Result<()> {
-    r.pop()
-        .unwrap_or_else(|| Err(io::Error::other("empty NBD batch")))
 }

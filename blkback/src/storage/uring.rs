@@ -291,27 +291,7 @@ impl Storage for IoUringStorage {
         self.file.physical_sector_size()
     }
 
-    fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        one(self.submit(&[Op::Read {
-            offset,
-            bufs: bufs.to_vec(),
-        }]))
-    }
-
-    fn write_from(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
-        one(self.submit(&[Op::Write {
-            offset,
-            bufs: bufs.to_vec(),
-        }]))
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        one(self.submit(&[Op::Flush]))
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        one(self.submit(&[Op::Discard { offset, len }]))
-    }
+    crate::storage::single_ops_via_submit!();
 
     fn can_discard(&self) -> bool {
         self.file.can_discard()
@@ -354,9 +334,4 @@ impl Storage for IoUringStorage {
             .map(|r| r.unwrap_or_else(|| Err(io::Error::other("io_uring op lost its completion"))))
             .collect()
     }
-}
-
-fn one(mut r: Vec<io::Result<()>>) -> io::Result<()> {
-    r.pop()
-        .unwrap_or_else(|| Err(io::Error::other("empty io_uring batch")))
 }
