@@ -8,8 +8,8 @@ use std::sync::Arc;
 use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, MapCache, PAGE_SIZE};
 use xenpv_ring::blkif::{
     Blkif, BlkifRequest, BlkifRequestSegment, BlkifResponse, BlkifX86_32, X86_32Request,
-    X86_32Response, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_ERROR,
-    RSP_OKAY,
+    X86_32Response, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
+    OP_WRITE_BARRIER, RSP_ERROR, RSP_OKAY,
 };
 use xenpv_ring::{BackRing, RingMemory, RingProtocol};
 
@@ -182,9 +182,15 @@ where
     /// Validates a request and maps its data (resolving indirect segments): everything up to
     /// the I/O itself. Failures become the request's status.
     fn prepare(&mut self, req: &BlkifRequest) -> Prepared<G::Mapping> {
+        // An indirect request is answered with its inner operation (`indirect_op`): Linux's
+        // blkfront compares the response's operation with that and fails the disk otherwise.
+        let operation = match req.operation {
+            OP_INDIRECT => req.as_indirect().indirect_op,
+            op => op,
+        };
         let mut p = Prepared {
             id: req.id,
-            operation: req.operation,
+            operation,
             outcome: Ok(()),
             steps: Vec::new(),
             sectors: 0,

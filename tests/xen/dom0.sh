@@ -1,0 +1,145 @@
+# dom0 of the rig (sourced by /init): starts Xen's toolstack, then runs the scenarios against one
+# PV domU, which it drives through xenstore (/local/domain/<domU>/rig/{cmd,res}; see domU.sh).
+# Every check prints `RIG-PASS <what>` or `RIG-FAIL <what>: <why>`; the host's boot.py decides.
+export PATH=$PATH:/usr/lib/xen-4.17/bin
+mark dom0-init
+for m in xen-evtchn xen-privcmd xenfs/xenfs xen-gntdev xen-gntalloc; do mod drivers/xen/$m; done
+mkdir -p /proc/xen && mount -t xenfs xenfs /proc/xen
+mkdir -p /var/run/xenstored /var/run/xen /var/lib/xenstored /var/lib/xen /var/log/xen/console
+xenstored --pid-file /var/run/xenstored.pid
+xen-init-dom0 >/dev/null
+xenconsoled --pid-file=/var/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+mark toolstack-up
+
+fail() { echo "RIG-FAIL $*"; FAILED=1; }
+pass() { echo "RIG-PASS $* t=$(up)"; }
+sha() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | sha256sum | cut -d' ' -f1; }
+ZERO8=$(dd if=/dev/zero bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1)
+
+start_blkback() {
+  xenpv-blkback --platform xen --domid 0 --status-file /run/blkback.status >>/tmp/blkback.log 2>&1 &
+  BB=$!
+}
+SEQ=0
+# ask CMD [ARGS]: run CMD in the domU; sets RES to its answer; returns non-zero unless it is `ok`
+ask() {
+  SEQ=$((SEQ + 1))
+  xenstore-write "$R/cmd" "$SEQ $*"
+  RES=$(xenpv-rig wait "$R/res" "$SEQ " "${ASK_TIMEOUT:-90}") || RES="$SEQ timeout (no answer to: $*)"
+  RES=${RES#"$SEQ "}
+  echo "dom0: asked '$*', domU answered '$RES' t=$(up)"
+  case "$RES" in ok*) return 0 ;; *) return 1 ;; esac
+}
+word() { echo "$RES" | cut -d' ' -f"$1"; }
+
+mkdir -p /var/log/xenpv
+truncate -s 64M /tmp/s1.img
+start_blkback
+tail -f /tmp/blkback.log | sed 's/^/[blkback] /' &
+if ! xl create /etc/xen/domU.cfg >/tmp/xl.log 2>&1; then
+  cat /tmp/xl.log
+  fail "xl create"
+  mark all-done
+  poweroff -f
+fi
+DOMID=$(xl domid domU)
+mark "domU created domid=$DOMID"
+R=/local/domain/$DOMID/rig
+xenstore-write "$R/cmd" "0 none" "$R/res" "0"
+xenstore-chmod -r "$R" "n$DOMID"
+(sleep 1; tail -f /var/log/xen/console/guest-domU.log | sed 's/^/[domU] /') &
+if ! ASK_TIMEOUT=120 ask hello; then
+  fail "domU did not start its rig script: $RES"
+  mark all-done
+  poweroff -f
+fi
+
+BE=/local/domain/0/backend/vbd/$DOMID/51712
+FE=/local/domain/$DOMID/device/vbd/51712
+# ---------------------------------------------------------------- scenario 1
+# our blkback, Linux's blkfront
+s1() {
+  xenpv attach-disk "$DOMID" "target=/tmp/s1.img,vdev=xvda,access=rw" || { fail "s1 attach-disk"; return; }
+  ask s1-io || { fail "s1 I/O in the domU: $RES"; return; }
+  S1SHA=$(word 2) S1B=$(word 3)
+  echo "dom0: frontend negotiated: $(xenstore-ls -f "$FE" | grep -E 'multi-queue|persistent|ring-ref|protocol|event-channel' | tr '\n' ' ')"
+  echo "dom0: backend status: $(cat /run/blkback.status)"
+  q=$(xenstore-read "$FE/multi-queue-num-queues" 2>/dev/null)
+  [ "$q" = 2 ] || fail "s1 multi-queue: frontend asked for ${q:-no} queues, want 2"
+  [ "$(xenstore-read "$FE/feature-persistent")" = 1 ] || fail "s1 the frontend did not take persistent grants"
+  st=$(cat /run/blkback.status)
+  for k in flushes discards; do
+    case "$st" in *" $k=0 "*) fail "s1 no $k reached blkback: $st" ;; esac
+  done
+  case "$st" in *"errors=0 "*) ;; *) fail "s1 blkback counted errors: $st" ;; esac
+  xenpv detach "$DOMID" xvda || fail "s1 detach"
+  ask gone xvda || fail "s1 xvda still in the domU after detach: $RES"
+  [ "$(sha /tmp/s1.img 0 16)" = "$S1SHA" ] || fail "s1 image (0..16 MiB) differs from what the domU wrote"
+  [ "$(sha /tmp/s1.img 32 8)" = "$ZERO8" ] || fail "s1 discarded range (32..40 MiB) is not zero in the image"
+  [ "$(sha /tmp/s1.img 40 8)" = "$S1B" ] || fail "s1 image (40..48 MiB) differs from what the domU wrote"
+  pass "s1 our blkback, Linux blkfront: 2 queues, persistent grants, indirect, flush, discard; image checked after detach"
+}
+# ---------------------------------------------------------------- scenario 3
+# lifecycle: re-attach, then kill and restart blkback under I/O
+s3() {
+  xenpv attach-disk "$DOMID" "target=/tmp/s1.img,vdev=xvda,access=rw" || { fail "s3 re-attach"; return; }
+  ask dev xvda || { fail "s3 xvda did not come back: $RES"; return; }
+  [ "$(word 2)" = "$S1SHA" ] || fail "s3 re-attached disk reads back other data"
+  pass "s3a detach and re-attach"
+  for sig in KILL TERM; do
+    ask bg-start || { fail "s3 background I/O: $RES"; return; }
+    sleep 1
+    kill -$sig $BB; wait $BB 2>/dev/null
+    echo "dom0: blkback got SIG$sig, status: $(cat /run/blkback.status) t=$(up)"
+    start_blkback
+    ASK_TIMEOUT=180 ask bg-wait || { fail "s3 I/O across a SIG$sig restart of blkback: $RES"; continue; }
+    pass "s3 domU I/O completed across SIG$sig and restart of blkback ($RES)"
+  done
+  xenpv detach "$DOMID" xvda || fail "s3 detach"
+  ask gone xvda || fail "s3 xvda still in the domU after detach: $RES"
+}
+# ---------------------------------------------------------------- scenario 2
+# our blkfront in the domU, Linux's blkback in dom0
+s2() {
+  ask s2-prep || { fail "s2 domU preparation: $RES"; return; }
+  mod drivers/block/loop
+  mod drivers/block/xen-blkback/xen-blkback
+  truncate -s 64M /tmp/s2.img
+  losetup /dev/loop0 /tmp/s2.img || fail "s2 losetup"
+  B=/local/domain/0/backend/vbd/$DOMID/51728
+  F=/local/domain/$DOMID/device/vbd/51728
+  # what libxl and its block hotplug script write for a phy disk (physical-device in hex)
+  xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
+    "$B/bootable" 0 "$B/state" 1 "$B/dev" xvdb "$B/type" phy "$B/mode" w "$B/device-type" disk \
+    "$B/params" /dev/loop0 "$B/physical-device" 7:0 "$B/physical-device-path" /dev/loop0 \
+    "$F/backend" "$B" "$F/backend-id" 0 "$F/state" 1 "$F/virtual-device" 51728 "$F/device-type" disk
+  xenstore-chmod -r "$B" n0 "r$DOMID"
+  xenstore-chmod -r "$F" "n$DOMID" r0
+  if ask s2-io; then
+    echo "dom0: Linux blkback sees: $(xenstore-ls -f "$B" | tr '\n' ' ')"
+    echo "dom0: our frontend wrote: $(xenstore-ls -f "$F" | tr '\n' ' ')"
+    if [ "$(sha /dev/loop0 0 16)" = "$(word 2)" ]; then
+      pass "s2 our blkfront, Linux blkback: 2 queues, ring order 1, checksums match"
+    else
+      fail "s2 loop device differs from what the domU wrote"
+    fi
+  else
+    fail "s2 I/O through xenpv-blkfront: $RES"
+  fi
+  # tear down whatever happened: Linux's blkback must be gone before ours serves again
+  ask s2-end || fail "s2 stopping xenpv-blkfront: $RES"
+  xenpv detach "$DOMID" xvdb || xenpv detach --force "$DOMID" xvdb || fail "s2 detach"
+  rmmod xen_blkback || fail "s2 rmmod xen_blkback"
+  losetup -d /dev/loop0
+}
+FAILED=0
+s1
+# Linux's blkback would claim every vbd in dom0 too: ours stops while it runs
+kill $BB; wait $BB 2>/dev/null
+s2
+ask s3-prep || fail "s3 reloading xen-blkfront in the domU: $RES"
+start_blkback
+s3
+mark "scenarios done failed=$FAILED"
+xl destroy domU
+mark all-done

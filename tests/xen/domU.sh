@@ -1,0 +1,99 @@
+# domU of the rig (sourced by /init): answers dom0's commands. dom0 writes "<n> <cmd> [args]" to
+# /local/domain/<me>/rig/cmd; we run it and write "<n> ok ..." or "<n> fail <why>" to .../res.
+mod drivers/block/xen-blkfront
+DOMID=$(xenpv-rig domid)
+R=/local/domain/$DOMID/rig
+mark "domU rig domid=$DOMID"
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+# waitdev NAME: wait for /dev/NAME, at most 60 s
+waitdev() { i=0; while [ ! -b "/dev/$1" ]; do i=$((i + 1)); [ $i -gt 300 ] && return 1; sleep 0.2; done; }
+
+do_hello() { echo "ok"; }
+do_s1_io() {
+  waitdev xvda || { echo "fail no /dev/xvda after 60 s"; return; }
+  dd if=/dev/urandom of=/tmp/a bs=1M count=16 2>/dev/null
+  dd if=/dev/urandom of=/tmp/b bs=1M count=16 2>/dev/null
+  # 1 MiB direct writes: Linux blkfront sends them with indirect descriptors
+  dd if=/tmp/a of=/dev/xvda bs=1M oflag=direct conv=fsync 2>/dev/null || { echo "fail write 0..16M"; return; }
+  dd if=/tmp/b of=/dev/xvda bs=1M seek=32 oflag=direct conv=fsync 2>/dev/null || { echo "fail write 32..48M"; return; }
+  blkdiscard -o $((32 << 20)) -l $((8 << 20)) /dev/xvda || { echo "fail blkdiscard"; return; }
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  dd if=/dev/xvda of=/tmp/ra bs=1M count=16 iflag=direct 2>/dev/null || { echo "fail read 0..16M"; return; }
+  dd if=/dev/xvda of=/tmp/rz bs=1M skip=32 count=8 2>/dev/null || { echo "fail buffered read 32..40M"; return; }
+  dd if=/dev/xvda of=/tmp/rb bs=1M skip=40 count=8 iflag=direct 2>/dev/null || { echo "fail read 40..48M"; return; }
+  dd if=/tmp/b of=/tmp/b2 bs=1M skip=8 count=8 2>/dev/null
+  [ "$(sha /tmp/ra)" = "$(sha /tmp/a)" ] || { echo "fail read back 0..16M differs"; return; }
+  [ "$(sha /tmp/rb)" = "$(sha /tmp/b2)" ] || { echo "fail read back 40..48M differs"; return; }
+  dd if=/dev/zero of=/tmp/z bs=1M count=8 2>/dev/null
+  [ "$(sha /tmp/rz)" = "$(sha /tmp/z)" ] || { echo "fail discarded range reads back non-zero"; return; }
+  echo "ok $(sha /tmp/a) $(sha /tmp/b2) queues=$(ls /sys/block/xvda/mq | wc -l)"
+  rm -f /tmp/ra /tmp/rb /tmp/rz /tmp/b /tmp/b2 /tmp/z
+}
+do_gone() {
+  i=0; while [ -e "/sys/block/$1" ]; do i=$((i + 1)); [ $i -gt 150 ] && { echo "fail /dev/$1 still there after 30 s"; return; }; sleep 0.2; done
+  echo ok
+}
+do_dev() {
+  waitdev "$1" || { echo "fail no /dev/$1 after 60 s"; return; }
+  echo "ok $(dd if=/dev/$1 bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+}
+# background writers: two dd in parallel keep requests in flight while dom0 restarts blkback
+do_bg_start() {
+  dd if=/dev/urandom of=/tmp/c bs=1M count=16 2>/dev/null
+  rm -f /tmp/bg.*
+  (dd if=/tmp/c of=/dev/xvda bs=16k count=512 seek=$((16 << 6)) oflag=direct 2>/tmp/bg.err1; echo $? >/tmp/bg.rc1) >/dev/null 2>&1 &
+  (dd if=/tmp/c of=/dev/xvda bs=16k skip=512 count=512 seek=$((24 << 6)) oflag=direct 2>/tmp/bg.err2; echo $? >/tmp/bg.rc2) >/dev/null 2>&1 &
+  echo ok
+}
+do_bg_wait() {
+  i=0; while [ ! -e /tmp/bg.rc1 ] || [ ! -e /tmp/bg.rc2 ]; do i=$((i + 1)); [ $i -gt 800 ] && { echo "fail writers still running after 160 s"; return; }; sleep 0.2; done
+  [ "$(cat /tmp/bg.rc1)$(cat /tmp/bg.rc2)" = 00 ] || { echo "fail dd: $(cat /tmp/bg.err1 /tmp/bg.err2 | tr '\n' ' ')"; return; }
+  dd if=/dev/xvda of=/tmp/rc bs=1M skip=16 count=16 iflag=direct 2>/dev/null || { echo "fail read back"; return; }
+  [ "$(sha /tmp/rc)" = "$(sha /tmp/c)" ] || { echo "fail data written across the restart reads back wrong"; return; }
+  echo "ok 16 MiB in 1024 direct writes of 16 KiB read back intact"
+}
+do_s2_prep() {
+  rmmod xen_blkfront || { echo "fail rmmod xen_blkfront"; return; }
+  # what a userspace frontend needs: grant pages to dom0 and bind event channels
+  mod drivers/xen/xen-gntalloc
+  mod drivers/xen/xen-evtchn
+  mod drivers/block/nbd
+  echo ok
+}
+do_s2_io() {
+  xenpv-blkfront --platform xen --domid "$DOMID" --device xvdb --nbd-socket /tmp/xvdb.sock \
+    --queues 2 --ring-order 1 >/tmp/blkfront.log 2>&1 &
+  BF=$!
+  i=0; while [ ! -S /tmp/xvdb.sock ]; do i=$((i + 1)); [ $i -gt 300 ] && { echo "fail xenpv-blkfront did not connect: $(tail -3 /tmp/blkfront.log | tr '\n' ' ')"; return; }; sleep 0.2; done
+  nbd-client -u /tmp/xvdb.sock /dev/nbd0 >/tmp/nbd.log 2>&1 || nbd-client -unix /tmp/xvdb.sock /dev/nbd0 >>/tmp/nbd.log 2>&1 ||
+    { echo "fail nbd-client: $(tr '\n' ' ' </tmp/nbd.log)"; return; }
+  dd if=/dev/urandom of=/tmp/d bs=1M count=16 2>/dev/null
+  dd if=/tmp/d of=/dev/nbd0 bs=1M oflag=direct conv=fsync 2>/dev/null || { echo "fail write through nbd0"; return; }
+  echo 3 >/proc/sys/vm/drop_caches
+  dd if=/dev/nbd0 of=/tmp/rd bs=1M count=16 iflag=direct 2>/dev/null || { echo "fail read through nbd0"; return; }
+  [ "$(sha /tmp/rd)" = "$(sha /tmp/d)" ] || { echo "fail read back through xenpv-blkfront differs"; return; }
+  echo "ok $(sha /tmp/d)"
+}
+do_s2_end() {
+  nbd-client -d /dev/nbd0 >/dev/null 2>&1
+  pkill -TERM xenpv-blkfront
+  i=0; while pidof xenpv-blkfront >/dev/null; do i=$((i + 1)); [ $i -gt 50 ] && { echo "fail xenpv-blkfront still running 10 s after SIGTERM"; return; }; sleep 0.2; done
+  echo ok
+}
+do_s3_prep() {
+  mod drivers/block/xen-blkfront
+  echo ok
+}
+
+n=1
+while :; do
+  line=$(xenpv-rig wait "$R/cmd" "$n " 600) || { mark "domU: no command $n: giving up"; break; }
+  set -- ${line#"$n "}
+  cmd=$(echo "$1" | tr - _); shift
+  echo "domU: command $n: $cmd $* t=$(up)"
+  ans=$("do_$cmd" "$@" 2>&1 | tail -1)
+  echo "domU: answer $n: $ans t=$(up)"
+  xenstore-write "$R/res" "$n $ans"
+  n=$((n + 1))
+done
