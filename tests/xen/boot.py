@@ -19,7 +19,7 @@ cmd = [
     "-nographic", "-no-reboot", "-kernel", f"{out}/xen.elf",
     "-append", "console=com1 com1=115200,8n1 dom0_mem=768M,max:768M loglvl=all "
                "guest_loglvl=all noreboot bootscrub=0",
-    "-initrd", f"{out}/vmlinux console=hvc0 earlyprintk=xen rig=dom0,{out}/dom0.cpio.gz",
+    "-initrd", f"{out}/vmlinux console=hvc0 earlyprintk=xen rig=dom0 " + os.environ.get("XENPV_RIG_DOM0_ARGS", "") + f",{out}/dom0.cpio.gz",
 ]
 end = re.compile(rb"RIG-MARK all-done|Kernel panic|Panic on CPU|Reboot in five seconds|"
                  rb"Hardware Dom0 crashed|RIG-MARK role dom0 ended")

@@ -72,13 +72,17 @@ do_s2_io() {
   dd if=/tmp/d of=/dev/nbd0 bs=1M oflag=direct conv=fsync 2>/dev/null || { echo "fail write through nbd0"; return; }
   echo 3 >/proc/sys/vm/drop_caches
   dd if=/dev/nbd0 of=/tmp/rd bs=1M count=16 iflag=direct 2>/dev/null || { echo "fail read through nbd0"; return; }
-  [ "$(sha /tmp/rd)" = "$(sha /tmp/d)" ] || { echo "fail read back through xenpv-blkfront differs"; return; }
+  [ "$(sha /tmp/rd)" = "$(sha /tmp/d)" ] || {
+    echo "domU: blkfront log: $(tail -5 /tmp/blkfront.log)" >/dev/console
+    echo "fail read back through xenpv-blkfront differs ($(cmp /tmp/rd /tmp/d 2>&1 | head -1); $(cmp -l /tmp/rd /tmp/d 2>/dev/null | wc -l) bytes differ) wrote $(sha /tmp/d)"
+    return
+  }
   echo "ok $(sha /tmp/d)"
 }
 do_s2_end() {
   nbd-client -d /dev/nbd0 >/dev/null 2>&1
   pkill -TERM xenpv-blkfront
-  i=0; while pidof xenpv-blkfront >/dev/null; do i=$((i + 1)); [ $i -gt 50 ] && { echo "fail xenpv-blkfront still running 10 s after SIGTERM"; return; }; sleep 0.2; done
+  i=0; while pidof xenpv-blkfront >/dev/null; do i=$((i + 1)); [ $i -gt 50 ] && { echo "domU: blkfront log: $(tail -5 /tmp/blkfront.log)" >/dev/console; pkill -KILL xenpv-blkfront; echo "fail xenpv-blkfront still running 10 s after SIGTERM"; return; }; sleep 0.2; done
   echo ok
 }
 do_s3_prep() {
