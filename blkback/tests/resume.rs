@@ -59,11 +59,14 @@ impl Gated {
     /// Waits until `n` requests are held.
     fn wait_held(&self, n: usize) {
         let deadline = Instant::now() + T;
-        while self.held.lock().unwrap().len() < n {
+        loop {
+            let held = self.held.lock().unwrap().len();
+            if held >= n {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
-                "only {} of {n} requests reached the storage",
-                self.held.lock().unwrap().len()
+                "only {held} of {n} requests reached the storage"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
