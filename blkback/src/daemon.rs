@@ -1,6 +1,11 @@
 //! The daemon: watches this domain's `backend/vbd` directory and serves every device that
 //! appears there on its own thread, keeps a status file with per-device statistics, and talks
 //! to systemd (readiness and watchdog).
+//!
+//! Stopping the daemon (SIGTERM, SIGINT) does not close its devices: each answers the requests
+//! it consumed and the daemon exits, leaving them Connected with their journals, and the next
+//! instance resumes them (docs/blkback-restart.md). Devices close only when the toolstack
+//! unplugs them or the frontend closes.
 
 use std::collections::HashMap;
 use std::io::Write;

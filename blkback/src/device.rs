@@ -305,7 +305,10 @@ where
                     resumed = Some(r);
                     stale = false;
                 }
-                Err(why) => tracing::warn!("cannot resume the connection: {why}"),
+                Err(why) => {
+                    tracing::warn!("cannot resume the connection: {why}");
+                    dev.forget();
+                }
             }
         }
     }
