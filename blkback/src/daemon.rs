@@ -1,6 +1,11 @@
 //! The daemon: watches this domain's `backend/vbd` directory and serves every device that
 //! appears there on its own thread, keeps a status file with per-device statistics, and talks
 //! to systemd (readiness and watchdog).
+//!
+//! Stopping the daemon (SIGTERM, SIGINT) does not close its devices: each answers the requests
+//! it consumed and the daemon exits, leaving them Connected with their journals, and the next
+//! instance resumes them (docs/blkback-restart.md). Devices close only when the toolstack
+//! unplugs them or the frontend closes.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -154,18 +159,25 @@ where
                 continue;
             }
             let stats = Arc::new(Mutex::new(None));
-            let (p2, cfg2, path2, stats2) = (p.clone(), cfg.clone(), path.clone(), stats.clone());
+            let (p2, cfg2, path2, stats2, stop2) = (
+                p.clone(),
+                cfg.clone(),
+                path.clone(),
+                stats.clone(),
+                stop.clone(),
+            );
             let thread = std::thread::Builder::new()
                 .name(format!(
                     "vbd-{}",
                     path.rsplit('/').take(2).collect::<Vec<_>>().join("-")
                 ))
                 .spawn(move || {
-                    match device::serve_with_stats(&p2, &path2, &cfg2, |s| {
+                    match device::serve_until(&p2, &path2, &cfg2, &stop2, |s| {
                         if let Ok(mut slot) = stats2.lock() {
                             *slot = Some(s);
                         }
                     }) {
+                        Ok(_) if stop2.load(Ordering::SeqCst) => {}
                         Ok(_) => tracing::info!("{path2}: unplugged"),
                         Err(e) => tracing::warn!("{path2}: {e}"),
                     }
@@ -191,6 +203,32 @@ where
         }
         let _ = watch.next_timeout(Duration::from_millis(250));
     }
-    let _ = sd_notify("STOPPING=1");
+    // Stopping (SIGTERM, e.g. `systemctl restart`) is not unplugging: every device thread
+    // answers the requests its queues consumed and returns, leaving the device Connected and
+    // its journal in place, so that the next instance resumes it without the frontend
+    // noticing. Devices close only when the toolstack or the frontend closes them.
+    let _ = sd_notify("STOPPING=1\nSTATUS=stopping: connected devices stay connected");
+    tracing::info!(
+        devices = devices.len(),
+        "stopping: finishing in-flight requests; devices stay connected"
+    );
+    let deadline = Instant::now() + STOP_GRACE;
+    for (path, served) in devices {
+        while !served.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if served.thread.is_finished() {
+            let _ = served.thread.join();
+        } else {
+            // Its storage hangs: exit anyway; the journal holds what it consumed, and the next
+            // instance executes it again.
+            tracing::warn!(
+                "{path}: requests still in flight at exit; the next instance will redo them"
+            );
+        }
+    }
     Ok(())
 }
+
+/// How long a stopping daemon waits for its devices to answer what they consumed.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);

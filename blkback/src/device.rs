@@ -3,16 +3,18 @@
 //! Initialised (or Connected), late features and Connected, serving threads per queue, and
 //! Closing/Closed on the frontend's close, a protocol error or the toolstack's unplug.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use xenpv_evtchn::{spin_then_wait, EventChannel, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapCache};
-use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
+use xenpv_ring::blkif::{Blkif, BlkifRequest, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
 use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
 
+use crate::journal::{self, Identity, Journal, QueueIdentity, QueueJournal, Recovered};
 use crate::queue::{Abi, Queue, Stats};
 use crate::request::Limits;
 use crate::storage::{open_storage, Engine, Storage, StorageOptions};
@@ -37,6 +39,10 @@ pub struct Config {
     pub spin: SpinBudget,
     /// Engine for image files and block devices (NBD URIs in `params` always use NBD).
     pub engine: Engine,
+    /// Where each connected device keeps its journal ([`crate::journal`]), so that a restarted
+    /// daemon resumes it without the frontend noticing. `None`: no journal; a restarted
+    /// daemon waits for the frontend to renegotiate.
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -50,6 +56,7 @@ impl Default for Config {
             direct_io: false,
             spin: SpinBudget::auto(),
             engine: Engine::default(),
+            journal_dir: None,
         }
     }
 }
@@ -88,6 +95,12 @@ pub enum Error {
     /// The ring memory was refused.
     #[error("ring: {0}")]
     Ring(#[from] xenpv_ring::Error),
+    /// A connection left by the previous instance could not be taken over.
+    #[error("cannot resume the connection: {why}")]
+    Resume {
+        /// Why.
+        why: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -131,7 +144,6 @@ fn read_num<T: std::str::FromStr>(xs: &Client, path: &str, default: Option<T>) -
         }),
     }
 }
-
 /// Serves the device whose backend directory is `be` until the toolstack unplugs it (the
 /// directory disappears, or `online` is 0 when the frontend has closed). Returns the device's
 /// statistics.
@@ -149,6 +161,34 @@ pub fn serve_with_stats<G, E>(
     p: &Platform<G, E>,
     be: &str,
     cfg: &Config,
+    on_stats: impl FnOnce(Arc<Stats>),
+) -> Result<Arc<Stats>>
+where
+    G: GrantMap + Send + Sync + 'static,
+    G::Mapping: Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
+    serve_until(p, be, cfg, &AtomicBool::new(false), on_stats)
+}
+
+/// Whether a connection ended, or the daemon is shutting down with it still connected.
+enum Outcome {
+    /// The frontend closed, or the device was unplugged: the device leaves Connected.
+    Disconnected,
+    /// The daemon stops: the device stays Connected (and its journal stays) for the next
+    /// instance to resume.
+    Shutdown,
+}
+
+/// [`serve_with_stats`] until the device is unplugged or `shutdown` is set. On shutdown the
+/// queues finish the requests they consumed, answer them and stop; the device's xenstore state
+/// is left as it is (Connected stays Connected), and its journal (with [`Config::journal_dir`])
+/// stays for the next instance, which resumes the device instead of renegotiating.
+pub fn serve_until<G, E>(
+    p: &Platform<G, E>,
+    be: &str,
+    cfg: &Config,
+    shutdown: &AtomicBool,
     on_stats: impl FnOnce(Arc<Stats>),
 ) -> Result<Arc<Stats>>
 where
@@ -199,76 +239,10 @@ where
     );
     let _g = span.enter();
     tracing::info!(engine = storage.engine(), "serving {}", params.trim());
-
-    // Probe: transport features, then InitWait.
-    xs.transaction(|tx| {
-        tx.write_str(
-            &format!("{be}/feature-max-indirect-segments"),
-            &cfg.max_indirect_segments.to_string(),
-        )?;
-        tx.write_str(
-            &format!("{be}/max-ring-page-order"),
-            &cfg.max_ring_page_order.to_string(),
-        )?;
-        tx.write_str(
-            &format!("{be}/multi-queue-max-queues"),
-            &cfg.max_queues.to_string(),
-        )?;
-        Ok(())
-    })?;
-    let watch = xs.watch(&fe)?;
-    let be_watch = xs.watch(be)?;
-    // A frontend already Connected when we start was connected to a previous backend
-    // instance (we were restarted). Its ring holds that instance's state: requests it consumed
-    // and responses it may have written without publishing them. Attaching to it at index 0 —
-    // or even at `rsp_prod` — could replay stale or half-overwritten requests, so wait for the
-    // frontend to renegotiate (it sees us leave Connected) before connecting.
-    let mut stale = xenbus::read_state(xs, &fe)? == XenbusState::Connected;
-    if stale {
-        tracing::info!(
-            "frontend still connected to a previous backend: waiting for it to reconnect"
-        );
-    }
-    loop {
-        if !xs.exists(be)? {
-            return Ok(stats);
-        }
-        xenbus::switch_state(xs, be, XenbusState::InitWait)?;
-        // Wait for the frontend to publish its rings (or to go away).
-        let fstate = loop {
-            let s = xenbus::read_state(xs, &fe)?;
-            if !xs.exists(be)? {
-                return Ok(stats);
-            }
-            if s != XenbusState::Connected {
-                stale = false;
-            }
-            match s {
-                XenbusState::Connected if stale => {}
-                XenbusState::Initialised | XenbusState::Connected => break s,
-                XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
-                    if read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
-                        let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
-                        return Ok(stats);
-                    }
-                    if matches!(s, XenbusState::Closing | XenbusState::Closed) {
-                        // Follow the frontend to Closed (as Linux blkback does).
-                        let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
-                    }
-                }
-                XenbusState::Initialising => {
-                    // The frontend (re)starts: offer the device again ("prepare for
-                    // reconnect"), also after following it to Closed.
-                    xenbus::switch_state(xs, be, XenbusState::InitWait)?;
-                }
-                _ => {}
-            }
-            let _ = watch.next_timeout(Duration::from_millis(500));
-            while be_watch.events().try_recv().is_ok() {}
-        };
-        tracing::info!(?fstate, "frontend ready: connecting");
+    let journal_path = cfg.journal_dir.as_ref().map(|d| journal::path_for(d, be));
+    let limits = || {
         let logical = storage.logical_sector_size();
-        let limits = Limits {
+        Limits {
             sectors: storage.size() / 512,
             sector_size: logical,
             read_only,
@@ -278,11 +252,145 @@ where
             discard_secure: false,
             discard_granularity: logical.max(4096),
             max_indirect_segments: cfg.max_indirect_segments,
+        }
+    };
+    let watch = xs.watch(&fe)?;
+    let be_watch = xs.watch(be)?;
+    let dev = Dev {
+        p,
+        be,
+        fe: &fe,
+        fe_id,
+        cfg,
+        storage: &storage,
+        stats: &stats,
+        watch: &watch,
+        shutdown,
+        journal: journal_path.as_deref(),
+    };
+
+    // Both sides Connected when we start: a previous instance of the daemon served this
+    // device. Resume it if its journal matches the connection; otherwise its ring holds that
+    // instance's state (requests it consumed, responses it may have written without publishing
+    // them), and attaching to it at index 0 — or even at `rsp_prod` — could replay stale or
+    // half-overwritten requests: refuse it and wait for the frontend to renegotiate (it sees us
+    // leave Connected).
+    // Probe: transport features, then InitWait (below). Not when resuming: the frontend
+    // negotiated with what the previous instance wrote.
+    let probe = || {
+        xs.transaction(|tx| {
+            tx.write_str(
+                &format!("{be}/feature-max-indirect-segments"),
+                &cfg.max_indirect_segments.to_string(),
+            )?;
+            tx.write_str(
+                &format!("{be}/max-ring-page-order"),
+                &cfg.max_ring_page_order.to_string(),
+            )?;
+            tx.write_str(
+                &format!("{be}/multi-queue-max-queues"),
+                &cfg.max_queues.to_string(),
+            )?;
+            Ok(())
+        })
+    };
+    let mut probed = false;
+    let mut resumed = None;
+    let mut stale = false;
+    if xenbus::read_state(xs, &fe)? == XenbusState::Connected {
+        stale = true;
+        if xenbus::read_state(xs, be)? == XenbusState::Connected {
+            match dev.recover() {
+                Ok(r) => {
+                    resumed = Some(r);
+                    stale = false;
+                }
+                Err(why) => {
+                    tracing::warn!("cannot resume the connection: {why}");
+                    dev.forget();
+                }
+            }
+        }
+    }
+    if stale {
+        tracing::info!(
+            "frontend still connected to a previous backend: waiting for it to reconnect"
+        );
+    }
+    loop {
+        let outcome = if let Some(r) = resumed.take() {
+            let mut limits = limits();
+            limits.max_indirect_segments = r.identity.max_indirect_segments;
+            dev.connect(limits, Some(r))
+        } else {
+            if !xs.exists(be)? {
+                dev.forget();
+                return Ok(stats);
+            }
+            if !probed {
+                probe()?;
+                probed = true;
+            }
+            xenbus::switch_state(xs, be, XenbusState::InitWait)?;
+            // Wait for the frontend to publish its rings (or to go away).
+            let fstate = loop {
+                if shutdown.load(Ordering::SeqCst) {
+                    return Ok(stats);
+                }
+                let s = xenbus::read_state(xs, &fe)?;
+                if !xs.exists(be)? {
+                    dev.forget();
+                    return Ok(stats);
+                }
+                if s != XenbusState::Connected {
+                    stale = false;
+                }
+                match s {
+                    XenbusState::Connected if stale => {}
+                    XenbusState::Initialised | XenbusState::Connected => break s,
+                    XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
+                        if read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
+                            let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
+                            dev.forget();
+                            return Ok(stats);
+                        }
+                        if matches!(s, XenbusState::Closing | XenbusState::Closed) {
+                            // Follow the frontend to Closed (as Linux blkback does).
+                            let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
+                        }
+                    }
+                    XenbusState::Initialising => {
+                        // The frontend (re)starts: offer the device again ("prepare for
+                        // reconnect"), also after following it to Closed.
+                        xenbus::switch_state(xs, be, XenbusState::InitWait)?;
+                    }
+                    _ => {}
+                }
+                let _ = watch.next_timeout(Duration::from_millis(500));
+                while be_watch.events().try_recv().is_ok() {}
+            };
+            tracing::info!(?fstate, "frontend ready: connecting");
+            dev.connect(limits(), None)
         };
-        match connect(p, be, &fe, fe_id, cfg, &storage, limits, &stats, &watch) {
-            Ok(()) => tracing::info!("disconnected"),
+        match outcome {
+            Ok(Outcome::Shutdown) => {
+                tracing::info!("daemon stopping: the device stays connected");
+                return Ok(stats);
+            }
+            Ok(Outcome::Disconnected) => {
+                tracing::info!("disconnected");
+                dev.forget();
+            }
+            Err(Error::Resume { why }) => {
+                // Nothing was attached: fall back to waiting for the frontend to renegotiate.
+                tracing::warn!("cannot resume the connection: {why}");
+                dev.forget();
+                stale = true;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("device error: {e}");
+                dev.forget();
                 let _ = xs.write_str(&format!("{be}/error"), &e.to_string());
                 let _ = xenbus::switch_state(xs, be, XenbusState::Closing);
                 // Wait for the frontend to close before offering a reconnect.
@@ -305,6 +413,9 @@ where
         let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
         // Reconnect when the frontend comes back (Initialising), unless unplugged.
         loop {
+            if shutdown.load(Ordering::SeqCst) {
+                return Ok(stats);
+            }
             if !xs.exists(be)? || read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
                 return Ok(stats);
             }
@@ -319,29 +430,368 @@ where
     }
 }
 
+/// One device being served: what `connect` needs.
+struct Dev<'a, G, E> {
+    p: &'a Platform<G, E>,
+    be: &'a str,
+    fe: &'a str,
+    fe_id: DomId,
+    cfg: &'a Config,
+    storage: &'a Arc<dyn Storage>,
+    stats: &'a Arc<Stats>,
+    watch: &'a xenpv_xenstore::Watch,
+    shutdown: &'a AtomicBool,
+    journal: Option<&'a Path>,
+}
+
+/// The frontend's connection nodes, as read and checked against what we offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FrontendRings {
+    order: u32,
+    x86_32: bool,
+    persistent: bool,
+    queues: Vec<QueueIdentity>,
+}
+
 struct Running {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<std::result::Result<(), String>>>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn connect<G, E>(
-    p: &Platform<G, E>,
-    be: &str,
-    fe: &str,
-    fe_id: DomId,
-    cfg: &Config,
-    storage: &Arc<dyn Storage>,
-    limits: Limits,
-    stats: &Arc<Stats>,
-    watch: &xenpv_xenstore::Watch,
-) -> Result<()>
+/// Where a queue thread starts: a fresh ring at index 0, or a resumed one.
+enum Start {
+    Fresh,
+    Resume {
+        /// The shared `rsp_prod` seen when the journal was checked.
+        rsp_prod: u32,
+        /// The saved consumer index.
+        req_cons: u32,
+        /// The requests to answer first.
+        pending: Vec<BlkifRequest>,
+    },
+}
+
+/// A queue's ring and event channel, set up before any queue thread starts.
+struct QueueSetup<M, E> {
+    mapping: M,
+    evtchn: E,
+    local: u32,
+    start: Start,
+}
+
+impl<G, E> Dev<'_, G, E>
 where
     G: GrantMap + Send + Sync + 'static,
     G::Mapping: Send + Sync + 'static,
     E: EventChannel + 'static,
 {
-    let xs = &p.xs;
+    /// Deletes the device's journal: it is not connected any more.
+    fn forget(&self) {
+        if let Some(path) = self.journal {
+            Journal::remove(path);
+        }
+    }
+
+    /// The journal of a previous instance, if it describes the connection both sides still
+    /// have (same frontend, rings, event channels, ABI and session); why not otherwise.
+    fn recover(&self) -> std::result::Result<Recovered, String> {
+        let path = self.journal.ok_or("no journal directory is configured")?;
+        let r = Journal::load(path).map_err(|e| e.to_string())?;
+        let id = &r.identity;
+        if id.frontend != self.fe || id.frontend_id != self.fe_id {
+            return Err(format!(
+                "the journal is for frontend {} of domain {}",
+                id.frontend, id.frontend_id
+            ));
+        }
+        let session =
+            read(&self.p.xs, &format!("{}/xenpv-session", self.be)).map_err(|e| e.to_string())?;
+        if session.as_deref().map(str::trim) != Some(format!("{:016x}", id.session).as_str()) {
+            return Err(format!(
+                "the journal's session {:016x} is not the connection's ({session:?})",
+                id.session
+            ));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.max_ring_page_order = journal::MAX_RING_ORDER;
+        cfg.max_queues = journal::MAX_QUEUES as u32;
+        cfg.persistent = id.persistent;
+        let now = read_frontend(&self.p.xs, self.fe, &cfg).map_err(|e| e.to_string())?;
+        let then = FrontendRings {
+            order: id.order,
+            x86_32: id.x86_32,
+            persistent: id.persistent,
+            queues: id.queues.clone(),
+        };
+        if now != then {
+            return Err(format!(
+                "the frontend's rings changed: journal {then:?}, xenstore {now:?}"
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Connects the rings the frontend published (`resume`: none, a new connection; or the
+    /// journal of the previous instance, whose connection is taken over), serves them until
+    /// the frontend closes, a queue fails, the device is unplugged or the daemon shuts down.
+    fn connect(&self, limits: Limits, resume: Option<Recovered>) -> Result<Outcome> {
+        let xs = &self.p.xs;
+        let (be, fe, fe_id, cfg) = (self.be, self.fe, self.fe_id, self.cfg);
+        let resuming = resume.is_some();
+        let rings = match &resume {
+            Some(r) => FrontendRings {
+                order: r.identity.order,
+                x86_32: r.identity.x86_32,
+                persistent: r.identity.persistent,
+                queues: r.identity.queues.clone(),
+            },
+            None => read_frontend(xs, fe, cfg)?,
+        };
+        let (order, x86_32, persistent) = (rings.order, rings.x86_32, rings.persistent);
+        let queues = rings.queues.len();
+
+        // Every queue's ring and event channel first, so that a journal that does not fit
+        // the rings leaves nothing half-resumed.
+        let mut setups = Vec::with_capacity(queues);
+        for (q, qi) in rings.queues.iter().enumerate() {
+            let refs: Vec<_> = qi.refs.iter().map(|&g| (fe_id, g)).collect();
+            let mapping = self.p.grants.map(&refs, Access::Writable)?;
+            let start = match &resume {
+                None => Start::Fresh,
+                Some(r) => {
+                    let saved = r.queues.get(q).ok_or_else(|| Error::Resume {
+                        why: format!("the journal has no queue {q}"),
+                    })?;
+                    let (rsp_prod, req_cons) = if x86_32 {
+                        resume_indexes::<BlkifX86_32, _>(&mapping, saved.req_cons)
+                    } else {
+                        resume_indexes::<Blkif, _>(&mapping, saved.req_cons)
+                    }?;
+                    let pending = saved
+                        .pending(rsp_prod)
+                        .map_err(|why| Error::Resume { why })?;
+                    Start::Resume {
+                        rsp_prod,
+                        req_cons,
+                        pending,
+                    }
+                }
+            };
+            let evtchn = (self.p.open_evtchn)()?;
+            let local = if resuming {
+                bind_again(&evtchn, fe_id, qi.port)?
+            } else {
+                evtchn.bind_interdomain(fe_id, qi.port)?
+            };
+            setups.push(QueueSetup {
+                mapping,
+                evtchn,
+                local,
+                start,
+            });
+        }
+
+        // The journal: taken over, or a new one (a session id ties it to this connection).
+        let (journal, session) = match (&resume, self.journal) {
+            (Some(r), Some(path)) => (
+                Some(Journal::reopen(path, r).map_err(|e| Error::Resume { why: e.to_string() })?),
+                r.identity.session,
+            ),
+            (None, Some(path)) => {
+                let id = Identity {
+                    session: journal::new_session(),
+                    frontend_id: fe_id,
+                    frontend: fe.to_string(),
+                    order,
+                    x86_32,
+                    persistent,
+                    max_indirect_segments: limits.max_indirect_segments,
+                    queues: rings.queues.clone(),
+                };
+                match Journal::create(path, &id) {
+                    Ok(j) => (Some(j), id.session),
+                    Err(e) => {
+                        tracing::warn!("no journal, a restart will renegotiate: {e}");
+                        Journal::remove(path);
+                        (None, id.session)
+                    }
+                }
+            }
+            (_, None) => (None, journal::new_session()),
+        };
+
+        let mut running = Running {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        };
+        let result = (|| -> Result<Outcome> {
+            for (q, s) in setups.into_iter().enumerate() {
+                let stop = running.stop.clone();
+                let grants = self.p.grants.clone();
+                let qj = journal.as_ref().and_then(|j| j.queue(q));
+                let (storage, stats, spin, cap) = (
+                    self.storage.clone(),
+                    self.stats.clone(),
+                    cfg.spin,
+                    cfg.persistent_capacity,
+                );
+                let t = std::thread::Builder::new()
+                    .name(format!("blkback-{fe_id}-q{q}"))
+                    .spawn(move || {
+                        let maps = MapCache::new(grants, cap);
+                        let io = QueueIo {
+                            fe_id,
+                            maps,
+                            persistent,
+                            storage,
+                            limits,
+                            stats,
+                            journal: qj,
+                            spin,
+                        };
+                        let r = if x86_32 {
+                            run_queue::<BlkifX86_32, _, _, _>(s, io, &stop)
+                        } else {
+                            run_queue::<Blkif, _, _, _>(s, io, &stop)
+                        };
+                        stop.store(true, Ordering::SeqCst);
+                        r
+                    })
+                    .map_err(|e| Error::Config {
+                        path: be.into(),
+                        why: format!("cannot start a queue thread: {e}"),
+                    })?;
+                running.threads.push(t);
+            }
+            let announced = if resuming {
+                tracing::info!(queues, order, persistent, x86_32, "resumed");
+                read(xs, &format!("{be}/sectors"))?
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(limits.sectors)
+            } else {
+                self.announce(&limits, session)?;
+                xenbus::switch_state(xs, be, XenbusState::Connected)?;
+                tracing::info!(queues, order, persistent, x86_32, "connected");
+                limits.sectors
+            };
+            self.supervise(&running, announced)
+        })();
+        running.stop.store(true, Ordering::SeqCst);
+        if !matches!(result, Ok(Outcome::Shutdown)) {
+            let _ = xenbus::switch_state(xs, be, XenbusState::Closing);
+        }
+        let mut failure = None;
+        for t in running.threads.drain(..) {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => failure = Some("a queue thread panicked".into()),
+            }
+        }
+        let outcome = result?;
+        match failure {
+            Some(why) => Err(Error::Frontend {
+                path: fe.into(),
+                why,
+            }),
+            None => Ok(outcome),
+        }
+    }
+
+    /// The late features and the device's properties, in one transaction (before Connected).
+    fn announce(&self, limits: &Limits, session: u64) -> Result<()> {
+        let (xs, be, cfg) = (&self.p.xs, self.be, self.cfg);
+        let info = if limits.read_only { VDISK_READONLY } else { 0 };
+        xs.transaction(|tx| {
+            // A reconnect recovers the device from an earlier protocol error: the `error` node
+            // written then describes the old connection, not this one.
+            match tx.rm(&format!("{be}/error")) {
+                Err(e) if !e.is_not_found() => return Err(e),
+                _ => {}
+            }
+            tx.write_str(&format!("{be}/sectors"), &limits.sectors.to_string())?;
+            tx.write_str(&format!("{be}/info"), &info.to_string())?;
+            // `sectors` stays in 512-byte units whatever the sector size (blkif.h, Linux).
+            tx.write_str(
+                &format!("{be}/sector-size"),
+                &limits.sector_size.to_string(),
+            )?;
+            tx.write_str(
+                &format!("{be}/physical-sector-size"),
+                &self
+                    .storage
+                    .physical_sector_size()
+                    .max(limits.sector_size)
+                    .to_string(),
+            )?;
+            tx.write_str(&format!("{be}/feature-flush-cache"), "1")?;
+            tx.write_str(&format!("{be}/feature-barrier"), "1")?;
+            tx.write_str(
+                &format!("{be}/feature-discard"),
+                if limits.discard { "1" } else { "0" },
+            )?;
+            if limits.discard {
+                tx.write_str(
+                    &format!("{be}/discard-granularity"),
+                    &limits.discard_granularity.to_string(),
+                )?;
+                tx.write_str(&format!("{be}/discard-alignment"), "0")?;
+                tx.write_str(&format!("{be}/discard-secure"), "0")?;
+            }
+            tx.write_str(
+                &format!("{be}/feature-persistent"),
+                if cfg.persistent { "1" } else { "0" },
+            )?;
+            // Ties the journal to this connection (a restarted daemon resumes only a
+            // connection whose session matches its journal's).
+            tx.write_str(&format!("{be}/xenpv-session"), &format!("{session:016x}"))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Serves until the frontend closes, a queue fails, the device is unplugged or the daemon
+    /// shuts down; announces online growth of the disk.
+    fn supervise(&self, running: &Running, mut announced: u64) -> Result<Outcome> {
+        let (xs, be, fe) = (&self.p.xs, self.be, self.fe);
+        loop {
+            if self.shutdown.load(Ordering::SeqCst) {
+                return Ok(Outcome::Shutdown);
+            }
+            if running.stop.load(Ordering::SeqCst) {
+                return Ok(Outcome::Disconnected);
+            }
+            match xenbus::read_state(xs, fe)? {
+                XenbusState::Closing
+                | XenbusState::Closed
+                | XenbusState::Unknown
+                | XenbusState::Initialising => return Ok(Outcome::Disconnected),
+                _ => {}
+            }
+            if !xs.exists(be)? {
+                return Ok(Outcome::Disconnected);
+            }
+            // Online resize: a grown store is announced as blkback does, by rewriting
+            // `sectors` and then `state` so that the frontend's watch fires.
+            if let Ok(size) = self.storage.refresh_size() {
+                let sectors = size / 512;
+                if sectors > announced {
+                    tracing::info!(sectors, "disk grew: announcing the new size");
+                    xs.transaction(|tx| {
+                        tx.write_str(&format!("{be}/sectors"), &sectors.to_string())?;
+                        tx.write_str(&format!("{be}/state"), &XenbusState::Connected.as_value())?;
+                        Ok(())
+                    })?;
+                    announced = sectors;
+                }
+            }
+            let _ = self.watch.next_timeout(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Reads the frontend's ring nodes and checks them against what `cfg` offers.
+fn read_frontend(xs: &Client, fe: &str, cfg: &Config) -> Result<FrontendRings> {
     let ferr = |k: &str, why: String| Error::Frontend {
         path: format!("{fe}/{k}"),
         why,
@@ -371,175 +821,76 @@ where
     };
     let persistent =
         cfg.persistent && read(xs, &format!("{fe}/feature-persistent"))?.as_deref() == Some("1");
-    let running = Running {
-        stop: Arc::new(AtomicBool::new(false)),
-        threads: Vec::new(),
-    };
-    let mut running = running;
-    let result = (|| -> Result<()> {
-        for q in 0..queues {
-            let dir = if queues == 1 {
-                fe.to_string()
+    let mut qs = Vec::with_capacity(queues as usize);
+    for q in 0..queues {
+        let dir = if queues == 1 {
+            fe.to_string()
+        } else {
+            format!("{fe}/queue-{q}")
+        };
+        let pages = 1u32 << order;
+        let mut refs = Vec::with_capacity(pages as usize);
+        for i in 0..pages {
+            let key = if order == 0 {
+                format!("{dir}/ring-ref")
             } else {
-                format!("{fe}/queue-{q}")
+                format!("{dir}/ring-ref{i}")
             };
-            let pages = 1u32 << order;
-            let mut refs = Vec::with_capacity(pages as usize);
-            for i in 0..pages {
-                let key = if order == 0 {
-                    format!("{dir}/ring-ref")
-                } else {
-                    format!("{dir}/ring-ref{i}")
-                };
-                let gref: u32 = read_num(xs, &key, None)?;
-                refs.push((fe_id, gref));
-            }
-            let port: u32 = read_num(xs, &format!("{dir}/event-channel"), None)?;
-            let mapping = p.grants.map(&refs, Access::Writable)?;
-            let evtchn = (p.open_evtchn)()?;
-            let local = evtchn.bind_interdomain(fe_id, port)?;
-            let stop = running.stop.clone();
-            let grants = p.grants.clone();
-            let (storage, stats, spin, cap) = (
-                storage.clone(),
-                stats.clone(),
-                cfg.spin,
-                cfg.persistent_capacity,
-            );
-            let t = std::thread::Builder::new()
-                .name(format!("blkback-{fe_id}-q{q}"))
-                .spawn(move || {
-                    let maps = MapCache::new(grants, cap);
-                    let r = if x86_32 {
-                        run_queue::<BlkifX86_32, _, _, _>(
-                            mapping, fe_id, maps, persistent, storage, limits, stats, evtchn,
-                            local, spin, &stop,
-                        )
-                    } else {
-                        run_queue::<Blkif, _, _, _>(
-                            mapping, fe_id, maps, persistent, storage, limits, stats, evtchn,
-                            local, spin, &stop,
-                        )
-                    };
-                    stop.store(true, Ordering::SeqCst);
-                    r
-                })
-                .map_err(|e| Error::Config {
-                    path: be.into(),
-                    why: format!("cannot start a queue thread: {e}"),
-                })?;
-            running.threads.push(t);
+            refs.push(read_num(xs, &key, None)?);
         }
-        let info = if limits.read_only { VDISK_READONLY } else { 0 };
-        xs.transaction(|tx| {
-            // A reconnect recovers the device from an earlier protocol error: the `error` node
-            // written then describes the old connection, not this one.
-            match tx.rm(&format!("{be}/error")) {
-                Err(e) if !e.is_not_found() => return Err(e),
-                _ => {}
-            }
-            tx.write_str(&format!("{be}/sectors"), &limits.sectors.to_string())?;
-            tx.write_str(&format!("{be}/info"), &info.to_string())?;
-            // `sectors` stays in 512-byte units whatever the sector size (blkif.h, Linux).
-            tx.write_str(
-                &format!("{be}/sector-size"),
-                &limits.sector_size.to_string(),
-            )?;
-            tx.write_str(
-                &format!("{be}/physical-sector-size"),
-                &storage
-                    .physical_sector_size()
-                    .max(limits.sector_size)
-                    .to_string(),
-            )?;
-            tx.write_str(&format!("{be}/feature-flush-cache"), "1")?;
-            tx.write_str(&format!("{be}/feature-barrier"), "1")?;
-            tx.write_str(
-                &format!("{be}/feature-discard"),
-                if limits.discard { "1" } else { "0" },
-            )?;
-            if limits.discard {
-                tx.write_str(
-                    &format!("{be}/discard-granularity"),
-                    &limits.discard_granularity.to_string(),
-                )?;
-                tx.write_str(&format!("{be}/discard-alignment"), "0")?;
-                tx.write_str(&format!("{be}/discard-secure"), "0")?;
-            }
-            tx.write_str(
-                &format!("{be}/feature-persistent"),
-                if cfg.persistent { "1" } else { "0" },
-            )?;
-            Ok(())
-        })?;
-        xenbus::switch_state(xs, be, XenbusState::Connected)?;
-        tracing::info!(queues, order, persistent, x86_32, "connected");
-        // Serve until the frontend closes, a queue fails, or the device is unplugged.
-        let mut announced = limits.sectors;
-        loop {
-            if running.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            match xenbus::read_state(xs, fe)? {
-                XenbusState::Closing
-                | XenbusState::Closed
-                | XenbusState::Unknown
-                | XenbusState::Initialising => break,
-                _ => {}
-            }
-            if !xs.exists(be)? {
-                break;
-            }
-            // Online resize: a grown store is announced as blkback does, by rewriting
-            // `sectors` and then `state` so that the frontend's watch fires.
-            if let Ok(size) = storage.refresh_size() {
-                let sectors = size / 512;
-                if sectors > announced {
-                    tracing::info!(sectors, "disk grew: announcing the new size");
-                    xs.transaction(|tx| {
-                        tx.write_str(&format!("{be}/sectors"), &sectors.to_string())?;
-                        tx.write_str(&format!("{be}/state"), &XenbusState::Connected.as_value())?;
-                        Ok(())
-                    })?;
-                    announced = sectors;
-                }
-            }
-            let _ = watch.next_timeout(Duration::from_millis(200));
-        }
-        Ok(())
-    })();
-    running.stop.store(true, Ordering::SeqCst);
-    let _ = xenbus::switch_state(xs, be, XenbusState::Closing);
-    let mut failure = None;
-    for t in running.threads.drain(..) {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = Some(e),
-            Err(_) => failure = Some("a queue thread panicked".into()),
-        }
+        let port: u32 = read_num(xs, &format!("{dir}/event-channel"), None)?;
+        qs.push(QueueIdentity { port, refs });
     }
-    result?;
-    match failure {
-        Some(why) => Err(Error::Frontend {
-            path: fe.into(),
-            why,
-        }),
-        None => Ok(()),
+    Ok(FrontendRings {
+        order,
+        x86_32,
+        persistent,
+        queues: qs,
+    })
+}
+
+/// The shared `rsp_prod` of a connected ring and the saved `req_cons`, if they fit together
+/// ([`BackRing::resume`]).
+fn resume_indexes<P: Abi, M: RingMemory>(mapping: M, req_cons: u32) -> Result<(u32, u32)> {
+    let ring = BackRing::<P, _>::resume(mapping, req_cons).map_err(|e| Error::Resume {
+        why: format!("the saved ring index does not fit the ring: {e}"),
+    })?;
+    Ok((ring.rsp_prod_pvt(), ring.req_cons()))
+}
+
+/// Binds the frontend's port again after a restart. The previous instance's binding goes away
+/// when that process's handle is closed (on Xen by the kernel at its exit, on the local platform
+/// by the broker when its connection drops), which may be a moment after it died: retry a while.
+fn bind_again<E: EventChannel>(evtchn: &E, fe_id: DomId, port: u32) -> Result<u32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match evtchn.bind_interdomain(fe_id, port) {
+            Ok(local) => return Ok(local),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(Error::Resume {
+                    why: format!("cannot bind the frontend's port {port} again: {e}"),
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_queue<P, M, G, E>(
-    mapping: M,
+/// What a queue thread serves with.
+struct QueueIo<G: GrantMap> {
     fe_id: DomId,
     maps: MapCache<G>,
     persistent: bool,
     storage: Arc<dyn Storage>,
     limits: Limits,
     stats: Arc<Stats>,
-    evtchn: E,
-    port: u32,
+    journal: Option<QueueJournal>,
     spin: SpinBudget,
+}
+
+fn run_queue<P, M, G, E>(
+    setup: QueueSetup<M, E>,
+    io: QueueIo<G>,
     stop: &AtomicBool,
 ) -> std::result::Result<(), String>
 where
@@ -549,33 +900,80 @@ where
     G::Mapping: xenpv_grant::GrantMemory,
     E: EventChannel,
 {
-    let ring = BackRing::<P, _>::new(&mapping).map_err(|e| e.to_string())?;
-    let mut q = Queue::new(ring, fe_id, maps, persistent, storage, limits, stats);
-    let mut ports = Vec::new();
-    let result = loop {
-        match q.service() {
-            Ok(true) => {
-                if let Err(e) = evtchn.notify(port) {
-                    break Err(format!("notify: {e}"));
-                }
+    let QueueSetup {
+        mapping,
+        evtchn,
+        local: port,
+        start,
+    } = setup;
+    let (ring, pending) = match start {
+        Start::Fresh => (
+            BackRing::<P, _>::new(&mapping).map_err(|e| e.to_string())?,
+            Vec::new(),
+        ),
+        Start::Resume {
+            rsp_prod,
+            req_cons,
+            pending,
+        } => {
+            let ring = BackRing::<P, _>::resume(&mapping, req_cons).map_err(|e| e.to_string())?;
+            if ring.rsp_prod_pvt() != rsp_prod {
+                return Err(format!(
+                    "the frontend moved rsp_prod from {rsp_prod} to {} while we resumed",
+                    ring.rsp_prod_pvt()
+                ));
             }
-            Ok(false) => {}
-            Err(e) => break Err(format!("ring protocol error: {e}")),
-        }
-        if stop.load(Ordering::SeqCst) {
-            break Ok(());
-        }
-        ports.clear();
-        if let Err(e) = spin_then_wait(&evtchn, &mut ports, spin, Some(Duration::from_millis(100)))
-        {
-            break Err(format!("event channel: {e}"));
-        }
-        for &p in &ports {
-            // Unmask only after the ring has been drained (next iteration drains it again
-            // before sleeping, so an event arriving now is not lost).
-            let _ = evtchn.unmask(p);
+            (ring, pending)
         }
     };
+    let mut q = Queue::new(
+        ring,
+        io.fe_id,
+        io.maps,
+        io.persistent,
+        io.storage,
+        io.limits,
+        io.stats,
+    );
+    if let Some(j) = io.journal {
+        q = q.with_journal(j);
+    }
+    let mut ports = Vec::new();
+    let result = (|| {
+        if !pending.is_empty() {
+            tracing::info!(
+                requests = pending.len(),
+                "answering what the previous instance left unanswered"
+            );
+            q.resume(&pending)
+                .map_err(|e| format!("ring protocol error: {e}"))?;
+            // Whatever the notify decision: the frontend may have slept through our restart.
+            evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
+        }
+        loop {
+            match q.service() {
+                Ok(true) => evtchn.notify(port).map_err(|e| format!("notify: {e}"))?,
+                Ok(false) => {}
+                Err(e) => return Err(format!("ring protocol error: {e}")),
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            ports.clear();
+            spin_then_wait(
+                &evtchn,
+                &mut ports,
+                io.spin,
+                Some(Duration::from_millis(100)),
+            )
+            .map_err(|e| format!("event channel: {e}"))?;
+            for &p in &ports {
+                // Unmask only after the ring has been drained (next iteration drains it again
+                // before sleeping, so an event arriving now is not lost).
+                let _ = evtchn.unmask(p);
+            }
+        }
+    })();
     q.release_mappings();
     let _ = evtchn.unbind(port);
     result

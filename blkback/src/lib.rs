@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod device;
+pub mod journal;
 pub mod queue;
 pub mod request;
 pub mod storage;

@@ -50,6 +50,14 @@ struct Args {
     /// `xenpv-engine` node overrides it per device).
     #[arg(long)]
     engine: Option<String>,
+    /// Where connected devices keep their journals, so that a restarted daemon resumes them
+    /// without the guests noticing (default: $RUNTIME_DIRECTORY under systemd, else
+    /// /run/xenpv-blkback on Xen and STATE_DIR/blkback-dom<DOMID> on the local platform).
+    #[arg(long)]
+    journal_dir: Option<PathBuf>,
+    /// Keep no journals: a restarted daemon waits for each frontend to renegotiate.
+    #[arg(long)]
+    no_resume: bool,
 }
 
 /// The configuration file.
@@ -65,6 +73,8 @@ struct File {
     spin_us: Option<u64>,
     status_file: Option<PathBuf>,
     engine: Option<String>,
+    journal_dir: Option<PathBuf>,
+    resume: Option<bool>,
 }
 
 fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
@@ -129,11 +139,33 @@ fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
     if let Some(e) = args.engine.as_ref().or(file.engine.as_ref()) {
         c.engine = e.parse().map_err(|err| format!("engine `{e}`: {err}"))?;
     }
+    c.journal_dir = args.journal_dir.clone().or(file.journal_dir);
+    if args.no_resume || file.resume == Some(false) {
+        c.journal_dir = None;
+    } else if c.journal_dir.is_none() {
+        // Decided with the platform (see `journal_default`).
+        c.journal_dir = Some(PathBuf::new());
+    }
     Ok((c, args.status_file.clone().or(file.status_file)))
 }
 
+/// The journal directory when none is configured: systemd's `RuntimeDirectory=` (kept across
+/// restarts with `RuntimeDirectoryPreserve=yes`), else `fallback`.
+fn journal_default(cfg: &mut Config, fallback: impl FnOnce() -> PathBuf) {
+    if cfg
+        .journal_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        let systemd = std::env::var_os("RUNTIME_DIRECTORY")
+            .and_then(|v| std::env::split_paths(&v).next())
+            .filter(|p| !p.as_os_str().is_empty());
+        cfg.journal_dir = Some(systemd.unwrap_or_else(fallback));
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
-    let (cfg, status) = config(&args)?;
+    let (mut cfg, status) = config(&args)?;
     let dom16 = u16::try_from(args.domid)
         .ok()
         .filter(|d| *d < 0x7ff0)
@@ -154,6 +186,7 @@ fn run(args: Args) -> Result<(), String> {
         }
     };
     if xen {
+        journal_default(&mut cfg, || PathBuf::from("/run/xenpv-blkback"));
         let xs =
             xenpv_xenstore::Client::open().map_err(|e| format!("cannot reach xenstored: {e}"))?;
         let grants = Arc::new(xenpv_grant::xen::XenGntdev::open().map_err(|e| e.to_string())?);
@@ -168,6 +201,7 @@ fn run(args: Args) -> Result<(), String> {
             .state_dir
             .clone()
             .unwrap_or_else(xenpv_evtchn::local::state_root);
+        journal_default(&mut cfg, || root.join(format!("blkback-dom{}", args.domid)));
         let hint = |e: &dyn std::fmt::Display| {
             format!(
                 "{e} (is the local platform running at {}? start it with `xenpv local`)",

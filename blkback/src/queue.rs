@@ -13,6 +13,7 @@ use xenpv_ring::blkif::{
 };
 use xenpv_ring::{BackRing, RingMemory, RingProtocol};
 
+use crate::journal::QueueJournal;
 use crate::request::{indirect_segments, validate, Direction, Limits, Plan, Segment};
 use crate::storage::{Op, Storage};
 
@@ -89,6 +90,7 @@ pub struct Queue<P: Abi, M: RingMemory, G: GrantMap> {
     storage: Arc<dyn Storage>,
     limits: Limits,
     stats: Arc<Stats>,
+    journal: Option<QueueJournal>,
 }
 
 impl<P: Abi, M: RingMemory, G: GrantMap> Queue<P, M, G>
@@ -114,7 +116,44 @@ where
             storage,
             limits,
             stats,
+            journal: None,
         }
+    }
+
+    /// Keeps the copy of every request consumed in `journal` (and its `req_cons`), so that a
+    /// restarted backend can answer what this one consumed and did not answer
+    /// ([`crate::journal`]).
+    pub fn with_journal(mut self, journal: QueueJournal) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Answers the requests a previous backend instance consumed and did not answer (`pending`,
+    /// native layout, in ring order, from its journal), on a ring attached with
+    /// [`BackRing::resume`]: each is executed again (reads, writes, flushes and discards are
+    /// idempotent) and its response produced at the shared `rsp_prod`. Their copies stay in the
+    /// journal until the responses are published. Returns whether to notify.
+    pub fn resume(&mut self, pending: &[BlkifRequest]) -> xenpv_ring::Result<bool> {
+        self.limits.sectors = self.storage.size() / 512;
+        let mut notify = false;
+        for part in pending.chunks(MAX_BATCH_REQUESTS) {
+            let chunk: Vec<_> = part.iter().map(|r| self.prepare(r)).collect();
+            self.answer(&chunk)?;
+            notify |= self.ring.push_responses();
+        }
+        if notify {
+            Stats::add(&self.stats.notifications, 1);
+        }
+        Ok(notify)
+    }
+
+    fn answer(&mut self, chunk: &[Prepared<G::Mapping>]) -> xenpv_ring::Result<()> {
+        let statuses = self.execute(chunk);
+        for (p, status) in chunk.iter().zip(statuses) {
+            self.ring
+                .produce(P::response(BlkifResponse::new(p.id, p.operation, status)))?;
+        }
+        Ok(())
     }
 
     /// The ring.
@@ -131,7 +170,8 @@ where
     /// ([`Storage::submit`]) so that an asynchronous engine has them all in flight at once.
     /// Ops that conflict ([`Op::conflicts`]: overlapping writes, flushes, barriers) go to
     /// separate batches, in ring order, so the outcome is that of serving the requests one by
-    /// one. Responses of a chunk are produced in ring order once it completes.
+    /// one. Responses of a chunk are produced in ring order once it completes, and published
+    /// before the next chunk is taken (the journal relies on both).
     pub fn service(&mut self) -> xenpv_ring::Result<bool> {
         let mut notify = false;
         // The disk may have grown (online resize): check requests against its size now.
@@ -144,26 +184,31 @@ where
                 let mut chunk: Vec<Prepared<G::Mapping>> = Vec::new();
                 let mut pages = 0usize;
                 while chunk.len() < MAX_BATCH_REQUESTS && pages < MAX_BATCH_PAGES {
+                    let idx = self.ring.req_cons();
                     let Some(req) = self.ring.next_request()? else {
                         break;
                     };
-                    let p = self.prepare(&P::to_native(&req));
+                    let native = P::to_native(&req);
+                    if let Some(j) = &mut self.journal {
+                        j.record(idx, &native);
+                    }
+                    let p = self.prepare(&native);
                     pages += p.pages();
                     chunk.push(p);
                 }
                 if chunk.is_empty() {
                     break;
                 }
-                let statuses = self.execute(&chunk);
-                for (p, status) in chunk.iter().zip(statuses) {
-                    self.ring.produce(P::response(BlkifResponse::new(
-                        p.id,
-                        p.operation,
-                        status,
-                    )))?;
+                // The copies count before any response is written over their slots.
+                if let Some(j) = &mut self.journal {
+                    j.commit(self.ring.req_cons());
                 }
+                self.answer(&chunk)?;
+                // Published after every chunk, so that the ring never lets us consume more
+                // than a ring beyond the published responses: a journal slot is reused only
+                // once the response to its request is visible to the frontend.
+                notify |= self.ring.push_responses();
             }
-            notify |= self.ring.push_responses();
             if !self.ring.final_check_for_requests()? {
                 break;
             }

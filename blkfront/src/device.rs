@@ -784,6 +784,23 @@ where
             if s == XenbusState::Connected {
                 continue;
             }
+            if !self.opts.reconnect {
+                // As Linux's xen-blkfront: ignore a backend back at InitWait (or earlier)
+                // while connected; a closing backend takes the disk with it.
+                if matches!(
+                    s,
+                    XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
+                ) {
+                    tracing::error!(state = ?s, "backend closed the device: the disk fails");
+                    let mut err = lock(&self.error);
+                    if err.is_none() {
+                        *err = Some(Error::BackendClosed(format!("{s:?}")));
+                    }
+                    drop(err);
+                    self.phase.store(BROKEN, Ordering::SeqCst);
+                }
+                continue;
+            }
             tracing::warn!(state = ?s, "backend left Connected: reconnecting");
             self.phase.store(RECONNECTING, Ordering::SeqCst);
             // Stale nodes first, so that no backend attaches to the old rings.

@@ -105,6 +105,9 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(String),
+    /// The backend closed the device and [`Options::reconnect`] is off.
+    #[error("the backend closed the device ({0}) and reconnecting is disabled")]
+    BackendClosed(String),
 }
 
 impl From<xenpv_xenstore::Error> for Error {
@@ -181,6 +184,10 @@ pub struct Options {
     pub spin: SpinBudget,
     /// How long to wait for each backend state change while negotiating.
     pub timeout: Duration,
+    /// Renegotiate when the backend leaves Connected (a restarted backend that could not
+    /// resume the connection). `false` behaves as Linux's xen-blkfront: a backend going back
+    /// to InitWait while connected is ignored, and a backend closing fails the disk.
+    pub reconnect: bool,
 }
 
 impl Default for Options {
@@ -194,6 +201,7 @@ impl Default for Options {
             pool_pages: 1024,
             spin: SpinBudget::auto(),
             timeout: Duration::from_secs(30),
+            reconnect: true,
         }
     }
 }

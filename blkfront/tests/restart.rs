@@ -1,15 +1,20 @@
 //! Backend restart: our blkback runs in a child process (this test binary re-executed), is
 //! killed with SIGKILL in the middle of I/O, the toolstack marks it Closed, a new backend starts;
 //! the frontend renegotiates, re-issues what was in flight, and every acknowledged write is
-//! intact.
+//! intact. With journals, the new backend resumes the connection instead and the frontend
+//! notices nothing.
 
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use xenpv_blkfront::{Op, Options};
+use xenpv_nbd::export::run_sync;
+use xenpv_nbd::{AsyncBlockExport, BlockExport, Completion, ExportFlags, Request};
 use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
 /// The child: serves the device named in the environment until killed.
@@ -21,7 +26,112 @@ fn backend_child() {
     };
     let be = std::env::var("BLKFRONT_TEST_BE").unwrap();
     let p = backend_platform(std::path::Path::new(&root));
-    let _ = xenpv_blkback::device::serve(&p, &be, &Default::default());
+    let cfg = xenpv_blkback::device::Config {
+        journal_dir: std::env::var_os("BLKFRONT_TEST_JOURNAL").map(Into::into),
+        ..Default::default()
+    };
+    let _ = xenpv_blkback::device::serve(&p, &be, &cfg);
+}
+
+/// With journals, the new backend resumes the connection instead: a frontend that does not
+/// renegotiate (as Linux's xen-blkfront) with two queues, two-page rings, persistent grants and
+/// indirect requests sees every write in flight complete, and never a reconnect.
+#[test]
+fn backend_restart_resumes_a_frontend_that_does_not_reconnect() {
+    let env = env(16 << 20);
+    let journal = env._dir.path().join("journal");
+    // The image behind a gate: writes reach it only when the test says so.
+    let gate = Gated::new(xenpv_nbd::FileExport::open(&env.img).unwrap());
+    let sock = env._dir.path().join("gate.nbd");
+    let _server = xenpv_nbd::Server::bind_unix(&sock, gate.clone())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    env.dom0
+        .write_str(
+            &format!("{}/params", env.be),
+            &format!("nbd+unix:///?socket={}", sock.display()),
+        )
+        .unwrap();
+    // Dropped first (on a failure too): nothing stays held, so the server can shut down.
+    let _open_on_drop = OpenOnDrop(gate.clone());
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["backend_child", "--exact", "--ignored", "--nocapture"])
+            .env("BLKFRONT_TEST_ROOT", &env.root)
+            .env("BLKFRONT_TEST_BE", &env.be)
+            .env("BLKFRONT_TEST_JOURNAL", &journal)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dev = connect(
+        &env,
+        Options {
+            queues: 2,
+            ring_order: 1,
+            reconnect: false,
+            ..Options::default()
+        },
+    );
+    let info = dev.info();
+    assert!(info.persistent && info.queues == 2 && info.max_segments > 11);
+    gate.close();
+    let mut tickets = Vec::new();
+    for i in 0..200u64 {
+        tickets.push(dev.submit_ticket(Op::Write {
+            offset: i * 65536,
+            data: pattern(7000 + i, 65536),
+        }));
+    }
+    // Each queue's first chunk of writes consumed and held at the storage (a queue waits for
+    // its chunk before it takes more from its ring); the backend dies; their I/O never
+    // happens. The new backend executes them again from the journal, and takes the rest from
+    // the rings where the journal says the old one stopped.
+    gate.wait_held(2);
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    gate.open();
+    assert_eq!(
+        xenbus::read_state(&env.dom0, &env.be).unwrap(),
+        XenbusState::Connected
+    );
+    let _b = start_backend(
+        &env,
+        xenpv_blkback::device::Config {
+            journal_dir: Some(journal),
+            ..Default::default()
+        },
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for (i, t) in tickets.into_iter().enumerate() {
+        let r = loop {
+            if let Some(r) = t.try_wait() {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "write {i} never completed: the backend did not resume"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        r.unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+    for i in 0..200u64 {
+        let want = pattern(7000 + i, 65536);
+        assert_eq!(read_image(&env.img, i * 65536, 65536), want, "block {i}");
+        let mut back = vec![0; 65536];
+        dev.read_at(&mut back, i * 65536).unwrap();
+        assert_eq!(back, want);
+    }
+    assert_eq!(dev.reconnects(), 0);
+    assert!(dev.is_connected());
+    assert_eq!(
+        xenbus::read_state(&env.dom0, &env.be).unwrap(),
+        XenbusState::Connected
+    );
+    dev.close().unwrap();
 }
 
 #[test]
@@ -102,4 +212,74 @@ fn restart(mark_closed: bool) {
         assert_eq!(back, want);
     }
     dev.close().unwrap();
+}
+
+/// An export whose requests can be held at a gate (and then forgotten, as the I/O of a killed
+/// process that never issued it).
+struct Gated<E: BlockExport> {
+    disk: E,
+    hold: AtomicBool,
+    held: Mutex<Vec<(Request, Completion)>>,
+}
+
+impl<E: BlockExport> Gated<E> {
+    fn new(disk: E) -> Arc<Self> {
+        Arc::new(Gated {
+            disk,
+            hold: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn close(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    fn wait_held(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let held = self.held.lock().unwrap().len();
+            if held >= n {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {held} of {n} requests reached the storage"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Forgets what is held and lets everything through from now on.
+    fn open(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.held.lock().unwrap().clear();
+    }
+}
+
+impl<E: BlockExport> AsyncBlockExport for Gated<E> {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn flags(&self) -> ExportFlags {
+        self.disk.flags()
+    }
+    fn submit(&self, request: Request, done: Completion) {
+        let mut held = self.held.lock().unwrap();
+        if self.hold.load(Ordering::SeqCst) {
+            held.push((request, done));
+        } else {
+            drop(held);
+            run_sync(&self.disk, request, done);
+        }
+    }
+}
+
+/// Opens the gate when dropped.
+struct OpenOnDrop<E: BlockExport>(Arc<Gated<E>>);
+
+impl<E: BlockExport> Drop for OpenOnDrop<E> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
 }

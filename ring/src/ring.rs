@@ -456,6 +456,38 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
         })
     }
 
+    /// Resumes a ring a previous backend instance served (a restart without the frontend
+    /// noticing): responses continue at the shared `rsp_prod`, requests at `req_cons`, the
+    /// consumer index that instance saved. The requests in between were consumed and never
+    /// answered; the caller answers them first (from its own copies: their slots may hold
+    /// responses that were written but never published). The shared header is left untouched.
+    ///
+    /// Fails with [`Error::RequestOverflow`] unless `rsp_prod ≤ req_cons ≤ req_prod` (modulo
+    /// 2^32) within one ring's size: the saved index does not belong to this ring, or the
+    /// frontend moved an index.
+    pub fn resume(mem: M, req_cons: u32) -> Result<Self> {
+        let mut ring = Self::attach(mem, 0)?;
+        let rsp_prod = ring.shared_rsp_prod();
+        ring.rsp_prod_pvt = rsp_prod;
+        ring.rsp_published = rsp_prod;
+        ring.req_cons = rsp_prod;
+        ring.req_snapshot = rsp_prod;
+        let req_prod = protocol::read_producer(ring.shared.index(REQ_PROD));
+        let consumed = req_cons.wrapping_sub(rsp_prod);
+        let produced = req_prod.wrapping_sub(rsp_prod);
+        if consumed > ring.size() || produced > ring.size() || consumed > produced {
+            return Err(Error::RequestOverflow {
+                req_prod,
+                req_cons,
+                rsp_prod_pvt: rsp_prod,
+                size: ring.size(),
+            });
+        }
+        ring.req_cons = req_cons;
+        ring.req_snapshot = req_cons;
+        Ok(ring)
+    }
+
     /// Reads the shared `rsp_prod` (what a restarted backend resumes from).
     pub fn shared_rsp_prod(&self) -> u32 {
         protocol::read_producer(self.shared.index(RSP_PROD))

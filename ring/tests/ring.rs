@@ -480,3 +480,63 @@ fn netif_extra_and_flags() {
     assert_eq!(TxFlags(0x30).unknown_bits(), 0x30);
     assert_eq!(<NetifTx as RingProtocol>::ENTRY_SIZE, 12);
 }
+
+/// A restarted backend resumes at the shared `rsp_prod` with the `req_cons` its previous
+/// instance saved: it answers the consumed requests first, then serves new ones; saved indexes
+/// that do not fit the ring are refused. Also across the 2^32 wrap.
+#[test]
+fn a_restarted_backend_resumes_where_the_previous_one_stopped() {
+    for start in [0u32, u32::MAX - 2] {
+        let (mut front, mut back, pages) = pair_at(start, 0);
+        for id in 0..6 {
+            front.produce(req(id)).unwrap();
+        }
+        let _ = front.push_requests();
+        // The old instance consumes 5, answers 2 and publishes them, writes a third response
+        // without publishing it, and dies.
+        let mut consumed = Vec::new();
+        for _ in 0..5 {
+            consumed.push(back.next_request().unwrap().unwrap());
+        }
+        for r in &consumed[..2] {
+            back.produce(rsp(*r)).unwrap();
+        }
+        back.push_responses_no_check();
+        back.produce(rsp(consumed[2])).unwrap();
+        let saved = back.req_cons();
+        drop(back);
+
+        for bad in [
+            saved.wrapping_add(2),  // beyond req_prod
+            start.wrapping_add(1),  // behind rsp_prod
+            saved.wrapping_add(40), // more than a ring
+        ] {
+            assert!(
+                matches!(
+                    BackRing::<Blkif, _>::resume(pages.clone(), bad),
+                    Err(Error::RequestOverflow { .. })
+                ),
+                "req_cons {bad} accepted"
+            );
+        }
+        let mut back = BackRing::<Blkif, _>::resume(pages.clone(), saved).unwrap();
+        assert_eq!(back.rsp_prod_pvt(), start.wrapping_add(2));
+        assert_eq!(back.req_cons(), saved);
+        assert_eq!(back.outstanding(), 3);
+        // The unanswered three (from the backend's own copies), then the sixth request.
+        for r in &consumed[2..] {
+            back.produce(rsp(*r)).unwrap();
+        }
+        assert_eq!(back.next_request().unwrap(), Some(req(5)));
+        back.produce(rsp(req(5))).unwrap();
+        let _ = back.push_responses();
+        let mut ids = Vec::new();
+        while let Some(r) = front.next_response().unwrap() {
+            ids.push(r.id);
+        }
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5]);
+        // A frontend that moved req_prod more than a ring ahead is refused as well.
+        pages.write_u32(REQ_PROD, start.wrapping_add(100));
+        assert!(BackRing::<Blkif, _>::resume(pages.clone(), front.req_prod_pvt()).is_err());
+    }
+}
