@@ -279,15 +279,9 @@ where
                 },
                 dev.opts.timeout,
             ) {
-                Ok(XenbusState::Closing) => {
-                    // Linux blkback closes only after we do; ours closes on our Closing.
-                    let _ = xenbus::wait_for_peer_state(
-                        xs,
-                        &dev.be,
-                        |s| matches!(s, XenbusState::Closed | XenbusState::Unknown),
-                        Duration::from_secs(2),
-                    );
-                }
+                // Linux's blkback answers our Closing with Closing and unmaps only once we are
+                // Closed; ours goes straight to Closed. Either way we may now tear down: pages the
+                // backend still maps are released only when it unmaps them (deferred revoke).
                 Ok(_) => {}
                 Err(e) => result = Err(e.into()),
             }
@@ -295,6 +289,16 @@ where
         dev.stop_threads();
         dev.teardown(false);
         let _ = xenbus::switch_state(xs, &dev.fe, XenbusState::Closed);
+        if was != BROKEN {
+            // Linux's blkback reaches Closed after our Closed: wait for it briefly, so that
+            // whoever removes the device next finds it closed.
+            let _ = xenbus::wait_for_peer_state(
+                xs,
+                &dev.be,
+                |s| matches!(s, XenbusState::Closed | XenbusState::Unknown),
+                Duration::from_secs(2),
+            );
+        }
         tracing::info!(dev = %dev.fe, "closed");
         result
     }

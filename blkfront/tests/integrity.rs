@@ -81,6 +81,8 @@ fn fio(uri: &str, extra: &[&str]) -> String {
             "--iodepth=32",
             "--size=24m",
             "--verify=crc32c",
+            // no verify-state file left in the working directory
+            "--verify_state_save=0",
             "--verify_fatal=1",
             "--randseed=4242",
         ])

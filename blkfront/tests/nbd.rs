@@ -78,6 +78,8 @@ fn nbd_export_with_real_tools() {
             "--iodepth=32",
             "--size=16m",
             "--verify=crc32c",
+            // no verify-state file left in the working directory
+            "--verify_state_save=0",
             "--do_verify=1",
         ])
         .output()

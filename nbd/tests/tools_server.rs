@@ -131,6 +131,8 @@ fn fio_nbd_engine_verifies_at_iodepth_32() {
             "--iodepth=32",
             &format!("--size={SIZE}"),
             "--verify=crc32c",
+            // no verify-state file left in the working directory
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--output-format=terse",

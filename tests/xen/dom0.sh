@@ -16,8 +16,10 @@ pass() { echo "RIG-PASS $* t=$(up)"; }
 sha() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | sha256sum | cut -d' ' -f1; }
 ZERO8=$(dd if=/dev/zero bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1)
 
+ENGINE=io_uring
+for a in $(cat /proc/cmdline); do case "$a" in rigengine=*) ENGINE=${a#rigengine=} ;; esac; done
 start_blkback() {
-  xenpv-blkback --platform xen --domid 0 --status-file /run/blkback.status >>/tmp/blkback.log 2>&1 &
+  xenpv-blkback --platform xen --domid 0 --engine "$ENGINE" --status-file /run/blkback.status >>/tmp/blkback.log 2>&1 &
   BB=$!
 }
 SEQ=0
@@ -105,36 +107,44 @@ s3() {
 }
 # ---------------------------------------------------------------- scenario 2
 # our blkfront in the domU, Linux's blkback in dom0
+# s2_one NAME VDEV DEVID ARGS: one device served by Linux's blkback to xenpv-blkfront ARGS
+s2_one() {
+  name=$1 vdev=$2 devid=$3 args=$4
+  B=/local/domain/0/backend/vbd/$DOMID/$devid
+  F=/local/domain/$DOMID/device/vbd/$devid
+  # what libxl and its block hotplug script write for a phy disk (physical-device in hex)
+  xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
+    "$B/bootable" 0 "$B/state" 1 "$B/dev" "$vdev" "$B/type" phy "$B/mode" w "$B/device-type" disk \
+    "$B/params" /dev/loop0 "$B/physical-device" 7:0 "$B/physical-device-path" /dev/loop0 \
+    "$F/backend" "$B" "$F/backend-id" 0 "$F/state" 1 "$F/virtual-device" "$devid" "$F/device-type" disk
+  xenstore-chmod -r "$B" n0 "r$DOMID"
+  xenstore-chmod -r "$F" "n$DOMID" r0
+  if ask s2-io "$vdev" $args; then
+    if [ "$(sha /dev/loop0 0 16)" = "$(word 2)" ]; then
+      pass "s2 $name: our blkfront ($args), Linux blkback: checksums match"
+    else
+      fail "s2 $name: loop device differs from what the domU wrote"
+    fi
+  else
+    fail "s2 $name: I/O through xenpv-blkfront ($args): $RES"
+    echo "dom0: the loop device holds $(sha /dev/loop0 0 16) (0..16 MiB)"
+  fi
+  echo "dom0: Linux blkback: $(xenstore-ls -f "$B" | grep -E 'state|feature|queue|order' | tr '\n' ' ')"
+  echo "dom0: our frontend: $(xenstore-ls -f "$F" | tr '\n' ' ')"
+  # tear down whatever happened: Linux's blkback must be gone before ours serves again
+  ask s2-end || fail "s2 $name: stopping xenpv-blkfront: $RES"
+  xenpv detach "$DOMID" "$vdev" || xenpv detach --force "$DOMID" "$vdev" || fail "s2 $name: detach"
+}
 s2() {
   ask s2-prep || { fail "s2 domU preparation: $RES"; return; }
   mod drivers/block/loop
   mod drivers/block/xen-blkback/xen-blkback
   truncate -s 64M /tmp/s2.img
   losetup /dev/loop0 /tmp/s2.img || fail "s2 losetup"
-  B=/local/domain/0/backend/vbd/$DOMID/51728
-  F=/local/domain/$DOMID/device/vbd/51728
-  # what libxl and its block hotplug script write for a phy disk (physical-device in hex)
-  xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
-    "$B/bootable" 0 "$B/state" 1 "$B/dev" xvdb "$B/type" phy "$B/mode" w "$B/device-type" disk \
-    "$B/params" /dev/loop0 "$B/physical-device" 7:0 "$B/physical-device-path" /dev/loop0 \
-    "$F/backend" "$B" "$F/backend-id" 0 "$F/state" 1 "$F/virtual-device" 51728 "$F/device-type" disk
-  xenstore-chmod -r "$B" n0 "r$DOMID"
-  xenstore-chmod -r "$F" "n$DOMID" r0
-  if ask s2-io; then
-    echo "dom0: Linux blkback sees: $(xenstore-ls -f "$B" | tr '\n' ' ')"
-    echo "dom0: our frontend wrote: $(xenstore-ls -f "$F" | tr '\n' ' ')"
-    if [ "$(sha /dev/loop0 0 16)" = "$(word 2)" ]; then
-      pass "s2 our blkfront, Linux blkback: 2 queues, ring order 1, checksums match"
-    else
-      fail "s2 loop device differs from what the domU wrote"
-    fi
-  else
-    fail "s2 I/O through xenpv-blkfront: $RES"
-    echo "dom0: the loop device holds $(sha /dev/loop0 0 16) (0..16 MiB); cmp with the domU's pattern needs it: see above"
-  fi
-  # tear down whatever happened: Linux's blkback must be gone before ours serves again
-  ask s2-end || fail "s2 stopping xenpv-blkfront: $RES"
-  xenpv detach "$DOMID" xvdb || xenpv detach --force "$DOMID" xvdb || fail "s2 detach"
+  s2_one plain xvdb 51728 "--no-persistent --no-indirect"
+  s2_one indirect xvdc 51744 "--no-persistent"
+  s2_one persistent xvdd 51760 "--no-indirect"
+  s2_one all xvde 51776 "--queues 2 --ring-order 1"
   rmmod xen_blkback || fail "s2 rmmod xen_blkback"
   losetup -d /dev/loop0
 }

@@ -62,8 +62,10 @@ do_s2_prep() {
   echo ok
 }
 do_s2_io() {
-  xenpv-blkfront --platform xen --domid "$DOMID" --device xvdb --nbd-socket /tmp/xvdb.sock \
-    --queues 2 --ring-order 1 >/tmp/blkfront.log 2>&1 &
+  rm -f /tmp/xvdb.sock
+  dev=$1; shift
+  xenpv-blkfront --platform xen --domid "$DOMID" --device "$dev" --nbd-socket /tmp/xvdb.sock \
+    "$@" >/tmp/blkfront.log 2>&1 &
   BF=$!
   i=0; while [ ! -S /tmp/xvdb.sock ]; do i=$((i + 1)); [ $i -gt 300 ] && { echo "fail xenpv-blkfront did not connect: $(tail -3 /tmp/blkfront.log | tr '\n' ' ')"; return; }; sleep 0.2; done
   nbd-client -u /tmp/xvdb.sock /dev/nbd0 >/tmp/nbd.log 2>&1 || nbd-client -unix /tmp/xvdb.sock /dev/nbd0 >>/tmp/nbd.log 2>&1 ||
@@ -74,6 +76,14 @@ do_s2_io() {
   dd if=/dev/nbd0 of=/tmp/rd bs=1M count=16 iflag=direct 2>/dev/null || { echo "fail read through nbd0"; return; }
   [ "$(sha /tmp/rd)" = "$(sha /tmp/d)" ] || {
     echo "domU: blkfront log: $(tail -5 /tmp/blkfront.log)" >/dev/console
+    at=$(cmp /tmp/rd /tmp/d 2>/dev/null | sed -n 's/.*char \([0-9]*\).*/\1/p')
+    if [ -n "$at" ]; then
+      at=$(((at - 1) & ~63))
+      echo "domU: read at $at: $(dd if=/tmp/rd bs=1 skip=$at count=96 2>/dev/null | hexdump -C | head -6 | tr '\n' '|')" >/dev/console
+      echo "domU: wrote at $at: $(dd if=/tmp/d bs=1 skip=$at count=96 2>/dev/null | hexdump -C | head -6 | tr '\n' '|')" >/dev/console
+      dd if=/dev/nbd0 of=/tmp/rd2 bs=1M count=16 iflag=direct 2>/dev/null
+      echo "domU: a second read differs in $(cmp -l /tmp/rd2 /tmp/d 2>/dev/null | wc -l) bytes" >/dev/console
+    fi
     echo "fail read back through xenpv-blkfront differs ($(cmp /tmp/rd /tmp/d 2>&1 | head -1); $(cmp -l /tmp/rd /tmp/d 2>/dev/null | wc -l) bytes differ) wrote $(sha /tmp/d)"
     return
   }
