@@ -553,18 +553,14 @@ where
     let mut q = Queue::new(ring, fe_id, maps, persistent, storage, limits, stats);
     let mut ports = Vec::new();
     let result = loop {
-        // Responses are published, and the frontend notified, as requests complete.
-        let mut notify_error = None;
-        let served = q.service_notifying(&mut || {
-            if let Err(e) = evtchn.notify(port) {
-                notify_error.get_or_insert(e);
+        match q.service() {
+            Ok(true) => {
+                if let Err(e) = evtchn.notify(port) {
+                    break Err(format!("notify: {e}"));
+                }
             }
-        });
-        if let Some(e) = notify_error {
-            break Err(format!("notify: {e}"));
-        }
-        if let Err(e) = served {
-            break Err(format!("ring protocol error: {e}"));
+            Ok(false) => {}
+            Err(e) => break Err(format!("ring protocol error: {e}")),
         }
         if stop.load(Ordering::SeqCst) {
             break Ok(());

@@ -126,29 +126,14 @@ where
     /// check). Returns whether the frontend must be notified. An error is a protocol error of
     /// the frontend (an impossible ring index): stop serving this device.
     ///
-    /// Responses are published as requests complete but the notification is left to the
-    /// caller; [`service_notifying`](Self::service_notifying) notifies as it goes.
-    pub fn service(&mut self) -> xenpv_ring::Result<bool> {
-        let mut notify = false;
-        self.service_notifying(&mut || notify = true)?;
-        Ok(notify)
-    }
-
-    /// Serves every request the frontend has published, then re-arms `req_event` (final
-    /// check), calling `notify` whenever the frontend must be told about new responses. An
-    /// error is a protocol error of the frontend (an impossible ring index): stop serving this
-    /// device.
-    ///
     /// Requests are taken in chunks (at most [`MAX_BATCH_REQUESTS`] requests or
     /// [`MAX_BATCH_PAGES`] mapped pages); the transfers of a chunk go to the storage as batches
-    /// ([`Storage::submit_streaming`]) so that an asynchronous engine has them all in flight at
-    /// once. Ops that conflict ([`Op::conflicts`]: overlapping writes, flushes, barriers) go to
+    /// ([`Storage::submit`]) so that an asynchronous engine has them all in flight at once.
+    /// Ops that conflict ([`Op::conflicts`]: overlapping writes, flushes, barriers) go to
     /// separate batches, in ring order, so the outcome is that of serving the requests one by
-    /// one. Each request is answered as soon as its last op completes, and the responses of
-    /// each group of completions the storage reports are published (and notified, as
-    /// `rsp_event` asks) at once: a request never waits for slower ones of its chunk, and
-    /// the frontend can refill the ring while the rest is in flight.
-    pub fn service_notifying(&mut self, notify: &mut dyn FnMut()) -> xenpv_ring::Result<()> {
+    /// one. Responses of a chunk are produced in ring order once it completes.
+    pub fn service(&mut self) -> xenpv_ring::Result<bool> {
+        let mut notify = false;
         // The disk may have grown (online resize): check requests against its size now.
         self.limits.sectors = self.storage.size() / 512;
         loop {
@@ -169,26 +154,24 @@ where
                 if chunk.is_empty() {
                     break;
                 }
-                let mut answers = Answers {
-                    ring: &mut self.ring,
-                    stats: &self.stats,
-                    notify: &mut *notify,
-                    error: None,
-                };
-                execute(self.storage.as_ref(), &chunk, &mut answers);
-                if let Some(e) = answers.error {
-                    return Err(e);
+                let statuses = self.execute(&chunk);
+                for (p, status) in chunk.iter().zip(statuses) {
+                    self.ring.produce(P::response(BlkifResponse::new(
+                        p.id,
+                        p.operation,
+                        status,
+                    )))?;
                 }
             }
-            if self.ring.push_responses() {
-                Stats::add(&self.stats.notifications, 1);
-                notify();
-            }
+            notify |= self.ring.push_responses();
             if !self.ring.final_check_for_requests()? {
                 break;
             }
         }
-        Ok(())
+        if notify {
+            Stats::add(&self.stats.notifications, 1);
+        }
+        Ok(notify)
     }
 
     /// Unmaps every persistently mapped grant (on disconnect).
@@ -310,159 +293,88 @@ where
         }
         Ok(())
     }
-}
 
-/// Where a chunk's requests are answered: the ring, the counters and the notification.
-struct Answers<'a, P: Abi, M: RingMemory> {
-    ring: &'a mut BackRing<P, M>,
-    stats: &'a Stats,
-    notify: &'a mut dyn FnMut(),
-    /// The first ring error (then nothing more is answered: the device is stopped).
-    error: Option<xenpv_ring::Error>,
-}
-
-impl<P: Abi, M: RingMemory> Answers<'_, P, M> {
-    /// Answers one request of the chunk with its final status (and counts it).
-    fn answer<G>(&mut self, p: &Prepared<G>, failure: Option<Failure>) {
-        let status = match (p.outcome, failure) {
-            (Err(status), _) => status,
-            (Ok(()), Some(e)) => {
-                tracing::debug!(id = p.id, op = p.operation, "request failed: {e}");
-                RSP_ERROR
-            }
-            (Ok(()), None) => RSP_OKAY,
-        };
-        count(self.stats, p, status);
-        if self.error.is_some() {
-            return;
-        }
-        if let Err(e) =
-            self.ring
-                .produce(P::response(BlkifResponse::new(p.id, p.operation, status)))
-        {
-            self.error = Some(e);
-        }
-    }
-
-    /// Publishes what has been answered, notifying if the frontend asked for it.
-    fn publish(&mut self) {
-        if self.error.is_none() && self.ring.push_responses() {
-            Stats::add(&self.stats.notifications, 1);
-            (self.notify)();
-        }
-    }
-}
-
-/// A request's progress through [`execute`].
-struct Progress {
-    /// Ops not yet completed, issued or not (a request is answered when this reaches 0).
-    left: usize,
-    failure: Option<Failure>,
-}
-
-/// Runs the steps of a chunk of prepared requests in batches, answering each request when its
-/// last op completes and publishing the answers of each group of completions.
-fn execute<G: GrantMemory, P: Abi, M: RingMemory>(
-    storage: &dyn Storage,
-    chunk: &[Prepared<G>],
-    out: &mut Answers<'_, P, M>,
-) {
-    let mut progress: Vec<Progress> = chunk
-        .iter()
-        .map(|p| Progress {
-            left: if p.outcome.is_ok() { p.steps.len() } else { 0 },
-            failure: None,
-        })
-        .collect();
-    // Refused before any I/O, or nothing to do: answered at once.
-    for (p, pr) in chunk.iter().zip(&progress) {
-        if pr.left == 0 {
-            out.answer(p, None);
-        }
-    }
-    out.publish();
-
-    let mut batch: Vec<Op<'_>> = Vec::new();
-    let mut owners: Vec<usize> = Vec::new();
-    let run = |batch: &mut Vec<Op<'_>>,
-               owners: &mut Vec<usize>,
-               progress: &mut [Progress],
-               out: &mut Answers<'_, P, M>| {
-        if batch.is_empty() {
-            return;
-        }
-        storage.submit_streaming(batch, &mut |group| {
-            for (k, r) in group {
-                let Some(&i) = owners.get(k) else { continue };
-                let pr = &mut progress[i];
-                if let Err(e) = r {
-                    pr.failure.get_or_insert(Failure::Io(e));
+    /// Runs the steps of a chunk of prepared requests in batches and returns each request's
+    /// status, counting statistics.
+    fn execute(&self, chunk: &[Prepared<G::Mapping>]) -> Vec<i16> {
+        let storage = self.storage.as_ref();
+        let mut failed: Vec<Option<Failure>> = chunk.iter().map(|_| None).collect();
+        let mut batch: Vec<Op<'_>> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
+        let run =
+            |batch: &mut Vec<Op<'_>>, owners: &mut Vec<usize>, failed: &mut [Option<Failure>]| {
+                if batch.is_empty() {
+                    return;
                 }
-                pr.left = pr.left.saturating_sub(1);
-                if pr.left == 0 {
-                    out.answer(&chunk[i], pr.failure.take());
+                for (r, owner) in storage.submit(batch).into_iter().zip(owners.iter()) {
+                    if let Err(e) = r {
+                        failed[*owner].get_or_insert(Failure::Io(e));
+                    }
                 }
+                batch.clear();
+                owners.clear();
+            };
+        for (i, p) in chunk.iter().enumerate() {
+            if p.outcome.is_err() {
+                continue;
             }
-            out.publish();
-        });
-        batch.clear();
-        owners.clear();
-    };
-    // Steps a request will not run (an earlier one failed): no longer awaited.
-    let skip =
-        |i: usize, steps_left: usize, progress: &mut [Progress], out: &mut Answers<'_, P, M>| {
-            let pr = &mut progress[i];
-            pr.left = pr.left.saturating_sub(steps_left);
-            if pr.left == 0 {
-                out.answer(&chunk[i], pr.failure.take());
-            }
-        };
-    for (i, p) in chunk.iter().enumerate() {
-        if p.outcome.is_err() {
-            continue;
-        }
-        for (s, step) in p.steps.iter().enumerate() {
-            let op = match step.op() {
-                Ok(op) => op,
-                Err(e) => {
-                    progress[i].failure.get_or_insert(e);
-                    skip(i, p.steps.len() - s, &mut progress, out);
+            for step in &p.steps {
+                let op = match step.op() {
+                    Ok(op) => op,
+                    Err(e) => {
+                        failed[i].get_or_insert(e);
+                        break;
+                    }
+                };
+                // A request's steps run in order; conflicting ops of different requests too.
+                if owners.contains(&i) || batch.iter().any(|b| b.conflicts(&op)) {
+                    run(&mut batch, &mut owners, &mut failed);
+                }
+                if failed[i].is_some() {
                     break;
                 }
-            };
-            // A request's steps run in order; conflicting ops of different requests too.
-            if owners.contains(&i) || batch.iter().any(|b| b.conflicts(&op)) {
-                run(&mut batch, &mut owners, &mut progress, out);
+                batch.push(op);
+                owners.push(i);
             }
-            if progress[i].failure.is_some() {
-                skip(i, p.steps.len() - s, &mut progress, out);
-                break;
-            }
-            batch.push(op);
-            owners.push(i);
         }
-    }
-    run(&mut batch, &mut owners, &mut progress, out);
-    out.publish();
-}
+        run(&mut batch, &mut owners, &mut failed);
 
-fn count<M>(stats: &Stats, p: &Prepared<M>, status: i16) {
-    if status != RSP_OKAY {
-        Stats::add(&stats.errors, 1);
-        return;
+        chunk
+            .iter()
+            .zip(failed)
+            .map(|(p, f)| {
+                let status = match (p.outcome, f) {
+                    (Err(status), _) => status,
+                    (Ok(()), Some(e)) => {
+                        tracing::debug!(id = p.id, op = p.operation, "request failed: {e}");
+                        RSP_ERROR
+                    }
+                    (Ok(()), None) => RSP_OKAY,
+                };
+                self.count(p, status);
+                status
+            })
+            .collect()
     }
-    match p.operation {
-        OP_READ => Stats::add(&stats.reads, 1),
-        OP_WRITE => Stats::add(&stats.writes, 1),
-        OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER => Stats::add(&stats.flushes, 1),
-        OP_DISCARD => Stats::add(&stats.discards, 1),
-        _ => {}
-    }
-    for step in &p.steps {
-        if let Step::Transfer { dir, .. } = step {
-            match dir {
-                Direction::Read => Stats::add(&stats.sectors_read, p.sectors),
-                Direction::Write => Stats::add(&stats.sectors_written, p.sectors),
+
+    fn count(&self, p: &Prepared<G::Mapping>, status: i16) {
+        if status != RSP_OKAY {
+            Stats::add(&self.stats.errors, 1);
+            return;
+        }
+        match p.operation {
+            OP_READ => Stats::add(&self.stats.reads, 1),
+            OP_WRITE => Stats::add(&self.stats.writes, 1),
+            OP_FLUSH_DISKCACHE | OP_WRITE_BARRIER => Stats::add(&self.stats.flushes, 1),
+            OP_DISCARD => Stats::add(&self.stats.discards, 1),
+            _ => {}
+        }
+        for step in &p.steps {
+            if let Step::Transfer { dir, .. } = step {
+                match dir {
+                    Direction::Read => Stats::add(&self.stats.sectors_read, p.sectors),
+                    Direction::Write => Stats::add(&self.stats.sectors_written, p.sectors),
+                }
             }
         }
     }

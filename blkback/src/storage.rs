@@ -219,17 +219,6 @@ pub trait Storage: Send + Sync {
             })
             .collect()
     }
-
-    /// [`submit`](Self::submit), reporting results as soon as they are known: `done` gets
-    /// groups of `(index into ops, result)`, every op exactly once, in any order (an
-    /// asynchronous engine reports each batch of completions it reaps while the rest are still
-    /// in flight, so that the caller can answer those requests at once). When this returns,
-    /// every op has been reported and none is in flight.
-    ///
-    /// The default reports the whole batch at the end.
-    fn submit_streaming(&self, ops: &[Op<'_>], done: &mut dyn FnMut(Vec<(usize, io::Result<()>)>)) {
-        done(self.submit(ops).into_iter().enumerate().collect());
-    }
 }
 
 /// `offset..offset + len` must lie inside a disk of `size` bytes.

@@ -164,17 +164,15 @@ impl IoUringStorage {
         }
     }
 
-    /// Runs the `queued` ops on `ring`, reporting each group of completions to `done` as it is
-    /// reaped. Returns `false` if the ring is broken (not to be reused); every op has been
-    /// reported either way and none is in flight.
+    /// Runs the `queued` ops on `ring`. Returns `false` if the ring is broken (not to be
+    /// reused); every op has its result either way and none is in flight.
     fn run_ring(
         &self,
         ring: &mut IoUring,
         ops: &[Op<'_>],
         queued: &[usize],
-        done: &mut dyn FnMut(Vec<(usize, io::Result<()>)>),
+        results: &mut [Option<io::Result<()>>],
     ) -> bool {
-        let mut reported = vec![false; ops.len()];
         let fd = self.file.file.as_raw_fd();
         // Built once, never resized while SQEs point into them.
         let iovs: Vec<Vec<libc::iovec>> = ops
@@ -253,7 +251,6 @@ impl IoUringStorage {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
-            let mut group = Vec::new();
             for cqe in ring.completion() {
                 inflight = inflight.saturating_sub(1);
                 let i = cqe.user_data() as usize;
@@ -274,25 +271,16 @@ impl IoUringStorage {
                     }
                     Op::Flush | Op::Discard { .. } => Ok(()),
                 };
-                if let Some(seen) = reported.get_mut(i) {
-                    if !*seen {
-                        *seen = true;
-                        group.push((i, r));
-                    }
+                if let Some(slot) = results.get_mut(i) {
+                    *slot = Some(r);
                 }
-            }
-            if !group.is_empty() {
-                done(group);
             }
         }
         if !healthy {
-            let rest: Vec<_> = queued
-                .iter()
-                .filter(|&&i| !reported[i])
-                .map(|&i| (i, self.sync_op(&ops[i])))
-                .collect();
-            if !rest.is_empty() {
-                done(rest);
+            for &i in queued {
+                if results[i].is_none() {
+                    results[i] = Some(self.sync_op(&ops[i]));
+                }
             }
         }
         healthy
@@ -332,44 +320,31 @@ impl Storage for IoUringStorage {
 
     fn submit(&self, ops: &[Op<'_>]) -> Vec<io::Result<()>> {
         let mut results: Vec<Option<io::Result<()>>> = ops.iter().map(|_| None).collect();
-        self.submit_streaming(ops, &mut |group| {
-            for (i, r) in group {
-                if let Some(slot) = results.get_mut(i) {
-                    *slot = Some(r);
+        let mut queued = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            match self.precheck(op) {
+                Some(r) => results[i] = Some(r),
+                None => queued.push(i),
+            }
+        }
+        if !queued.is_empty() {
+            match self.take_ring() {
+                Ok(mut ring) => {
+                    if self.run_ring(&mut ring, ops, &queued, &mut results) {
+                        self.put_ring(ring);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot create an io_uring for this queue: {e}; using psync");
+                    for &i in &queued {
+                        results[i] = Some(self.sync_op(&ops[i]));
+                    }
                 }
             }
-        });
+        }
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(io::Error::other("io_uring op lost its completion"))))
             .collect()
-    }
-
-    fn submit_streaming(&self, ops: &[Op<'_>], done: &mut dyn FnMut(Vec<(usize, io::Result<()>)>)) {
-        let mut early = Vec::new();
-        let mut queued = Vec::with_capacity(ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            match self.precheck(op) {
-                Some(r) => early.push((i, r)),
-                None => queued.push(i),
-            }
-        }
-        if !early.is_empty() {
-            done(early);
-        }
-        if queued.is_empty() {
-            return;
-        }
-        match self.take_ring() {
-            Ok(mut ring) => {
-                if self.run_ring(&mut ring, ops, &queued, done) {
-                    self.put_ring(ring);
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot create an io_uring for this queue: {e}; using psync");
-                done(queued.iter().map(|&i| (i, self.sync_op(&ops[i]))).collect());
-            }
-        }
     }
 }
