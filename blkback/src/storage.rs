@@ -415,6 +415,9 @@ pub struct FileStorage {
     size: std::sync::atomic::AtomicU64,
     sector_size: u32,
     pub(crate) block_device: bool,
+    /// The file lives in memory (tmpfs, ramfs): its I/O is a memory copy that never waits
+    /// for a device.
+    pub(crate) memory_backed: bool,
     read_only: bool,
 }
 
@@ -433,6 +436,11 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
 
 impl FileStorage {
+    /// Whether the file lives on a memory file system (tmpfs, ramfs).
+    pub fn memory_backed(&self) -> bool {
+        self.memory_backed
+    }
+
     /// Opens `path`; its size must be a multiple of `sector_size`.
     pub fn open(path: &Path, opts: FileOptions, sector_size: u32) -> Result<Self, Error> {
         let name = path.display().to_string();
@@ -471,14 +479,29 @@ impl FileStorage {
                 sector_size,
             });
         }
+        let memory_backed = !block_device && memory_backed(&file);
         Ok(Self {
             file,
             size: std::sync::atomic::AtomicU64::new(size),
             sector_size,
             block_device,
+            memory_backed,
             read_only: opts.read_only,
         })
     }
+}
+
+/// Whether `file` is on a memory file system (tmpfs or ramfs, by `fstatfs`).
+fn memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one `statfs` through the pointer, valid for it; the fd is open.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs
+    let t = st.f_type as i64;
+    r == 0 && (t == TMPFS_MAGIC || t == RAMFS_MAGIC)
 }
 
 /// The iovecs of `bufs`, in order.

@@ -180,6 +180,24 @@ fn file_engines_errors_per_op() {
     }
 }
 
+/// On tmpfs the io_uring engine copies reads and writes inline (io_uring would punt each to a
+/// worker thread): same results, flushes and discards still through the ring.
+#[test]
+fn file_engines_on_tmpfs() {
+    let mut f = tempfile::NamedTempFile::new_in("/dev/shm").expect("/dev/shm (tmpfs) exists");
+    let pattern: Vec<u8> = (0..SIZE).map(|i| (i / 512) as u8 ^ 0x5A).collect();
+    f.write_all(&pattern).unwrap();
+    let uring = IoUringStorage::open(f.path(), FileOptions::default(), 512).unwrap();
+    assert!(uring.copies_inline());
+    let psync = FileStorage::open(f.path(), FileOptions::default(), 512).unwrap();
+    assert!(psync.memory_backed());
+    for s in [Arc::new(uring) as Arc<dyn Storage>, Arc::new(psync)] {
+        round_trip(s.as_ref());
+        many_in_flight(s.as_ref());
+        errors_per_op(s.as_ref());
+    }
+}
+
 #[test]
 fn io_uring_serves_queues_concurrently_one_ring_each() {
     let img = image(SIZE);

@@ -19,11 +19,14 @@
 //!   renegotiated, and every request in flight is issued again from its private copy: callers see
 //!   a completion only once the backend answered it.
 //!
-//! [`export::NbdExport`] serves the disk over NBD (the `xenpv-blkfront` binary).
+//! [`export::NbdExport`] serves the disk over NBD (the `xenpv-blkfront` binary);
+//! [`load::run`] drives it directly with a closed-loop workload (`xenpv-blkfront --load`, the
+//! no-NBD path of `xenpv bench disk`).
 #![deny(missing_docs)]
 
 mod device;
 pub mod export;
+pub mod load;
 mod queue;
 pub mod vdev;
 

@@ -37,8 +37,14 @@ struct Args {
     #[arg(long)]
     device: String,
     /// Where to listen for NBD clients.
-    #[arg(long)]
-    nbd_socket: PathBuf,
+    #[arg(long, required_unless_present = "load")]
+    nbd_socket: Option<PathBuf>,
+    /// Instead of exporting the disk, run workloads read from stdin, one per line
+    /// (`RW BS QD RAMP_S RUNTIME_S`, e.g. `randread 4096 32 1 5`), answering each with one
+    /// line of JSON on stdout (IOPS, latency percentiles, this process's CPU per I/O), until
+    /// end of input. The driver pair measured without NBD (`xenpv bench disk` uses it).
+    #[arg(long, conflicts_with = "nbd_socket")]
+    load: bool,
     /// Queues (rings) to ask for.
     #[arg(long, default_value_t = 1)]
     queues: u32,
@@ -117,7 +123,7 @@ fn run(args: Args) -> Result<(), String> {
                 grants: Arc::new(grants),
                 open_evtchn: Arc::new(move || LocalEvtchn::connect(&ev_sock)),
             };
-            serve(p, &dir, opts, &args.nbd_socket)
+            serve(p, &dir, opts, args.nbd_socket.as_deref())
         }
         PlatformKind::Xen => {
             use xenpv_evtchn::xen::XenEvtchn;
@@ -129,7 +135,7 @@ fn run(args: Args) -> Result<(), String> {
                 grants: Arc::new(grants),
                 open_evtchn: Arc::new(XenEvtchn::open),
             };
-            serve(p, &dir, opts, &args.nbd_socket)
+            serve(p, &dir, opts, args.nbd_socket.as_deref())
         }
     }
 }
@@ -138,7 +144,7 @@ fn serve<G, E>(
     p: Platform<G, E>,
     dir: &str,
     opts: Options,
-    socket: &std::path::Path,
+    socket: Option<&std::path::Path>,
 ) -> Result<(), String>
 where
     G: GrantShare + Send + Sync + 'static,
@@ -150,6 +156,9 @@ where
         signal_hook::flag::register(sig, term.clone()).map_err(|e| e.to_string())?;
     }
     let dev = Arc::new(BlkFront::connect(p, dir, opts).map_err(|e| e.to_string())?);
+    let Some(socket) = socket else {
+        return load(&dev, dir);
+    };
     let _ = std::fs::remove_file(socket);
     let server = xenpv_nbd::Server::bind_unix(socket, Arc::new(NbdExport::new(dev.clone())))
         .map_err(|e| format!("{}: {e}", socket.display()))?
@@ -183,6 +192,51 @@ where
     server.shutdown();
     let r = dev.close();
     let _ = writeln!(stdout, "xenpv-blkfront: closed");
+    match (dev.error(), r) {
+        (Some(e), _) => Err(e.to_string()),
+        (None, Err(e)) => Err(e.to_string()),
+        _ => Ok(()),
+    }
+}
+
+/// `--load`: workloads from stdin, one JSON line each on stdout.
+fn load<G, E>(dev: &Arc<BlkFront<G, E>>, dir: &str) -> Result<(), String>
+where
+    G: GrantShare + Send + Sync + 'static,
+    G::Shared: SharedPages + Send + Sync + 'static,
+    E: EventChannel + 'static,
+{
+    use std::io::{BufRead, Write};
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(
+        stdout,
+        "xenpv-blkfront: ready {dir} size={} load: waiting for workloads on stdin",
+        dev.size()
+    );
+    let _ = stdout.flush();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| format!("stdin: {e}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let out = match line
+            .parse::<xenpv_blkfront::load::Workload>()
+            .and_then(|w| xenpv_blkfront::load::run(dev, &w))
+        {
+            Ok(r) => r.to_json(),
+            Err(e) => format!("{{\"error\":{:?}}}", e.to_string()),
+        };
+        if writeln!(stdout, "{out}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+        if dev.error().is_some() {
+            break;
+        }
+    }
+    let r = dev.close();
     match (dev.error(), r) {
         (Some(e), _) => Err(e.to_string()),
         (None, Err(e)) => Err(e.to_string()),

@@ -34,7 +34,11 @@ pub(crate) struct Parent {
 }
 
 struct ParentState {
+    /// A read's data: filled in as its chunks are answered (appended in the common in-order
+    /// case, so the buffer is never zero-filled first).
     buf: Vec<u8>,
+    /// The length `buf` has once every chunk is in.
+    read_len: usize,
     err: Option<Error>,
     done: Option<Callback>,
 }
@@ -44,7 +48,8 @@ impl Parent {
         Arc::new(Parent {
             remaining: AtomicUsize::new(chunks),
             state: Mutex::new(ParentState {
-                buf: vec![0; read_len],
+                buf: Vec::with_capacity(read_len),
+                read_len,
                 err: None,
                 done: Some(done),
             }),
@@ -98,15 +103,9 @@ pub(crate) fn finish(chunk: Chunk, result: Result<Vec<u8>>) {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
+    // A read's data is already in the parent's buffer (`RingState::collect`).
     match result {
-        Ok(data) => {
-            if chunk.kind == Kind::Read {
-                let end = chunk.pos + data.len();
-                if let Some(dst) = st.buf.get_mut(chunk.pos..end) {
-                    dst.copy_from_slice(&data);
-                }
-            }
-        }
+        Ok(_) => {}
         Err(e) => {
             if st.err.is_none() {
                 st.err = Some(e);
@@ -117,7 +116,12 @@ pub(crate) fn finish(chunk: Chunk, result: Result<Vec<u8>>) {
         let done = st.done.take();
         let r = match st.err.take() {
             Some(e) => Err(e),
-            None => Ok(std::mem::take(&mut st.buf)),
+            None => {
+                // Every chunk put its bytes in place; this only guards the length.
+                let n = st.read_len;
+                st.buf.resize(n, 0);
+                Ok(std::mem::take(&mut st.buf))
+            }
         };
         drop(st);
         if let Some(done) = done {
@@ -353,7 +357,8 @@ where
                     .ok_or_else(|| Error::Protocol("slot vanished".into()))?;
                 rs.free_ids.push(id as u32);
                 let result = if status == RSP_OKAY {
-                    Ok(rs.collect(&inf))
+                    rs.collect(&inf);
+                    Ok(Vec::new())
                 } else {
                     if status == RSP_EOPNOTSUPP {
                         match inf.chunk.kind {
@@ -460,6 +465,26 @@ where
         r.map_err(Error::from)
     }
 
+    fn page_append(
+        &self,
+        p: &Pages<G::Shared>,
+        i: usize,
+        n: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let r = match p {
+            Pages::None => return Ok(()),
+            Pages::Pool(v) => {
+                let (c, pg) = v[i];
+                self.pool.chunks[c as usize]
+                    .volatile()
+                    .append_to(pg as usize * PAGE_SIZE, n, out)
+            }
+            Pages::Own(s) => s.volatile().append_to(i * PAGE_SIZE, n, out),
+        };
+        r.map_err(Error::from)
+    }
+
     fn page_read(&self, p: &Pages<G::Shared>, i: usize, buf: &mut [u8]) -> Result<()> {
         let r = match p {
             Pages::None => return Ok(()),
@@ -474,19 +499,47 @@ where
         r.map_err(Error::from)
     }
 
-    /// Copies a successful read out of its pages.
-    fn collect(&self, inf: &Inflight<G::Shared>) -> Vec<u8> {
+    /// Copies a successful read out of its pages straight into its place in the parent's
+    /// buffer: no intermediate buffer (for a 1 MiB read that was a second allocation, its page
+    /// faults and a second 1 MiB copy on the queue thread) and, in the usual in-order case, no
+    /// zero-filling of the parent's buffer either.
+    fn collect(&self, inf: &Inflight<G::Shared>) {
         if inf.chunk.kind != Kind::Read {
-            return Vec::new();
+            return;
         }
+        let mut st = match inf.chunk.parent.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let start = inf.chunk.pos;
         let len = inf.chunk.len as usize;
-        let mut buf = vec![0u8; len];
-        for (i, piece) in buf.chunks_mut(PAGE_SIZE).enumerate() {
+        let Some(end) = start.checked_add(len).filter(|&e| e <= st.read_len) else {
+            return;
+        };
+        if st.buf.len() < start {
+            // An earlier chunk of this read is still in flight: leave room for it.
+            st.buf.resize(start, 0);
+        }
+        if st.buf.len() == start {
+            // In order (always, for a read that fits one request): append.
+            for i in 0..len.div_ceil(PAGE_SIZE) {
+                let n = (len - i * PAGE_SIZE).min(PAGE_SIZE);
+                if self.page_append(&inf.data, i, n, &mut st.buf).is_err() {
+                    // Nothing was appended (bounds are checked first).
+                    let l = st.buf.len();
+                    st.buf.resize(l + n, 0);
+                }
+            }
+            return;
+        }
+        if st.buf.len() < end {
+            st.buf.resize(end, 0);
+        }
+        for (i, piece) in st.buf[start..end].chunks_mut(PAGE_SIZE).enumerate() {
             if self.page_read(&inf.data, i, piece).is_err() {
                 piece.fill(0);
             }
         }
-        buf
     }
 
     /// Builds and produces the ring request for `chunk`.

@@ -100,6 +100,21 @@ impl<'a> VolatileSlice<'a> {
         Ok(())
     }
 
+    /// Appends the `len` bytes at `offset` to `out` (one copy straight into the vector's spare
+    /// capacity: no zero-filling first, as `resize` then [`read`](Self::read) would do).
+    pub fn append_to(&self, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        let src = self.check(offset, len)?;
+        out.reserve(len);
+        let spare = out.spare_capacity_mut();
+        // SAFETY: `src` is valid for `len` reads (checked); `spare` is private memory of at
+        // least `len` bytes (reserved above), written here before it is counted as initialised.
+        unsafe {
+            volatile_copy(src, spare.as_mut_ptr().cast::<u8>(), len, true);
+            out.set_len(out.len() + len);
+        }
+        Ok(())
+    }
+
     /// Copies `buf` to `offset`.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
         let dst = self.check_write(offset, buf.len())?;
@@ -245,6 +260,12 @@ mod tests {
         let mut o = [0u8; 34];
         vb2.read(3, &mut o).unwrap();
         assert_eq!(o, out);
+        let mut v = b"head".to_vec();
+        va.append_to(3, 34, &mut v).unwrap();
+        assert_eq!(&v[..4], b"head");
+        assert_eq!(&v[4..], b"unaligned bytes, longer than eight");
+        assert!(va.append_to(500, 13, &mut v).is_err());
+        assert_eq!(v.len(), 38);
         va.fill(0, 512, 0xaa).unwrap();
         assert_eq!(va.read_u32(508).unwrap(), 0xaaaa_aaaa);
         assert!(va.fill(1, 512, 0).is_err());

@@ -2,6 +2,10 @@
 //! `xenpv-blkback` and `xenpv-blkfront` as separate processes, fio driving the frontend's NBD
 //! export — measured against fio on the very same file with the same engine, interleaved
 //! (baseline, ours, baseline, ours …), medians reported with their ratios.
+//!
+//! A second path measures the driver pair without NBD: `xenpv-blkfront --load` (a closed-loop
+//! load generator on the blkfront API, in its own process) on a second disk backed by the same
+//! file, with the same workloads, interleaved with the others.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -168,6 +172,9 @@ fn fio(args: &[String]) -> Result<Measure> {
     })
 }
 
+/// Warm-up seconds of every run (fio's `ramp_time`, the load generator's ramp).
+const RAMP_S: u64 = 1;
+
 fn common_args(w: &Workload, size_mib: u64, runtime: u64) -> Vec<String> {
     vec![
         "--name=xenpv-bench".into(),
@@ -177,7 +184,7 @@ fn common_args(w: &Workload, size_mib: u64, runtime: u64) -> Vec<String> {
         format!("--size={size_mib}M"),
         "--time_based".into(),
         format!("--runtime={runtime}"),
-        "--ramp_time=1".into(),
+        format!("--ramp_time={RAMP_S}"),
         "--norandommap".into(),
         "--randrepeat=0".into(),
     ]
@@ -298,6 +305,81 @@ pub struct DirResult {
     pub dir: PathBuf,
     /// (workload, fio on the file, fio through blkfront→blkback, fio through qemu-nbd).
     pub rows: Vec<(Workload, Measure, Measure, Measure)>,
+    /// Per workload (same order as `rows`): the load generator on blkfront's API → blkback,
+    /// no NBD.
+    pub direct: Vec<Direct>,
+}
+
+/// What the no-NBD path measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Direct {
+    /// IOPS, MB/s, latency, blkback's CPU and notifications per I/O.
+    pub m: Measure,
+    /// CPU of the load generator's process (blkfront's queue threads included) per I/O, µs.
+    pub front_cpu_us_per_io: f64,
+}
+
+/// `xenpv-blkfront --load`: workloads in on stdin, one JSON line out per workload.
+struct LoadGen {
+    // Dropped in this order: end of input first (the process closes the disk and exits), then
+    // the process handle (SIGTERM, wait).
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    _proc: Proc,
+}
+
+impl LoadGen {
+    fn start(mut cmd: Command) -> Result<LoadGen> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                step(
+                    "starting xenpv-blkfront --load",
+                    format!("{e} (build it: cargo build --release --workspace)"),
+                )
+            })?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(step("xenpv-blkfront --load", "no stdin/stdout"));
+        };
+        let mut g = LoadGen {
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+            _proc: Proc(child),
+        };
+        // The ready line (the process connects the disk first; it fails rather than hangs).
+        match g.lines.next() {
+            Some(Ok(l)) if l.contains("ready") => Ok(g),
+            other => Err(step(
+                "starting xenpv-blkfront --load",
+                format!("it did not become ready: {other:?}"),
+            )),
+        }
+    }
+
+    fn run(&mut self, line: &str) -> Result<serde_json::Value> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| step("xenpv-blkfront --load", e))?;
+        let out = match self.lines.next() {
+            Some(Ok(l)) => l,
+            other => {
+                return Err(step(
+                    "xenpv-blkfront --load",
+                    format!("no result: {other:?}"),
+                ))
+            }
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| step("xenpv-blkfront --load output", e))?;
+        if let Some(e) = v.get("error") {
+            return Err(step("xenpv-blkfront --load", e));
+        }
+        Ok(v)
+    }
 }
 
 /// Runs the disk benchmark.
@@ -333,6 +415,9 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         .arg("--status-file")
         .arg(&status);
     back.args(["--engine", &opts.engine]);
+    // The baseline reads a disk-backed file with O_DIRECT: so does blkback (the toolstack marks
+    // those disks direct-io-safe; tmpfs files are not marked and stay buffered).
+    back.arg("--direct-io");
     if let Some(us) = opts.spin_us {
         back.args(["--spin-us", &us.to_string()]);
     }
@@ -361,7 +446,8 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         fill(&file, opts.size_mib)?;
         let _cleanup = Cleanup(file.clone());
         let tmpfs = is_tmpfs(dir);
-        let vdev = format!("xvd{}", (b'a' + i as u8) as char);
+        let vdev = format!("xvd{}", (b'a' + 2 * i as u8) as char);
+        let direct_vdev = format!("xvd{}", (b'b' + 2 * i as u8) as char);
         let spec = format!(
             "vdev={vdev},access=rw{},target={}",
             if tmpfs { "" } else { ",direct-io-safe" },
@@ -369,6 +455,9 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         );
         let nodes = crate::toolstack::attach_disk(&xs, domid, &spec)
             .map_err(|e| step("attaching the disk", e))?;
+        let direct_spec = spec.replace(&format!("vdev={vdev}"), &format!("vdev={direct_vdev}"));
+        let direct_nodes = crate::toolstack::attach_disk(&xs, domid, &direct_spec)
+            .map_err(|e| step("attaching the second disk (no-NBD path)", e))?;
         let sock = work.path().join(format!("{vdev}.nbd"));
         let mut front = Command::new(bin_dir.join("xenpv-blkfront"));
         front
@@ -390,14 +479,31 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
             if tmpfs { "tmpfs" } else { "disk" }
         ));
         let blkfront = start(front, "xenpv-blkfront", "ready")?;
+        let mut gen_cmd = Command::new(bin_dir.join("xenpv-blkfront"));
+        gen_cmd
+            .args(["--platform", "local", "--state-dir"])
+            .arg(&root)
+            .args([
+                "--domid",
+                &domid.to_string(),
+                "--device",
+                &direct_vdev,
+                "--load",
+            ]);
+        if let Some(us) = opts.spin_us {
+            gen_cmd.args(["--spin-us", &us.to_string()]);
+        }
+        let mut loadgen = LoadGen::start(gen_cmd)?;
         // A second baseline with the same NBD hop as ours: qemu-nbd serving the same file, so
         // that the cost of our drivers can be told apart from the cost of NBD itself.
         let qsock = work.path().join(format!("{vdev}.qemu-nbd"));
         let _qemu_nbd = start_qemu_nbd(&file, &qsock, tmpfs, &opts.engine)?;
         let direct = if tmpfs { "--direct=0" } else { "--direct=1" };
         let mut rows = Vec::new();
+        let mut directs = Vec::new();
         for w in WORKLOADS {
             let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
+            let mut nonbd: Vec<Direct> = Vec::new();
             for round in 0..opts.rounds {
                 progress(&format!(
                     "{}: {} round {}/{}",
@@ -420,7 +526,8 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 );
                 let mut m = fio(&a)?;
                 std::thread::sleep(Duration::from_millis(1100)); // one status-file period
-                let ios = (m.iops * opts.runtime as f64).max(1.0);
+                                                                 // blkback's CPU is measured over fio's ramp (1 s) too: count its I/Os as well.
+                let ios = (m.iops * (opts.runtime + RAMP_S) as f64).max(1.0);
                 m.cpu_us_per_io = (cpu_seconds(blkback.0.id()) - cpu0) / ios * 1e6;
                 m.notify_per_io = (notifications(&status, &nodes.backend_path) - n0) / ios;
                 ours.push(m);
@@ -428,6 +535,30 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 a.push("--ioengine=nbd".into());
                 a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
                 nbd.push(fio(&a)?);
+                // The driver pair without NBD: the load generator on the second disk.
+                let (cpu0, n0) = (
+                    cpu_seconds(blkback.0.id()),
+                    notifications(&status, &direct_nodes.backend_path),
+                );
+                let v = loadgen.run(&format!(
+                    "{} {} {} {RAMP_S} {}",
+                    w.rw, w.bs, w.qd, opts.runtime
+                ))?;
+                std::thread::sleep(Duration::from_millis(1100)); // one status-file period
+                let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+                let all = num("all_ios").max(1.0);
+                nonbd.push(Direct {
+                    m: Measure {
+                        iops: num("iops"),
+                        mbps: num("mbps"),
+                        p50_us: num("p50_us"),
+                        p99_us: num("p99_us"),
+                        cpu_us_per_io: (cpu_seconds(blkback.0.id()) - cpu0) / all * 1e6,
+                        notify_per_io: (notifications(&status, &direct_nodes.backend_path) - n0)
+                            / all,
+                    },
+                    front_cpu_us_per_io: num("cpu_us_per_io"),
+                });
             }
             rows.push((
                 w,
@@ -435,12 +566,20 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 median_measure(&ours),
                 median_measure(&nbd),
             ));
+            let ms: Vec<Measure> = nonbd.iter().map(|d| d.m).collect();
+            directs.push(Direct {
+                m: median_measure(&ms),
+                front_cpu_us_per_io: median(nonbd.iter().map(|d| d.front_cpu_us_per_io).collect()),
+            });
         }
+        drop(loadgen);
         drop(blkfront);
+        let _ = crate::toolstack::detach(&xs, domid, &direct_vdev, Duration::from_secs(10), true);
         let _ = crate::toolstack::detach(&xs, domid, &vdev, Duration::from_secs(10), true);
         results.push(DirResult {
             dir: dir.clone(),
             rows,
+            direct: directs,
         });
     }
     drop(blkback);
@@ -543,7 +682,7 @@ pub fn print(results: &[DirResult], engine: &str) {
             r.dir.display()
         );
         println!(
-            "{:<18} {:>9} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7}",
+            "{:<18} {:>9} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>7}",
             "workload",
             "base IOPS",
             "ours IOPS",
@@ -556,6 +695,7 @@ pub fn print(results: &[DirResult], engine: &str) {
             "ours p50",
             "ours p99",
             "cpu/io",
+            "cpu/b",
             "ntf/io"
         );
         for (w, b, o, q) in &r.rows {
@@ -578,9 +718,52 @@ pub fn print(results: &[DirResult], engine: &str) {
                 o.notify_per_io
             );
         }
+        println!();
+        println!(
+            "{} direct, no NBD (dir = xenpv-blkfront --load -> xenpv-blkback -> file, a second disk on the same file)",
+            r.dir.display()
+        );
+        println!(
+            "{:<18} {:>9} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7}",
+            "workload",
+            "base IOPS",
+            "dir IOPS",
+            "d/base",
+            "d/ours",
+            "dir MB/s",
+            "base p50",
+            "dir p50",
+            "+p50",
+            "dir p99",
+            "cpu/io",
+            "cpu/b",
+            "fcpu/io",
+            "ntf/io"
+        );
+        for ((w, b, o, _), d) in r.rows.iter().zip(&r.direct) {
+            let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+            let m = &d.m;
+            println!(
+                "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>9.1} {:>8.1}u {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>6.2}u {:>7.3}",
+                w.name,
+                b.iops,
+                m.iops,
+                ratio(m.iops, b.iops),
+                ratio(m.iops, o.iops),
+                m.mbps,
+                b.p50_us,
+                m.p50_us,
+                m.p50_us - b.p50_us,
+                m.p99_us,
+                m.cpu_us_per_io,
+                ratio(m.cpu_us_per_io, b.cpu_us_per_io),
+                d.front_cpu_us_per_io,
+                m.notify_per_io
+            );
+        }
     }
     println!(
-        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's own CPU per I/O in the baseline (R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds."
+        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's own CPU per I/O in the baseline (R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds.\nd/base (R6, R7, R9), d/ours: the no-NBD path's IOPS / fio on the file, / fio through NBD and our drivers;\n+p50 (R8): its median latency minus fio's; fcpu/io: the load generator's process (blkfront included) CPU per I/O."
     );
 }
 
@@ -592,16 +775,24 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
             "cpu_us_per_io": x.cpu_us_per_io, "notify_per_io": x.notify_per_io,
         })
     };
+    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
     serde_json::json!({
         "engine": engine,
         "dirs": results.iter().map(|r| serde_json::json!({
             "dir": r.dir.display().to_string(),
-            "workloads": r.rows.iter().map(|(w, b, o, q)| serde_json::json!({
+            "workloads": r.rows.iter().zip(r.direct.iter().map(Some).chain(std::iter::repeat(None))).map(|((w, b, o, q), d)| serde_json::json!({
                 "name": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.qd,
                 "baseline": m(b), "ours": m(o), "qemu_nbd": m(q),
-                "iops_ratio": if b.iops > 0.0 { o.iops / b.iops } else { 0.0 },
-                "iops_ratio_vs_qemu_nbd": if q.iops > 0.0 { o.iops / q.iops } else { 0.0 },
-                "backend_cpu_ratio": if b.cpu_us_per_io > 0.0 { o.cpu_us_per_io / b.cpu_us_per_io } else { 0.0 },
+                "iops_ratio": ratio(o.iops, b.iops),
+                "iops_ratio_vs_qemu_nbd": ratio(o.iops, q.iops),
+                "backend_cpu_ratio": ratio(o.cpu_us_per_io, b.cpu_us_per_io),
+                "direct": d.map(|d| serde_json::json!({
+                    "measure": m(&d.m),
+                    "front_cpu_us_per_io": d.front_cpu_us_per_io,
+                    "iops_ratio": ratio(d.m.iops, b.iops),
+                    "added_p50_us": d.m.p50_us - b.p50_us,
+                    "backend_cpu_ratio": ratio(d.m.cpu_us_per_io, b.cpu_us_per_io),
+                })),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -1,7 +1,10 @@
 //! The io_uring engine: a batch of reads and writes in flight at once, each a `readv`/`writev`
 //! SQE whose iovecs point straight into the guest's mapped grant pages (zero-copy), flush as
 //! `fsync(DATASYNC)`, discard as `fallocate(PUNCH_HOLE)` (files) or `BLKDISCARD` (block devices,
-//! synchronously: io_uring has no discard opcode before 6.12's `uring_cmd`).
+//! synchronously: io_uring has no discard opcode before 6.12's `uring_cmd`). Reads and writes
+//! of a file on tmpfs/ramfs are copied inline with `preadv`/`pwritev`: such files support no
+//! non-blocking I/O, so io_uring would punt each op to a worker thread (a wake-up and two
+//! context switches around a memory copy); flushes and discards still go through the ring.
 //!
 //! # One ring per queue
 //! A [`Storage`] is per device and shared by the device's queue threads, but an io_uring must
@@ -72,6 +75,12 @@ impl IoUringStorage {
         }
     }
 
+    /// Whether reads and writes are copied inline instead of going through the ring (a file
+    /// on tmpfs or ramfs; see the module docs).
+    pub fn copies_inline(&self) -> bool {
+        self.file.memory_backed
+    }
+
     /// How many rings exist (one per queue that has submitted concurrently).
     pub fn rings_created(&self) -> usize {
         self.created.load(std::sync::atomic::Ordering::Relaxed)
@@ -130,7 +139,11 @@ impl IoUringStorage {
                 if len == 0 {
                     return Some(Ok(()));
                 }
-                if bufs.len() > IOV_MAX {
+                // A memory file system cannot do non-blocking reads or writes (no
+                // FMODE_NOWAIT), so io_uring would hand every one of them to a kernel worker
+                // thread: a wake-up and two context switches around what is only a memory
+                // copy. Copy inline instead.
+                if bufs.len() > IOV_MAX || self.file.memory_backed {
                     return Some(self.sync_op(op));
                 }
                 None
