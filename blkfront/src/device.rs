@@ -401,6 +401,16 @@ where
         }
     }
 
+    /// Whether the toolstack is removing the device: the backend's `state` node is gone (or no
+    /// longer readable to us), or its `online` node says 0 (libxl's detach). Then there is
+    /// nothing to reconnect to.
+    fn removed(&self, xs: &impl XsOps) -> bool {
+        let be = &self.be;
+        let state = xs.read_opt(&format!("{be}/state"));
+        let online = xs.read_opt(&format!("{be}/online"));
+        matches!(state, Ok(None) | Err(_)) || matches!(online, Ok(Some(v)) if v.trim_ascii() == b"0")
+    }
+
     /// Our state back to Initialising, with the nodes of any earlier connection removed (one
     /// transaction), so that no backend connects to stale rings.
     fn reset_nodes(&self) -> Result<()> {
@@ -805,6 +815,16 @@ where
                 }
                 continue;
             }
+            if self.removed(&xs) {
+                tracing::error!(state = ?s, "the toolstack removed the device: the disk fails");
+                let mut err = lock(&self.error);
+                if err.is_none() {
+                    *err = Some(Error::BackendClosed("device removed".into()));
+                }
+                drop(err);
+                self.phase.store(BROKEN, Ordering::SeqCst);
+                continue;
+            }
             tracing::warn!(state = ?s, "backend left Connected: reconnecting");
             self.phase.store(RECONNECTING, Ordering::SeqCst);
             // Stale nodes first, so that no backend attaches to the old rings.
@@ -821,6 +841,16 @@ where
                     Ok(()) => {
                         self.reconnects.fetch_add(1, Ordering::SeqCst);
                         tracing::info!("reconnected");
+                        break;
+                    }
+                    Err(e) if self.removed(&xs) => {
+                        tracing::error!("reconnect failed ({e}): the toolstack removed the device");
+                        let mut err = lock(&self.error);
+                        if err.is_none() {
+                            *err = Some(Error::BackendClosed("device removed".into()));
+                        }
+                        drop(err);
+                        self.phase.store(BROKEN, Ordering::SeqCst);
                         break;
                     }
                     Err(e) => {
