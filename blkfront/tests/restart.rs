@@ -283,3 +283,36 @@ impl<E: BlockExport> Drop for OpenOnDrop<E> {
         self.0.open();
     }
 }
+
+/// The toolstack removing the device (libxl's `online=0`, then the backend's nodes gone) is not
+/// a backend restart: the frontend stops, reports the disk gone and goes Closing, instead of
+/// trying to reconnect for ever (found by the real-Xen rig, where `xenpv-blkfront` kept
+/// retrying after `xl block-detach`-style removal and never exited).
+#[test]
+fn toolstack_removing_the_device_is_not_a_restart() {
+    let env = env(1 << 20);
+    let _b = start_backend(&env, Default::default());
+    let dev = connect(&env, Options::default());
+    dev.write_at(&pattern(1, 4096), 0).unwrap();
+    env.dom0
+        .write_str(&format!("{}/online", env.be), "0")
+        .unwrap();
+    env.dom0.rm(&env.be).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dev.error().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        dev.error().is_some(),
+        "the frontend did not notice that the device was removed"
+    );
+    xenbus::wait_for_peer_state(
+        &env.dom0,
+        &env.fe,
+        |s| matches!(s, XenbusState::Closing | XenbusState::Closed),
+        Duration::from_secs(10),
+    )
+    .expect("the frontend closes the removed device");
+    assert_eq!(dev.reconnects(), 0);
+    let _ = dev.close();
+}

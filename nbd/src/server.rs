@@ -579,9 +579,6 @@ fn transmission<R: Read, S: Conn>(
     drop(reply_tx);
     drop(slot_tx);
     let _ = writer.join();
-    // Close the socket now, not when the server stops: a client that sent NBD_CMD_DISC (the
-    // kernel's nbd driver) waits for the connection to end before it lets the device go.
-    shut.shut();
     result
 }
 

@@ -501,3 +501,24 @@ fn export_name_fallback_and_hostile_server() {
     drop(c);
     server.join().unwrap();
 }
+
+/// After `NBD_CMD_DISC` the server ends the connection at once, while it keeps serving others:
+/// the kernel's nbd driver (`nbd-client -d`) waits for that before it lets the device go.
+#[test]
+fn disconnect_request_closes_the_connection() {
+    let dir = TempDir::new("disc");
+    let sock = dir.path("s");
+    let export = Arc::new(MemExport::new(1 << 20));
+    let srv = serve_unix(&sock, export).unwrap();
+    let mut raw = Raw::connect(&sock);
+    raw.request(proto::Command::Disc.to_wire(), 0, 1, 0, 0, b"");
+    let mut b = [0u8; 1];
+    // EOF, not the 10 s read timeout
+    assert_eq!(
+        raw.0.read(&mut b).map_err(|e| e.kind()),
+        Ok(0),
+        "the server did not close the connection after NBD_CMD_DISC"
+    );
+    still_serving(&sock, 9);
+    drop(srv);
+}

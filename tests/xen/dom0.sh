@@ -95,7 +95,8 @@ s3() {
   pass "s3a detach and re-attach"
   for sig in KILL TERM; do
     ask bg-start || { fail "s3 background I/O: $RES"; return; }
-    sleep 1
+    # the writers must still be running when blkback goes
+    ask bg-running || { fail "s3 the writers ended before blkback was stopped: $RES"; return; }
     kill -$sig $BB; wait $BB 2>/dev/null
     echo "dom0: blkback got SIG$sig, status: $(cat /run/blkback.status) t=$(up)"
     start_blkback

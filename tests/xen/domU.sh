@@ -46,6 +46,9 @@ do_bg_start() {
   (dd if=/tmp/c of=/dev/xvda bs=16k skip=512 count=512 seek=$((24 << 6)) oflag=direct 2>/tmp/bg.err2; echo $? >/tmp/bg.rc2) >/dev/null 2>&1 &
   echo ok
 }
+do_bg_running() {
+  if [ -e /tmp/bg.rc1 ] && [ -e /tmp/bg.rc2 ]; then echo "fail both writers already done"; else echo "ok"; fi
+}
 do_bg_wait() {
   i=0; while [ ! -e /tmp/bg.rc1 ] || [ ! -e /tmp/bg.rc2 ]; do i=$((i + 1)); [ $i -gt 800 ] && { echo "fail writers still running after 160 s"; return; }; sleep 0.2; done
   [ "$(cat /tmp/bg.rc1)$(cat /tmp/bg.rc2)" = 00 ] || { echo "fail dd: $(cat /tmp/bg.err1 /tmp/bg.err2 | tr '\n' ' ')"; return; }
@@ -66,7 +69,7 @@ do_s2_io() {
   dev=$1; shift
   xenpv-blkfront --platform xen --domid "$DOMID" --device "$dev" --nbd-socket /tmp/xvdb.sock \
     "$@" >/tmp/blkfront.log 2>&1 &
-  BF=$!
+  echo $! >/tmp/blkfront.pid
   i=0; while [ ! -S /tmp/xvdb.sock ]; do i=$((i + 1)); [ $i -gt 300 ] && { echo "fail xenpv-blkfront did not connect: $(tail -3 /tmp/blkfront.log | tr '\n' ' ')"; return; }; sleep 0.2; done
   nbd-client -u /tmp/xvdb.sock /dev/nbd0 >/tmp/nbd.log 2>&1 || nbd-client -unix /tmp/xvdb.sock /dev/nbd0 >>/tmp/nbd.log 2>&1 ||
     { echo "fail nbd-client: $(tr '\n' ' ' </tmp/nbd.log)"; return; }
@@ -91,8 +94,12 @@ do_s2_io() {
 }
 do_s2_end() {
   nbd-client -d /dev/nbd0 >/dev/null 2>&1
-  pkill -TERM xenpv-blkfront
-  i=0; while pidof xenpv-blkfront >/dev/null; do i=$((i + 1)); [ $i -gt 50 ] && { echo "domU: blkfront log: $(tail -5 /tmp/blkfront.log)" >/dev/console; pkill -KILL xenpv-blkfront; echo "fail xenpv-blkfront still running 10 s after SIGTERM"; return; }; sleep 0.2; done
+  pid=$(cat /tmp/blkfront.pid)
+  kill -TERM "$pid"
+  # running until it is gone or a zombie (init, its new parent, reaps it later)
+  alive() { [ -e "/proc/$pid/stat" ] && [ "$(cut -d' ' -f3 "/proc/$pid/stat")" != Z ]; }
+  i=0; while alive; do i=$((i + 1)); [ $i -gt 50 ] && { echo "domU: blkfront log: $(tail -5 /tmp/blkfront.log)" >/dev/console; kill -KILL "$pid"; echo "fail xenpv-blkfront still running 10 s after SIGTERM"; return; }; sleep 0.2; done
+  grep -q "xenpv-blkfront: closed" /tmp/blkfront.log || { echo "fail xenpv-blkfront did not close the device: $(tail -3 /tmp/blkfront.log | tr '\n' ' ')"; return; }
   echo ok
 }
 do_s3_prep() {
