@@ -69,4 +69,12 @@ else
   echo "  cargo +nightly miri test -p xenpv-ring --test ring"
 fi
 
+step "real Xen: Xen 4.17 + Linux dom0/domU in QEMU (tests/xen/run.sh, about 3 minutes)"
+if [ -n "${XENPV_SKIP_RIG:-}" ]; then
+  echo "SKIPPED the real-Xen rig because XENPV_SKIP_RIG is set (${XENPV_SKIP_RIG}): Linux's"
+  echo "blkfront/blkback against ours were NOT tested. Unset it to run tests/xen/run.sh."
+else
+  tests/xen/run.sh
+fi
+
 step "all tests passed"
