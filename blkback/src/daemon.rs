@@ -81,7 +81,7 @@ fn write_status(path: &Path, devices: &HashMap<String, Served>) -> Result<(), Er
             Some(s) => {
                 let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                 format!(
-                    "{k} reads={} writes={} flushes={} discards={} sectors_read={} sectors_written={} errors={} ring_full={} notifications={}\n",
+                    "{k} reads={} writes={} flushes={} discards={} sectors_read={} sectors_written={} errors={} ring_full={} notifications={} indirect={}\n",
                     g(&s.reads),
                     g(&s.writes),
                     g(&s.flushes),
@@ -90,7 +90,8 @@ fn write_status(path: &Path, devices: &HashMap<String, Served>) -> Result<(), Er
                     g(&s.sectors_written),
                     g(&s.errors),
                     g(&s.ring_full),
-                    g(&s.notifications)
+                    g(&s.notifications),
+                    g(&s.indirect)
                 )
             }
             None => format!("{k} starting\n"),

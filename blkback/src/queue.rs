@@ -64,6 +64,8 @@ pub struct Stats {
     pub ring_full: AtomicU64,
     /// Notifications sent to the frontend.
     pub notifications: AtomicU64,
+    /// Reads and writes answered OKAY that came with indirect descriptors.
+    pub indirect: AtomicU64,
 }
 
 impl Stats {
@@ -236,6 +238,7 @@ where
         let mut p = Prepared {
             id: req.id,
             operation,
+            indirect: req.operation == OP_INDIRECT,
             outcome: Ok(()),
             steps: Vec::new(),
             sectors: 0,
@@ -420,6 +423,9 @@ where
             OP_DISCARD => Stats::add(&self.stats.discards, 1),
             _ => {}
         }
+        if p.indirect {
+            Stats::add(&self.stats.indirect, 1);
+        }
         for step in &p.steps {
             if let Step::Transfer { dir, .. } = step {
                 match dir {
@@ -512,6 +518,8 @@ impl<M: GrantMemory> Step<M> {
 struct Prepared<M> {
     id: u64,
     operation: u8,
+    /// It came as `BLKIF_OP_INDIRECT` (`operation` is then its `indirect_op`).
+    indirect: bool,
     /// `Err(status)`: refused or failed before any I/O.
     outcome: Result<(), i16>,
     steps: Vec<Step<M>>,

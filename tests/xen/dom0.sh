@@ -75,8 +75,8 @@ s1() {
   [ "$q" = 2 ] || fail "s1 multi-queue: frontend asked for ${q:-no} queues, want 2"
   [ "$(xenstore-read "$FE/feature-persistent")" = 1 ] || fail "s1 the frontend did not take persistent grants"
   st=$(cat /run/blkback.status)
-  for k in flushes discards; do
-    case "$st" in *" $k=0 "*) fail "s1 no $k reached blkback: $st" ;; esac
+  for k in flushes discards indirect; do
+    case "$st " in *" $k=0 "*) fail "s1 no $k reached blkback: $st" ;; esac
   done
   case "$st" in *"errors=0 "*) ;; *) fail "s1 blkback counted errors: $st" ;; esac
   xenpv detach "$DOMID" xvda || fail "s1 detach"
