@@ -408,7 +408,8 @@ where
         let be = &self.be;
         let state = xs.read_opt(&format!("{be}/state"));
         let online = xs.read_opt(&format!("{be}/online"));
-        matches!(state, Ok(None) | Err(_)) || matches!(online, Ok(Some(v)) if v.trim_ascii() == b"0")
+        matches!(state, Ok(None) | Err(_))
+            || matches!(online, Ok(Some(v)) if v.trim_ascii() == b"0")
     }
 
     /// Our state back to Initialising, with the nodes of any earlier connection removed (one
