@@ -102,6 +102,8 @@ pub struct Queue<P: Abi, M: RingMemory, G: GrantMap> {
     /// Data pages mapped by the requests of `window`.
     window_pages: usize,
     completions: Vec<Completion>,
+    /// Scratch for `issue`: read and write spans of unfinished steps.
+    spans: (Vec<Range>, Vec<Range>),
 }
 
 /// What one round of [`Queue::pump`] did.
@@ -163,6 +165,7 @@ where
             window: VecDeque::new(),
             window_pages: 0,
             completions: Vec::new(),
+            spans: (Vec::new(), Vec::new()),
         }
     }
 
@@ -236,19 +239,23 @@ where
         if self.pipe.is_some() {
             let mut notify = false;
             loop {
-                let p = self.pump()?;
+                let p = self.pump_round()?;
                 notify |= p.notify;
                 if p.progressed {
                     continue;
                 }
                 if self.window.is_empty() {
                     if !self.ring.final_check_for_requests()? {
-                        return Ok(notify);
+                        break;
                     }
                 } else if !self.final_check()? {
                     self.wait(None);
                 }
             }
+            if notify {
+                Stats::add(&self.stats.notifications, 1);
+            }
+            return Ok(notify);
         }
         let mut notify = false;
         // The disk may have grown (online resize): check requests against its size now.
@@ -315,6 +322,15 @@ where
     /// consumed, as the journal needs: the unanswered requests are exactly
     /// `[rsp_prod, req_cons)`, and a journal slot is reused only after its response is visible.
     pub fn pump(&mut self) -> xenpv_ring::Result<Pump> {
+        let out = self.pump_round()?;
+        if out.notify {
+            Stats::add(&self.stats.notifications, 1);
+        }
+        Ok(out)
+    }
+
+    /// [`pump`](Self::pump) without counting the notification.
+    fn pump_round(&mut self) -> xenpv_ring::Result<Pump> {
         let mut out = Pump::default();
         let Some(pipe) = self.pipe.as_mut() else {
             return Ok(out);
@@ -333,9 +349,6 @@ where
         self.issue();
         if let Some(pipe) = self.pipe.as_mut() {
             pipe.submit();
-        }
-        if out.notify {
-            Stats::add(&self.stats.notifications, 1);
         }
         Ok(out)
     }
@@ -494,16 +507,17 @@ where
         let Some(pipe) = self.pipe.as_mut() else {
             return;
         };
-        // Spans of the unfinished steps of the requests scanned so far.
-        let mut reads: Vec<(u64, u64)> = Vec::new();
-        let mut writes: Vec<(u64, u64)> = Vec::new();
+        // Spans of the unfinished steps of the requests scanned so far (buffers reused).
+        let (reads, writes) = &mut self.spans;
+        reads.clear();
+        writes.clear();
         for f in self.window.iter_mut() {
             if f.done() {
                 continue;
             }
             if !f.running && pipe.in_flight() < pipe.capacity() {
                 if let Some(step) = f.p.steps.get(f.next) {
-                    if step.span().clear_of(&reads, &writes) {
+                    if step.span().clear_of(reads, writes) {
                         match step.op() {
                             Ok(op) => {
                                 // SAFETY: the op's buffers are the mappings `step` owns; the
@@ -774,6 +788,9 @@ impl<M> Flight<M> {
                 || self.next >= self.p.steps.len())
     }
 }
+
+/// A byte range on the disk, `(start, end)`.
+type Range = (u64, u64);
 
 /// The byte range a step touches, for ordering ([`Op::conflicts`]).
 #[derive(Debug, Clone, Copy)]

@@ -401,7 +401,7 @@ enum Kind {
     Read { offset: u64, len: u64 },
     Write { offset: u64, len: u64 },
     Flush,
-    Discard,
+    Discard { offset: u64, len: u64 },
 }
 
 /// One queue's io_uring with ops in flight across calls; see the module docs and [`Pipeline`].
@@ -500,9 +500,11 @@ impl UringPipeline {
                 unsafe { transfer_iov(fd, offset, slot.iov.clone(), write, done) }
             }
             Kind::Flush if retry => self.file.file.sync_data(),
-            Kind::Discard if retry => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+            Kind::Discard { offset, len } if retry => {
+                discard_sync(&self.file.file, self.file.block_device, offset, len)
+            }
             _ if res < 0 => Err(io::Error::from_raw_os_error(-res)),
-            Kind::Flush | Kind::Discard => Ok(()),
+            Kind::Flush | Kind::Discard { .. } => Ok(()),
         }
     }
 
@@ -568,7 +570,13 @@ impl Pipeline for UringPipeline {
                 iovecs(bufs),
             ),
             Op::Flush => (Kind::Flush, Vec::new()),
-            Op::Discard { .. } => (Kind::Discard, Vec::new()),
+            Op::Discard { offset, len } => (
+                Kind::Discard {
+                    offset: *offset,
+                    len: *len,
+                },
+                Vec::new(),
+            ),
         };
         let entry = match op {
             Op::Read { offset, .. } => {
