@@ -950,6 +950,9 @@ where
             // Whatever the notify decision: the frontend may have slept through our restart.
             evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
         }
+        if q.pipelined() {
+            return pipeline_loop(&mut q, &evtchn, port, io.spin, stop);
+        }
         loop {
             match q.service() {
                 Ok(true) => evtchn.notify(port).map_err(|e| format!("notify: {e}"))?,
@@ -977,4 +980,59 @@ where
     q.release_mappings();
     let _ = evtchn.unbind(port);
     result
+}
+
+/// The loop of a pipelined queue ([`Queue::pump`]): requests are taken while others are in
+/// flight, and answered as their I/O completes. With requests in flight it sleeps on the event
+/// channel and the storage's completions together ([`Queue::wait`]); with none, as a chunked
+/// queue does (spin, then block on the event channel).
+fn pipeline_loop<P, M, G, E>(
+    q: &mut Queue<P, M, G>,
+    evtchn: &E,
+    port: u32,
+    spin: SpinBudget,
+    stop: &AtomicBool,
+) -> std::result::Result<(), String>
+where
+    P: Abi,
+    M: RingMemory,
+    G: GrantMap,
+    G::Mapping: xenpv_grant::GrantMemory,
+    E: EventChannel,
+{
+    let protocol = |e: xenpv_ring::Error| format!("ring protocol error: {e}");
+    let notify = || evtchn.notify(port).map_err(|e| format!("notify: {e}"));
+    let mut ports = Vec::new();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            // Answer what was consumed, take nothing more.
+            if q.finish().map_err(protocol)? {
+                notify()?;
+            }
+            return Ok(());
+        }
+        let p = q.pump().map_err(protocol)?;
+        if p.notify {
+            notify()?;
+        }
+        if p.progressed || q.final_check().map_err(protocol)? {
+            continue;
+        }
+        ports.clear();
+        if q.in_flight() > 0 {
+            if q.wait(Some(evtchn.as_fd())) {
+                evtchn
+                    .pending(&mut ports)
+                    .map_err(|e| format!("event channel: {e}"))?;
+            }
+        } else {
+            spin_then_wait(evtchn, &mut ports, spin, Some(Duration::from_millis(100)))
+                .map_err(|e| format!("event channel: {e}"))?;
+        }
+        for &p in &ports {
+            // Unmasked before the ring is drained again (the next round does that before any
+            // sleep, and `final_check` re-arms `req_event`), so no event is lost.
+            let _ = evtchn.unmask(p);
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! One ring of a device: drain requests, validate them, move data between storage and the
 //! frontend's granted pages, answer, and tell the caller whether to notify.
 
+use std::collections::VecDeque;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use xenpv_ring::{BackRing, RingMemory, RingProtocol};
 
 use crate::journal::QueueJournal;
 use crate::request::{indirect_segments, validate, Direction, Limits, Plan, Segment};
-use crate::storage::{Op, Storage};
+use crate::storage::{Completion, Op, Pipeline, Storage};
 
 /// A blkif ABI the backend serves: how its slots translate to the native layout.
 pub trait Abi: RingProtocol {
@@ -93,6 +95,47 @@ pub struct Queue<P: Abi, M: RingMemory, G: GrantMap> {
     limits: Limits,
     stats: Arc<Stats>,
     journal: Option<QueueJournal>,
+    /// The storage's pipeline for this queue, if it has one: requests are then served as a
+    /// continuous pipeline ([`Queue::pump`]) instead of in chunks.
+    pipe: Option<Box<dyn Pipeline>>,
+    /// Requests consumed and not answered yet, in ring order: the front is the request at
+    /// `rsp_prod_pvt`. Each keeps its mappings until it is answered (after its I/O completed).
+    window: VecDeque<Flight<G::Mapping>>,
+    /// Data pages mapped by the requests of `window`.
+    window_pages: usize,
+    completions: Vec<Completion>,
+    /// Scratch for `issue`: read and write spans of unfinished steps.
+    spans: (Vec<Range>, Vec<Range>),
+}
+
+/// What one round of [`Queue::pump`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pump {
+    /// Responses were published and the frontend asked to be notified.
+    pub notify: bool,
+    /// Something happened (a completion, a request taken): another round may do more.
+    pub progressed: bool,
+}
+
+impl<P: Abi, M: RingMemory, G: GrantMap> Drop for Queue<P, M, G> {
+    fn drop(&mut self) {
+        // The storage may still be writing into the pages of requests in flight: keep their
+        // mappings until it is done.
+        self.wait_all();
+    }
+}
+
+impl<P: Abi, M: RingMemory, G: GrantMap> Queue<P, M, G> {
+    /// Waits for every op the pipeline has in flight (their results are dropped).
+    fn wait_all(&mut self) {
+        if let Some(pipe) = self.pipe.as_mut() {
+            while pipe.in_flight() > 0 {
+                self.completions.clear();
+                pipe.wait(None, &mut self.completions);
+            }
+            self.completions.clear();
+        }
+    }
 }
 
 impl<P: Abi, M: RingMemory, G: GrantMap> Queue<P, M, G>
@@ -110,6 +153,7 @@ where
         limits: Limits,
         stats: Arc<Stats>,
     ) -> Self {
+        let pipe = storage.pipeline();
         Self {
             ring,
             frontend,
@@ -119,7 +163,23 @@ where
             limits,
             stats,
             journal: None,
+            pipe,
+            window: VecDeque::new(),
+            window_pages: 0,
+            completions: Vec::new(),
+            spans: (Vec::new(), Vec::new()),
         }
+    }
+
+    /// Whether requests are served as a continuous pipeline ([`pump`](Self::pump)): the
+    /// storage keeps I/O in flight across calls (io_uring on a file not in memory).
+    pub fn pipelined(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    /// Requests consumed and not answered yet (pipelined queues).
+    pub fn in_flight(&self) -> usize {
+        self.window.len()
     }
 
     /// Keeps the copy of every request consumed in `journal` (and its `req_cons`), so that a
@@ -174,7 +234,31 @@ where
     /// separate batches, in ring order, so the outcome is that of serving the requests one by
     /// one. Responses of a chunk are produced in ring order once it completes, and published
     /// before the next chunk is taken (the journal relies on both).
+    ///
+    /// A pipelined queue ([`pipelined`](Self::pipelined)) runs [`pump`](Self::pump) until the
+    /// ring is empty and every request is answered, waiting for the storage in between.
     pub fn service(&mut self) -> xenpv_ring::Result<bool> {
+        if self.pipe.is_some() {
+            let mut notify = false;
+            loop {
+                let p = self.pump_round()?;
+                notify |= p.notify;
+                if p.progressed {
+                    continue;
+                }
+                if self.window.is_empty() {
+                    if !self.ring.final_check_for_requests()? {
+                        break;
+                    }
+                } else if !self.final_check()? {
+                    self.wait(None);
+                }
+            }
+            if notify {
+                Stats::add(&self.stats.notifications, 1);
+            }
+            return Ok(notify);
+        }
         let mut notify = false;
         // The disk may have grown (online resize): check requests against its size now.
         self.limits.sectors = self.storage.size() / 512;
@@ -221,9 +305,253 @@ where
         Ok(notify)
     }
 
-    /// Unmaps every persistently mapped grant (on disconnect).
+    /// Unmaps every persistently mapped grant (on disconnect). Requests still in flight are
+    /// waited for and dropped unanswered (the device is going away).
     pub fn release_mappings(&mut self) {
+        self.wait_all();
+        self.window.clear();
+        self.window_pages = 0;
         self.maps.clear();
+    }
+
+    /// One round of the pipeline: collects the I/O completed so far, answers (in ring order)
+    /// the requests now complete and publishes their responses with one notify decision, then
+    /// takes new requests from the ring (journalled first) and starts every step whose
+    /// conflicts allow it (see [`service`](Self::service) for the ordering rules). Never
+    /// blocks. A queue without a pipeline serves with [`service`](Self::service) instead.
+    ///
+    /// Responses are produced only in ring order and published before more requests are
+    /// consumed, as the journal needs: the unanswered requests are exactly
+    /// `[rsp_prod, req_cons)`, and a journal slot is reused only after its response is visible.
+    pub fn pump(&mut self) -> xenpv_ring::Result<Pump> {
+        let out = self.pump_round()?;
+        if out.notify {
+            Stats::add(&self.stats.notifications, 1);
+        }
+        Ok(out)
+    }
+
+    /// [`pump`](Self::pump) without counting the notification.
+    fn pump_round(&mut self) -> xenpv_ring::Result<Pump> {
+        let mut out = Pump::default();
+        let Some(pipe) = self.pipe.as_mut() else {
+            return Ok(out);
+        };
+        self.limits.sectors = self.storage.size() / 512;
+        if pipe.reap(&mut self.completions) > 0 {
+            out.progressed = true;
+            self.complete();
+        }
+        if self.answer_done()? {
+            out.notify = self.ring.push_responses();
+        }
+        if self.take()? > 0 {
+            out.progressed = true;
+        }
+        self.issue();
+        if let Some(pipe) = self.pipe.as_mut() {
+            pipe.submit();
+        }
+        Ok(out)
+    }
+
+    /// Whether more requests may be taken now and the ring has some: when `false`, `req_event`
+    /// is armed (the frontend notifies at its next request) or the window is full (a
+    /// completion comes first). Call before [`wait`](Self::wait).
+    pub fn final_check(&mut self) -> xenpv_ring::Result<bool> {
+        if !self.has_room() {
+            return Ok(false);
+        }
+        self.ring.final_check_for_requests()
+    }
+
+    /// Blocks until some I/O completes or, with `wake` (the event channel's fd), the frontend
+    /// sent an event; the completions are handled at the next [`pump`](Self::pump). Returns
+    /// whether `wake` fired. Returns at once without a pipeline or with nothing to wait for.
+    pub fn wait(&mut self, wake: Option<BorrowedFd<'_>>) -> bool {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return false;
+        };
+        let before = self.completions.len();
+        let woke = pipe.wait(wake, &mut self.completions);
+        if self.completions.len() > before {
+            self.complete();
+        }
+        woke
+    }
+
+    /// Stops taking requests and answers every one consumed (waiting for their I/O); returns
+    /// whether to notify. For a daemon that stops.
+    pub fn finish(&mut self) -> xenpv_ring::Result<bool> {
+        let mut notify = false;
+        while !self.window.is_empty() {
+            if let Some(pipe) = self.pipe.as_mut() {
+                pipe.reap(&mut self.completions);
+            }
+            self.complete();
+            if self.answer_done()? {
+                notify |= self.ring.push_responses();
+            }
+            self.issue();
+            if self.window.is_empty() {
+                break;
+            }
+            if self.window.front().is_some_and(|f| !f.done()) {
+                self.wait(None);
+            }
+        }
+        if notify {
+            Stats::add(&self.stats.notifications, 1);
+        }
+        Ok(notify)
+    }
+
+    fn has_room(&self) -> bool {
+        self.window.len() < self.ring.size() as usize && self.window_pages < MAX_INFLIGHT_PAGES
+    }
+
+    /// Applies the completions collected in `self.completions` to their requests.
+    fn complete(&mut self) {
+        let front = match self.window.front() {
+            Some(f) => f.idx,
+            None => {
+                self.completions.clear();
+                return;
+            }
+        };
+        for (tag, result) in self.completions.drain(..) {
+            // Tags are ring indexes of requests of the window (ours, not the frontend's).
+            let Ok(idx) = u32::try_from(tag) else {
+                continue;
+            };
+            let pos = idx.wrapping_sub(front) as usize;
+            let Some(f) = self.window.get_mut(pos) else {
+                continue;
+            };
+            if f.idx != idx || !f.running {
+                continue;
+            }
+            f.running = false;
+            if let Err(e) = result {
+                f.failure.get_or_insert(Failure::Io(e));
+            }
+        }
+    }
+
+    /// Answers the complete requests at the front of the window, in ring order. Returns
+    /// whether any response was produced.
+    fn answer_done(&mut self) -> xenpv_ring::Result<bool> {
+        let mut any = false;
+        while self.window.front().is_some_and(Flight::done) {
+            let Some(f) = self.window.pop_front() else {
+                break;
+            };
+            self.window_pages = self.window_pages.saturating_sub(f.p.pages());
+            let status = match (f.p.outcome, &f.failure) {
+                (Err(status), _) => status,
+                (Ok(()), Some(e)) => {
+                    tracing::debug!(id = f.p.id, op = f.p.operation, "request failed: {e}");
+                    RSP_ERROR
+                }
+                (Ok(()), None) => RSP_OKAY,
+            };
+            self.count(&f.p, status);
+            self.ring.produce(P::response(BlkifResponse::new(
+                f.p.id,
+                f.p.operation,
+                status,
+            )))?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Takes requests from the ring while the window has room: each is copied once, recorded
+    /// in the journal, validated and mapped; `req_cons` is committed to the journal before
+    /// any of their I/O starts. Returns how many were taken.
+    fn take(&mut self) -> xenpv_ring::Result<usize> {
+        let mut n = 0;
+        if self.has_room() && self.ring.unconsumed_requests()? == self.ring.size() {
+            Stats::add(&self.stats.ring_full, 1);
+        }
+        while self.has_room() {
+            let idx = self.ring.req_cons();
+            let Some(req) = self.ring.next_request()? else {
+                break;
+            };
+            let native = P::to_native(&req);
+            if let Some(j) = &mut self.journal {
+                j.record(idx, &native);
+            }
+            let p = self.prepare(&native);
+            self.window_pages = self.window_pages.saturating_add(p.pages());
+            self.window.push_back(Flight {
+                idx,
+                p,
+                next: 0,
+                running: false,
+                failure: None,
+            });
+            n += 1;
+        }
+        if n > 0 {
+            if let Some(j) = &mut self.journal {
+                j.commit(self.ring.req_cons());
+            }
+        }
+        Ok(n)
+    }
+
+    /// Starts, in ring order, the next step of every request of the window that has none in
+    /// flight, unless it conflicts with a step not yet finished of an earlier request: the
+    /// outcome is that of serving the requests one by one.
+    fn issue(&mut self) {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return;
+        };
+        // Spans of the unfinished steps of the requests scanned so far (buffers reused).
+        let (reads, writes) = &mut self.spans;
+        reads.clear();
+        writes.clear();
+        for f in self.window.iter_mut() {
+            if f.done() {
+                continue;
+            }
+            if !f.running && pipe.in_flight() < pipe.capacity() {
+                if let Some(step) = f.p.steps.get(f.next) {
+                    if step.span().clear_of(reads, writes) {
+                        match step.op() {
+                            Ok(op) => {
+                                // SAFETY: the op's buffers are the mappings `step` owns; the
+                                // step stays in the window (and its mappings alive) until its
+                                // completion was returned: a request is answered and dropped
+                                // only when `done`, i.e. not running, and `release_mappings`
+                                // and `Drop` wait for every op in flight first.
+                                unsafe { pipe.start(u64::from(f.idx), &op) };
+                                f.running = true;
+                                f.next += 1;
+                            }
+                            Err(e) => {
+                                f.failure = Some(e);
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+            let from = if f.running {
+                f.next.saturating_sub(1)
+            } else {
+                f.next
+            };
+            for step in f.p.steps.iter().skip(from) {
+                match step.span() {
+                    Span::All => return,
+                    Span::Read(r) => reads.push(r),
+                    Span::Write(w) => writes.push(w),
+                }
+            }
+        }
     }
 
     /// Validates a request and maps its data (resolving indirect segments): everything up to
@@ -441,6 +769,59 @@ where
 pub const MAX_BATCH_REQUESTS: usize = 64;
 /// Grant pages mapped per chunk, at most (a chunk stops taking requests past this).
 pub const MAX_BATCH_PAGES: usize = 2048;
+/// Grant pages mapped by the requests in flight of a pipelined queue, at most (it stops taking
+/// requests past this): 16 MiB, sixteen 1 MiB requests.
+pub const MAX_INFLIGHT_PAGES: usize = 4096;
+
+/// A request of a pipelined queue's window.
+struct Flight<M> {
+    /// Its ring index (also the tag of its I/O).
+    idx: u32,
+    p: Prepared<M>,
+    /// The next step to start.
+    next: usize,
+    /// Step `next - 1` is in flight.
+    running: bool,
+    failure: Option<Failure>,
+}
+
+impl<M> Flight<M> {
+    /// Nothing in flight and nothing more to do: ready to be answered.
+    fn done(&self) -> bool {
+        !self.running
+            && (self.p.outcome.is_err()
+                || self.failure.is_some()
+                || self.next >= self.p.steps.len())
+    }
+}
+
+/// A byte range on the disk, `(start, end)`.
+type Range = (u64, u64);
+
+/// The byte range a step touches, for ordering ([`Op::conflicts`]).
+#[derive(Debug, Clone, Copy)]
+enum Span {
+    /// A flush: orders against everything.
+    All,
+    Read((u64, u64)),
+    /// A write or a discard.
+    Write((u64, u64)),
+}
+
+impl Span {
+    /// Whether a step with this span may run alongside unfinished steps of earlier requests
+    /// touching `reads` and `writes` (no flush among them).
+    fn clear_of(self, reads: &[(u64, u64)], writes: &[(u64, u64)]) -> bool {
+        let overlaps = |&(a0, a1): &(u64, u64), (b0, b1): (u64, u64)| a0 < b1 && b0 < a1;
+        match self {
+            Span::All => reads.is_empty() && writes.is_empty(),
+            Span::Read(r) => !writes.iter().any(|w| overlaps(w, r)),
+            Span::Write(w) => {
+                !writes.iter().any(|x| overlaps(x, w)) && !reads.iter().any(|x| overlaps(x, w))
+            }
+        }
+    }
+}
 
 /// The data pages of one transfer, mapped.
 enum Pages<M> {
@@ -463,6 +844,28 @@ enum Step<M> {
         segments: Vec<Segment>,
         pages: Pages<M>,
     },
+}
+
+impl<M> Step<M> {
+    fn span(&self) -> Span {
+        match self {
+            Step::Flush => Span::All,
+            Step::Discard { offset, len } => Span::Write((*offset, offset.saturating_add(*len))),
+            Step::Transfer {
+                dir,
+                offset,
+                segments,
+                ..
+            } => {
+                let len: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
+                let r = (*offset, offset.saturating_add(len));
+                match dir {
+                    Direction::Read => Span::Read(r),
+                    Direction::Write => Span::Write(r),
+                }
+            }
+        }
+    }
 }
 
 impl<M: GrantMemory> Step<M> {

@@ -10,10 +10,13 @@
 //! [`open_storage`] picks the engine from a backend's `params` node and [`StorageOptions`].
 //! Batches go through [`Storage::submit`]: the ops of one batch may run concurrently and in any
 //! order, so a caller puts into one batch only ops that do not conflict ([`Op::conflicts`]).
+//! An engine that can keep ops in flight across calls (io_uring on a file that is not in
+//! memory) also offers a [`Pipeline`] per queue ([`Storage::pipeline`]): ops are started one by
+//! one and their completions reaped as they come, so the device never waits for a batch.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -60,7 +63,38 @@ pub(crate) fn only(mut results: Vec<io::Result<()>>) -> io::Result<()> {
 }
 
 pub use self::nbd::NbdStorage;
-pub use self::uring::IoUringStorage;
+pub use self::uring::{IoUringStorage, UringPipeline};
+
+/// A completed op of a [`Pipeline`]: the tag it was started with, and its result.
+pub type Completion = (u64, io::Result<()>);
+
+/// Ops in flight across calls, for one queue thread: [`start`](Pipeline::start) one op at a
+/// time, collect completions with [`reap`](Pipeline::reap) (non-blocking) or
+/// [`wait`](Pipeline::wait). The ops in flight together may run in any order: the caller keeps
+/// conflicting ops ([`Op::conflicts`]) apart. Dropping a pipeline waits for every op in flight.
+pub trait Pipeline: Send {
+    /// Ops that may be in flight at once (a caller starts no more).
+    fn capacity(&self) -> usize;
+    /// Ops started whose completion has not been returned yet.
+    fn in_flight(&self) -> usize;
+    /// Starts `op`, tagged `tag`. Its completion comes later from `reap` or `wait` (also for an
+    /// op refused at once or run synchronously). The kernel may see it only at the next
+    /// [`submit`](Pipeline::submit) or `wait`.
+    ///
+    /// # Safety
+    /// The memory behind `op`'s buffers must stay mapped, and must not be used for anything
+    /// else, until the completion tagged `tag` has been returned by `reap` or `wait`, or the
+    /// pipeline has been dropped.
+    unsafe fn start(&mut self, tag: u64, op: &Op<'_>);
+    /// Hands the started ops to the kernel without waiting.
+    fn submit(&mut self);
+    /// Appends the completions available now to `out`, without blocking; returns how many.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize;
+    /// Submits, then blocks until at least one completion is available (appended to `out`) or,
+    /// with `wake`, until that fd is readable. Returns whether `wake` became readable. Returns
+    /// at once if nothing is in flight and there is no `wake`.
+    fn wait(&mut self, wake: Option<BorrowedFd<'_>>, out: &mut Vec<Completion>) -> bool;
+}
 
 /// Why a storage engine failed to open.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +252,12 @@ pub trait Storage: Send + Sync {
                 Op::Discard { offset, len } => self.discard(*offset, *len),
             })
             .collect()
+    }
+
+    /// A [`Pipeline`] for one queue thread, if this engine can keep ops in flight across
+    /// calls; `None` (the default) means the caller uses [`submit`](Self::submit).
+    fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
+        None
     }
 }
 
@@ -551,10 +591,25 @@ pub(crate) fn transfer(
     offset: u64,
     bufs: &[VolatileSlice<'_>],
     write: bool,
+    done: usize,
+) -> io::Result<()> {
+    // SAFETY: the iovecs point into `bufs`, valid for their lengths while they are borrowed.
+    unsafe { transfer_iov(fd, offset, iovecs(bufs), write, done) }
+}
+
+/// [`transfer`] on iovecs.
+///
+/// # Safety
+/// Every iovec must describe memory valid for its length (and writable for a read) for the
+/// whole call.
+pub(crate) unsafe fn transfer_iov(
+    fd: i32,
+    offset: u64,
+    mut iov: Vec<libc::iovec>,
+    write: bool,
     mut done: usize,
 ) -> io::Result<()> {
-    let mut iov = iovecs(bufs);
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
     let mut first = 0usize;
     advance(&mut iov, &mut first, done);
     while done < total {
@@ -563,9 +618,9 @@ pub(crate) fn transfer(
             .and_then(|p| i64::try_from(p).ok())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         let count = (iov.len() - first).min(1024) as libc::c_int;
-        // SAFETY: every iovec points into a `VolatileSlice`, valid for its length for the
-        // lifetime of `bufs` (the caller's mapping outlives this call); the kernel reads or
-        // writes only within them. `first < iov.len()` while bytes remain.
+        // SAFETY: every iovec describes memory valid for its length for this call (the
+        // function's contract); the kernel reads or writes only within them. `first <
+        // iov.len()` while bytes remain.
         let n = unsafe {
             if write {
                 libc::pwritev(fd, iov.as_ptr().add(first), count, pos)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use xenpv_blkback::queue::{Queue, Stats};
 use xenpv_blkback::request::Limits;
-use xenpv_blkback::storage::{open_storage, Engine, Op, Storage, StorageOptions};
+use xenpv_blkback::storage::{open_storage, Engine, Op, Pipeline, Storage, StorageOptions};
 use xenpv_grant::local::{Broker, BrokerConfig, LocalGrants};
 use xenpv_grant::VolatileSlice;
 use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, GrantShare, MapCache, SharedPages};
@@ -32,6 +32,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_in(&std::env::temp_dir())
+}
+
+/// A set-up whose image lives in `image_dir`.
+fn setup_in(image_dir: &std::path::Path) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::new(BrokerConfig {
         grant_entries: 256,
@@ -43,7 +48,7 @@ fn setup() -> Setup {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         broker.spawn_listener(UnixListener::bind(&path).unwrap(), d);
     }
-    let mut image = tempfile::NamedTempFile::new().unwrap();
+    let mut image = tempfile::NamedTempFile::new_in(image_dir).unwrap();
     let pattern: Vec<u8> = (0..DISK).map(|i| (i / 512) as u8).collect();
     image.write_all(&pattern).unwrap();
     let front = LocalGrants::connect(LocalGrants::socket_path(dir.path(), FRONT)).unwrap();
@@ -116,6 +121,8 @@ fn storage(s: &Setup, kind: Kind) -> (Arc<dyn Storage>, Option<common::NbdServer
 struct Recorder {
     inner: Arc<dyn Storage>,
     batches: std::sync::Mutex<Vec<usize>>,
+    /// Offer the engine's pipeline (if it has one).
+    pipelined: bool,
 }
 
 impl Storage for Recorder {
@@ -140,6 +147,13 @@ impl Storage for Recorder {
     fn submit(&self, ops: &[Op<'_>]) -> Vec<std::io::Result<()>> {
         self.batches.lock().unwrap().push(ops.len());
         self.inner.submit(ops)
+    }
+    fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
+        if self.pipelined {
+            self.inner.pipeline()
+        } else {
+            None
+        }
     }
 }
 
@@ -320,12 +334,21 @@ fn nbd_serves_the_same_with_persistent_grants() {
 /// A full ring in one drain: 16 writes to distinct ranges, 8 reads of the disk's own
 /// pattern, 8 reads of what the first 8 writes wrote (conflicting: served after them).
 /// Every response carries its own id, op and status.
-fn deep(kind: Kind, persistent: bool) {
-    let s = setup();
+///
+/// With `pipelined`, the queue serves through the engine's pipeline (the image then lives in
+/// the target directory, on a disk: a file in memory gets no pipeline): no batch is
+/// submitted, and the reads of written ranges still see the writes.
+fn deep(kind: Kind, persistent: bool, pipelined: bool) {
+    let s = if pipelined {
+        setup_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")))
+    } else {
+        setup()
+    };
     let (inner, _server) = storage(&s, kind);
     let recorder = Arc::new(Recorder {
         inner,
         batches: Default::default(),
+        pipelined,
     });
     let storage: Arc<dyn Storage> = recorder.clone();
     let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
@@ -379,9 +402,20 @@ fn deep(kind: Kind, persistent: bool) {
         .chain((0..16).map(|i| (200 + i, OP_READ, RSP_OKAY)))
         .collect();
     assert_eq!(got, want, "{kind:?}");
-    // 16 writes + the 8 reads that touch none of them in flight together; the 8 reads of
-    // written ranges wait for the next batch.
-    assert_eq!(*recorder.batches.lock().unwrap(), [24, 8], "{kind:?}");
+    if pipelined {
+        assert!(
+            q.pipelined(),
+            "{kind:?}: no pipeline for an image in {} (a memory file system?)",
+            env!("CARGO_TARGET_TMPDIR")
+        );
+        assert_eq!(q.in_flight(), 0, "every request answered");
+        assert!(recorder.batches.lock().unwrap().is_empty(), "{kind:?}");
+    } else {
+        assert!(!q.pipelined());
+        // 16 writes + the 8 reads that touch none of them in flight together; the 8 reads of
+        // written ranges wait for the next batch.
+        assert_eq!(*recorder.batches.lock().unwrap(), [24, 8], "{kind:?}");
+    }
     for i in 0..16u64 {
         let img = image_bytes(&s, sector(i) * 512, 4096);
         assert!(
@@ -407,18 +441,24 @@ fn deep(kind: Kind, persistent: bool) {
 
 #[test]
 fn full_ring_in_one_drain_psync() {
-    deep(Kind::Psync, false);
+    deep(Kind::Psync, false, false);
 }
 
 #[test]
 fn full_ring_in_one_drain_io_uring() {
-    deep(Kind::IoUring, false);
-    deep(Kind::IoUring, true);
+    deep(Kind::IoUring, false, false);
+    deep(Kind::IoUring, true, false);
+}
+
+#[test]
+fn full_ring_pipelined_io_uring() {
+    deep(Kind::IoUring, false, true);
+    deep(Kind::IoUring, true, true);
 }
 
 #[test]
 fn full_ring_in_one_drain_nbd() {
-    deep(Kind::Nbd, true);
+    deep(Kind::Nbd, true, false);
 }
 
 #[test]

@@ -14,23 +14,33 @@
 //! is exactly one ring per queue, created lazily, with no lock held while I/O is in flight and
 //! no thread-local state to leak when a queue thread ends.
 //!
+//! # Pipelines
+//! [`Storage::pipeline`] gives a queue thread its own ring ([`UringPipeline`]) on which ops stay
+//! in flight across calls: the queue starts each request's I/O as soon as it takes it from the
+//! blkif ring and answers it when it completes, so the device queue never drains between
+//! batches. The pipeline's `wait` also watches the queue's event-channel fd (an
+//! `IORING_OP_POLL_ADD` on the same ring), so one `io_uring_enter` sleeps until either a
+//! completion or a new request. Not for files in memory (their I/O is copied inline anyway).
+//!
 //! # Memory safety
 //! The kernel writes into the buffers of an SQE until its completion is reaped, so `submit`
 //! never returns while an op is in flight: it reaps every completion first (retrying
 //! `io_uring_enter` on `EINTR`/`EAGAIN`/`EBUSY`). Only when the kernel holds no SQE of the
-//! batch may it give up on a broken ring, finishing the rest with psync.
+//! batch may it give up on a broken ring, finishing the rest with psync. A pipeline's caller
+//! promises the same lifetime for the buffers of each op until its completion is returned
+//! ([`Pipeline::start`]), and dropping a pipeline waits for every op it has in flight.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use io_uring::{opcode, types, IoUring};
 use xenpv_grant::VolatileSlice;
 
 use super::{
-    check_range, discard_sync, iovecs, read_only_mapping, total_len, transfer, Error, FileOptions,
-    FileStorage, Op, Storage,
+    check_range, discard_sync, iovecs, read_only_mapping, total_len, transfer, transfer_iov,
+    Completion, Error, FileOptions, FileStorage, Op, Pipeline, Storage,
 };
 
 /// Submission queue entries per ring; also the bound on ops in flight per batch.
@@ -40,7 +50,7 @@ const IOV_MAX: usize = 1024;
 
 /// A raw image file or a block device served through io_uring; see the module docs.
 pub struct IoUringStorage {
-    file: FileStorage,
+    file: Arc<FileStorage>,
     rings: Mutex<Vec<IoUring>>,
     created: std::sync::atomic::AtomicUsize,
 }
@@ -67,7 +77,7 @@ impl IoUringStorage {
     pub fn new(file: FileStorage) -> Result<Self, (FileStorage, Error)> {
         match IoUring::new(ENTRIES) {
             Ok(ring) => Ok(Self {
-                file,
+                file: Arc::new(file),
                 rings: Mutex::new(vec![ring]),
                 created: 1.into(),
             }),
@@ -112,56 +122,12 @@ impl IoUringStorage {
 
     /// Runs one op with psync (ops io_uring cannot take, and the fallback).
     fn sync_op(&self, op: &Op<'_>) -> io::Result<()> {
-        let fd = self.file.file.as_raw_fd();
-        match op {
-            Op::Read { offset, bufs } => transfer(fd, *offset, bufs, false, 0),
-            Op::Write { offset, bufs } => transfer(fd, *offset, bufs, true, 0),
-            Op::Flush => self.file.file.sync_data(),
-            Op::Discard { offset, len } => {
-                discard_sync(&self.file.file, self.file.block_device, *offset, *len)
-            }
-        }
+        sync_op(&self.file, op)
     }
 
-    /// Checks an op; `Some` is its result when it needs no ring (refused, empty, or served
-    /// synchronously), `None` when it goes on the ring.
+    /// See [`precheck`].
     fn precheck(&self, op: &Op<'_>) -> Option<io::Result<()>> {
-        let size = self.file.size();
-        match op {
-            Op::Read { offset, bufs } | Op::Write { offset, bufs } => {
-                if matches!(op, Op::Read { .. }) && bufs.iter().any(|b| !b.is_writable()) {
-                    return Some(Err(read_only_mapping()));
-                }
-                let len = total_len(bufs);
-                if let Err(e) = check_range(size, *offset, len) {
-                    return Some(Err(e));
-                }
-                if len == 0 {
-                    return Some(Ok(()));
-                }
-                // A memory file system cannot do non-blocking reads or writes (no
-                // FMODE_NOWAIT), so io_uring would hand every one of them to a kernel worker
-                // thread: a wake-up and two context switches around what is only a memory
-                // copy. Copy inline instead.
-                if bufs.len() > IOV_MAX || self.file.memory_backed {
-                    return Some(self.sync_op(op));
-                }
-                None
-            }
-            Op::Discard { offset, len } => {
-                if let Err(e) = check_range(size, *offset, *len) {
-                    return Some(Err(e));
-                }
-                if *len == 0 {
-                    return Some(Ok(()));
-                }
-                if self.file.block_device || i64::try_from(*offset).is_err() {
-                    return Some(self.sync_op(op));
-                }
-                None
-            }
-            Op::Flush => None,
-        }
+        precheck(&self.file, op)
     }
 
     /// Runs the `queued` ops on `ring`. Returns `false` if the ring is broken (not to be
@@ -287,6 +253,58 @@ impl IoUringStorage {
     }
 }
 
+/// Runs one op with psync (ops io_uring cannot take, and the fallback).
+fn sync_op(file: &FileStorage, op: &Op<'_>) -> io::Result<()> {
+    let fd = file.file.as_raw_fd();
+    match op {
+        Op::Read { offset, bufs } => transfer(fd, *offset, bufs, false, 0),
+        Op::Write { offset, bufs } => transfer(fd, *offset, bufs, true, 0),
+        Op::Flush => file.file.sync_data(),
+        Op::Discard { offset, len } => discard_sync(&file.file, file.block_device, *offset, *len),
+    }
+}
+
+/// Checks an op; `Some` is its result when it needs no ring (refused, empty, or served
+/// synchronously), `None` when it goes on the ring.
+fn precheck(file: &FileStorage, op: &Op<'_>) -> Option<io::Result<()>> {
+    let size = file.size();
+    match op {
+        Op::Read { offset, bufs } | Op::Write { offset, bufs } => {
+            if matches!(op, Op::Read { .. }) && bufs.iter().any(|b| !b.is_writable()) {
+                return Some(Err(read_only_mapping()));
+            }
+            let len = total_len(bufs);
+            if let Err(e) = check_range(size, *offset, len) {
+                return Some(Err(e));
+            }
+            if len == 0 {
+                return Some(Ok(()));
+            }
+            // A memory file system cannot do non-blocking reads or writes (no
+            // FMODE_NOWAIT), so io_uring would hand every one of them to a kernel worker
+            // thread: a wake-up and two context switches around what is only a memory
+            // copy. Copy inline instead.
+            if bufs.len() > IOV_MAX || file.memory_backed {
+                return Some(sync_op(file, op));
+            }
+            None
+        }
+        Op::Discard { offset, len } => {
+            if let Err(e) = check_range(size, *offset, *len) {
+                return Some(Err(e));
+            }
+            if *len == 0 {
+                return Some(Ok(()));
+            }
+            if file.block_device || i64::try_from(*offset).is_err() {
+                return Some(sync_op(file, op));
+            }
+            None
+        }
+        Op::Flush => None,
+    }
+}
+
 impl Storage for IoUringStorage {
     fn size(&self) -> u64 {
         self.file.size()
@@ -318,6 +336,21 @@ impl Storage for IoUringStorage {
         "io_uring"
     }
 
+    fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
+        if self.file.memory_backed {
+            return None;
+        }
+        match UringPipeline::new(self.file.clone()) {
+            Ok(p) => Some(Box::new(p)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot create an io_uring for this queue: {e}; serving it in batches"
+                );
+                None
+            }
+        }
+    }
+
     fn submit(&self, ops: &[Op<'_>]) -> Vec<io::Result<()>> {
         let mut results: Vec<Option<io::Result<()>>> = ops.iter().map(|_| None).collect();
         let mut queued = Vec::with_capacity(ops.len());
@@ -346,5 +379,282 @@ impl Storage for IoUringStorage {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(io::Error::other("io_uring op lost its completion"))))
             .collect()
+    }
+}
+
+/// Submission queue entries of a pipeline's ring; ops in flight are bounded below this.
+const PIPELINE_ENTRIES: u32 = 256;
+/// The `user_data` of the poll on the caller's wake-up fd (slot numbers are far below).
+const POLL_TAG: u64 = u64::MAX;
+
+/// An op a pipeline has on its ring.
+struct Slot {
+    tag: u64,
+    kind: Kind,
+    /// The op's iovecs; the SQE points at this heap buffer, which stays put until the slot is
+    /// freed (after the completion).
+    iov: Vec<libc::iovec>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Read { offset: u64, len: u64 },
+    Write { offset: u64, len: u64 },
+    Flush,
+    Discard { offset: u64, len: u64 },
+}
+
+/// One queue's io_uring with ops in flight across calls; see the module docs and [`Pipeline`].
+pub struct UringPipeline {
+    file: Arc<FileStorage>,
+    ring: IoUring,
+    /// Indexed by the SQE's `user_data`.
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Completions not from the ring (refused, or run synchronously), returned by the next
+    /// `reap`.
+    ready: Vec<Completion>,
+    poll_armed: bool,
+    /// An `io_uring_enter` failure was logged (log the first of a series only).
+    complained: bool,
+}
+
+// SAFETY: the raw pointers in `slots` (iovecs) point into buffers the caller of `start` keeps
+// valid until the op completes, whichever thread drives the pipeline; the pipeline itself is
+// driven through `&mut self` only, by one thread at a time.
+unsafe impl Send for UringPipeline {}
+
+impl UringPipeline {
+    /// A pipeline on its own ring for `file`.
+    pub fn new(file: Arc<FileStorage>) -> io::Result<Self> {
+        let ring = IoUring::new(PIPELINE_ENTRIES)?;
+        let n = PIPELINE_ENTRIES as usize - 1;
+        Ok(Self {
+            file,
+            ring,
+            slots: (0..n).map(|_| None).collect(),
+            free: (0..n).rev().collect(),
+            ready: Vec::new(),
+            poll_armed: false,
+            complained: false,
+        })
+    }
+
+    /// `io_uring_enter`, submitting and waiting for `want` completions. A failure other than
+    /// an interruption is logged once and retried after a short pause (ops are in flight: their
+    /// buffers must not be given back before they complete).
+    fn enter(&mut self, want: usize) {
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => self.complained = false,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) => {}
+            Err(e) => {
+                if !self.complained {
+                    tracing::error!("io_uring_enter failed: {e}; retrying");
+                    self.complained = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Pushes an SQE, submitting first if the submission queue is full.
+    ///
+    /// # Safety
+    /// As [`io_uring::SubmissionQueue::push`]: everything the entry points to stays valid
+    /// until its completion is reaped.
+    unsafe fn push(&mut self, entry: &io_uring::squeue::Entry) -> bool {
+        for _ in 0..2 {
+            // SAFETY: forwarded to the caller.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return true;
+            }
+            self.enter(0);
+        }
+        false
+    }
+
+    /// The result of a completed ring op (short transfers finished, retryable errors retried
+    /// with psync).
+    fn finish(&self, slot: &Slot, res: i32) -> io::Result<()> {
+        let fd = self.file.file.as_raw_fd();
+        let retry = res == -libc::EAGAIN || res == -libc::EINTR;
+        match slot.kind {
+            Kind::Read { offset, len } | Kind::Write { offset, len } => {
+                let write = matches!(slot.kind, Kind::Write { .. });
+                let done = if retry {
+                    0
+                } else if res < 0 {
+                    return Err(io::Error::from_raw_os_error(-res));
+                } else {
+                    res as usize
+                };
+                if done as u64 >= len {
+                    return Ok(());
+                }
+                // SAFETY: the iovecs describe the buffers of an op whose completion has not
+                // been returned yet, which the caller of `start` keeps valid until then.
+                unsafe { transfer_iov(fd, offset, slot.iov.clone(), write, done) }
+            }
+            Kind::Flush if retry => self.file.file.sync_data(),
+            Kind::Discard { offset, len } if retry => {
+                discard_sync(&self.file.file, self.file.block_device, offset, len)
+            }
+            _ if res < 0 => Err(io::Error::from_raw_os_error(-res)),
+            Kind::Flush | Kind::Discard { .. } => Ok(()),
+        }
+    }
+
+    /// Moves the ring's completions to `out`; returns whether the wake-up poll fired.
+    fn drain_cq(&mut self, out: &mut Vec<Completion>) -> bool {
+        let mut woke = false;
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (data, res) in cqes {
+            if data == POLL_TAG {
+                self.poll_armed = false;
+                woke = true;
+                continue;
+            }
+            let i = data as usize;
+            let Some(slot) = self.slots.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            let r = self.finish(&slot, res);
+            self.free.push(i);
+            out.push((slot.tag, r));
+        }
+        woke
+    }
+}
+
+impl Pipeline for UringPipeline {
+    fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.ready.len()
+    }
+
+    unsafe fn start(&mut self, tag: u64, op: &Op<'_>) {
+        if let Some(r) = precheck(&self.file, op) {
+            self.ready.push((tag, r));
+            return;
+        }
+        let Some(i) = self.free.pop() else {
+            // Over capacity (the caller should not get here): run it now.
+            self.ready.push((tag, sync_op(&self.file, op)));
+            return;
+        };
+        let fd = types::Fd(self.file.file.as_raw_fd());
+        let (kind, iov) = match op {
+            Op::Read { offset, bufs } => (
+                Kind::Read {
+                    offset: *offset,
+                    len: total_len(bufs),
+                },
+                iovecs(bufs),
+            ),
+            Op::Write { offset, bufs } => (
+                Kind::Write {
+                    offset: *offset,
+                    len: total_len(bufs),
+                },
+                iovecs(bufs),
+            ),
+            Op::Flush => (Kind::Flush, Vec::new()),
+            Op::Discard { offset, len } => (
+                Kind::Discard {
+                    offset: *offset,
+                    len: *len,
+                },
+                Vec::new(),
+            ),
+        };
+        let entry = match op {
+            Op::Read { offset, .. } => {
+                { opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32).offset(*offset) }.build()
+            }
+            Op::Write { offset, .. } => {
+                { opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32).offset(*offset) }.build()
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Discard { offset, len } => opcode::Fallocate::new(fd, *len)
+                .offset(*offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+        }
+        .user_data(i as u64);
+        // The iovecs' heap buffer does not move when the Vec is moved into the slot.
+        self.slots[i] = Some(Slot { tag, kind, iov });
+        // SAFETY: the SQE points at the slot's iovecs (at most IOV_MAX of them, `precheck`),
+        // freed only after the completion is reaped, and at the op's buffers, which the caller
+        // keeps valid until the completion is returned (this function's contract). The fd is
+        // owned by `self.file`, which the pipeline holds.
+        if !unsafe { self.push(&entry) } {
+            self.slots[i] = None;
+            self.free.push(i);
+            self.ready.push((tag, sync_op(&self.file, op)));
+        }
+    }
+
+    fn submit(&mut self) {
+        if !self.ring.submission().is_empty() {
+            self.enter(0);
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let before = out.len();
+        out.append(&mut self.ready);
+        self.drain_cq(out);
+        out.len() - before
+    }
+
+    fn wait(&mut self, wake: Option<BorrowedFd<'_>>, out: &mut Vec<Completion>) -> bool {
+        if let Some(fd) = wake {
+            if !self.poll_armed {
+                let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(POLL_TAG);
+                // SAFETY: a poll SQE points at no memory; the fd outlives the poll or, if it
+                // is closed first, the poll completes with an error.
+                self.poll_armed = unsafe { self.push(&entry) };
+            }
+        }
+        let before = out.len();
+        loop {
+            out.append(&mut self.ready);
+            let woke = self.drain_cq(out);
+            if woke || out.len() > before {
+                return woke;
+            }
+            let waiting = self.slots.len() - self.free.len();
+            if waiting == 0 && !(wake.is_some() && self.poll_armed) {
+                return false;
+            }
+            self.enter(1);
+        }
+    }
+}
+
+impl Drop for UringPipeline {
+    fn drop(&mut self) {
+        // The kernel may still write into the buffers of ops in flight: wait for them all.
+        let mut sink = Vec::new();
+        while self.slots.len() > self.free.len() {
+            self.enter(1);
+            sink.clear();
+            self.drain_cq(&mut sink);
+        }
     }
 }
