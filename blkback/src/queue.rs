@@ -270,15 +270,9 @@ where
                 let mut chunk: Vec<Prepared<G::Mapping>> = Vec::new();
                 let mut pages = 0usize;
                 while chunk.len() < MAX_BATCH_REQUESTS && pages < MAX_BATCH_PAGES {
-                    let idx = self.ring.req_cons();
-                    let Some(req) = self.ring.next_request()? else {
+                    let Some((_, p)) = self.take_request()? else {
                         break;
                     };
-                    let native = P::to_native(&req);
-                    if let Some(j) = &mut self.journal {
-                        j.record(idx, &native);
-                    }
-                    let p = self.prepare(&native);
                     pages += p.pages();
                     chunk.push(p);
                 }
@@ -475,15 +469,9 @@ where
             Stats::add(&self.stats.ring_full, 1);
         }
         while self.has_room() {
-            let idx = self.ring.req_cons();
-            let Some(req) = self.ring.next_request()? else {
+            let Some((idx, p)) = self.take_request()? else {
                 break;
             };
-            let native = P::to_native(&req);
-            if let Some(j) = &mut self.journal {
-                j.record(idx, &native);
-            }
-            let p = self.prepare(&native);
             self.window_pages = self.window_pages.saturating_add(p.pages());
             self.window.push_back(Flight {
                 idx,
@@ -552,6 +540,20 @@ where
                 }
             }
         }
+    }
+
+    /// Takes the next request off the ring: copied once, journaled (before any of its I/O
+    /// starts), validated and mapped. Also returns its ring index.
+    fn take_request(&mut self) -> std::result::Result<Taken<G::Mapping>, xenpv_ring::Error> {
+        let idx = self.ring.req_cons();
+        let Some(req) = self.ring.next_request()? else {
+            return Ok(None);
+        };
+        let native = P::to_native(&req);
+        if let Some(j) = &mut self.journal {
+            j.record(idx, &native);
+        }
+        Ok(Some((idx, self.prepare(&native))))
     }
 
     /// Validates a request and maps its data (resolving indirect segments): everything up to
@@ -916,6 +918,9 @@ impl<M: GrantMemory> Step<M> {
         })
     }
 }
+
+/// A request taken off the ring, with its ring index (`None`: the ring had none).
+type Taken<M> = Option<(u32, Prepared<M>)>;
 
 /// A request validated and mapped, waiting for its I/O.
 struct Prepared<M> {

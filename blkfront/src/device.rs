@@ -401,6 +401,17 @@ where
         }
     }
 
+    /// The disk fails for good (the first reason is kept); the control thread then tears it
+    /// down and goes Closing.
+    fn fail_disk(&self, why: String) {
+        let mut err = lock(&self.error);
+        if err.is_none() {
+            *err = Some(Error::BackendClosed(why));
+        }
+        drop(err);
+        self.phase.store(BROKEN, Ordering::SeqCst);
+    }
+
     /// Whether the toolstack is removing the device: the backend's `state` node is gone (or no
     /// longer readable to us), or its `online` node says 0 (libxl's detach). Then there is
     /// nothing to reconnect to.
@@ -807,23 +818,13 @@ where
                     XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
                 ) {
                     tracing::error!(state = ?s, "backend closed the device: the disk fails");
-                    let mut err = lock(&self.error);
-                    if err.is_none() {
-                        *err = Some(Error::BackendClosed(format!("{s:?}")));
-                    }
-                    drop(err);
-                    self.phase.store(BROKEN, Ordering::SeqCst);
+                    self.fail_disk(format!("{s:?}"));
                 }
                 continue;
             }
             if self.removed(&xs) {
                 tracing::error!(state = ?s, "the toolstack removed the device: the disk fails");
-                let mut err = lock(&self.error);
-                if err.is_none() {
-                    *err = Some(Error::BackendClosed("device removed".into()));
-                }
-                drop(err);
-                self.phase.store(BROKEN, Ordering::SeqCst);
+                self.fail_disk("device removed".into());
                 continue;
             }
             tracing::warn!(state = ?s, "backend left Connected: reconnecting");
@@ -846,12 +847,7 @@ where
                     }
                     Err(e) if self.removed(&xs) => {
                         tracing::error!("reconnect failed ({e}): the toolstack removed the device");
-                        let mut err = lock(&self.error);
-                        if err.is_none() {
-                            *err = Some(Error::BackendClosed("device removed".into()));
-                        }
-                        drop(err);
-                        self.phase.store(BROKEN, Ordering::SeqCst);
+                        self.fail_disk("device removed".into());
                         break;
                     }
                     Err(e) => {
