@@ -6,9 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v fio >/dev/null; then
+# fio (the baseline and the load through NBD) and qemu-nbd (the second baseline)
+if ! command -v fio >/dev/null || ! command -v qemu-nbd >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  as_root apt-get install -y fio || { as_root apt-get update && as_root apt-get install -y fio; }
+  as_root apt-get install -y fio qemu-utils ||
+    { as_root apt-get update && as_root apt-get install -y fio qemu-utils; }
 fi
 if ! command -v cargo >/dev/null; then
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
