@@ -108,18 +108,21 @@ s3() {
 }
 # ---------------------------------------------------------------- scenario 2
 # our blkfront in the domU, Linux's blkback in dom0
-# s2_one NAME VDEV DEVID ARGS: one device served by Linux's blkback to xenpv-blkfront ARGS
+# s2_one NAME VDEV DEVID ARGS [again]: one device served by Linux's blkback to xenpv-blkfront
+# ARGS; with `again`, the device of the previous call, which that xenpv-blkfront closed (Linux's
+# blkback is Closed), is connected again; without, the device is detached at the end unless
+# the next call reuses it (S2_KEEP=1).
 s2_one() {
-  name=$1 vdev=$2 devid=$3 args=$4
+  name=$1 vdev=$2 devid=$3 args=$4 again=${5:-}
   B=/local/domain/0/backend/vbd/$DOMID/$devid
   F=/local/domain/$DOMID/device/vbd/$devid
   # what libxl and its block hotplug script write for a phy disk (physical-device in hex)
-  xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
+  [ -n "$again" ] || xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
     "$B/bootable" 0 "$B/state" 1 "$B/dev" "$vdev" "$B/type" phy "$B/mode" w "$B/device-type" disk \
     "$B/params" /dev/loop0 "$B/physical-device" 7:0 "$B/physical-device-path" /dev/loop0 \
     "$F/backend" "$B" "$F/backend-id" 0 "$F/state" 1 "$F/virtual-device" "$devid" "$F/device-type" disk
-  xenstore-chmod -r "$B" n0 "r$DOMID"
-  xenstore-chmod -r "$F" "n$DOMID" r0
+  [ -n "$again" ] || xenstore-chmod -r "$B" n0 "r$DOMID"
+  [ -n "$again" ] || xenstore-chmod -r "$F" "n$DOMID" r0
   if ask s2-io "$vdev" $args; then
     if [ "$(sha /dev/loop0 0 16)" = "$(word 2)" ]; then
       pass "s2 $name: our blkfront ($args), Linux blkback: checksums match"
@@ -134,6 +137,7 @@ s2_one() {
   echo "dom0: our frontend: $(xenstore-ls -f "$F" | tr '\n' ' ')"
   # tear down whatever happened: Linux's blkback must be gone before ours serves again
   ask s2-end || fail "s2 $name: stopping xenpv-blkfront: $RES"
+  [ -n "${S2_KEEP:-}" ] && return
   xenpv detach "$DOMID" "$vdev" || xenpv detach --force "$DOMID" "$vdev" || fail "s2 $name: detach"
 }
 s2() {
@@ -145,7 +149,8 @@ s2() {
   s2_one plain xvdb 51728 "--no-persistent --no-indirect"
   s2_one indirect xvdc 51744 "--no-persistent"
   s2_one persistent xvdd 51760 "--no-indirect"
-  s2_one all xvde 51776 "--queues 2 --ring-order 1"
+  S2_KEEP=1 s2_one all xvde 51776 "--queues 2 --ring-order 1"
+  s2_one again xvde 51776 "--queues 2 --ring-order 1" again
   # the kernel lets its last device go a moment after the nodes are removed
   i=0; until rmmod xen_blkback 2>/dev/null; do
     i=$((i + 1)); [ $i -gt 50 ] && { fail "s2 rmmod xen_blkback: still in use after 10 s"; break; }; sleep 0.2
