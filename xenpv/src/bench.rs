@@ -459,40 +459,25 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         let direct_nodes = crate::toolstack::attach_disk(&xs, domid, &direct_spec)
             .map_err(|e| step("attaching the second disk (no-NBD path)", e))?;
         let sock = work.path().join(format!("{vdev}.nbd"));
-        let mut front = Command::new(bin_dir.join("xenpv-blkfront"));
-        front
-            .args(["--platform", "local", "--state-dir"])
-            .arg(&root)
-            .args([
-                "--domid",
-                &domid.to_string(),
-                "--device",
-                &vdev,
-                "--nbd-socket",
-            ])
-            .arg(&sock);
-        if let Some(us) = opts.spin_us {
-            front.args(["--spin-us", &us.to_string()]);
-        }
+        // xenpv-blkfront on one of the disks, with `tail` (its mode) after the common flags.
+        let blkfront_cmd = |device: &str, tail: &[&std::ffi::OsStr]| {
+            let mut c = Command::new(bin_dir.join("xenpv-blkfront"));
+            c.args(["--platform", "local", "--state-dir"])
+                .arg(&root)
+                .args(["--domid", &domid.to_string(), "--device", device])
+                .args(tail);
+            if let Some(us) = opts.spin_us {
+                c.args(["--spin-us", &us.to_string()]);
+            }
+            c
+        };
+        let front = blkfront_cmd(&vdev, &["--nbd-socket".as_ref(), sock.as_os_str()]);
         progress(&format!(
             "connecting blkfront to {vdev} ({})",
             if tmpfs { "tmpfs" } else { "disk" }
         ));
         let blkfront = start(front, "xenpv-blkfront", "ready")?;
-        let mut gen_cmd = Command::new(bin_dir.join("xenpv-blkfront"));
-        gen_cmd
-            .args(["--platform", "local", "--state-dir"])
-            .arg(&root)
-            .args([
-                "--domid",
-                &domid.to_string(),
-                "--device",
-                &direct_vdev,
-                "--load",
-            ]);
-        if let Some(us) = opts.spin_us {
-            gen_cmd.args(["--spin-us", &us.to_string()]);
-        }
+        let gen_cmd = blkfront_cmd(&direct_vdev, &["--load".as_ref()]);
         let mut loadgen = LoadGen::start(gen_cmd)?;
         // A second baseline with the same NBD hop as ours: qemu-nbd serving the same file, so
         // that the cost of our drivers can be told apart from the cost of NBD itself.
@@ -501,6 +486,14 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         let direct = if tmpfs { "--direct=0" } else { "--direct=1" };
         let mut rows = Vec::new();
         let mut directs = Vec::new();
+        // blkback's CPU seconds and a device's notifications, before and after a run
+        // (after one status-file period, so that the file has caught up)
+        let snapshot = |device: &str| (cpu_seconds(blkback.0.id()), notifications(&status, device));
+        let since = |before: (f64, f64), device: &str| {
+            std::thread::sleep(Duration::from_millis(1100));
+            let now = snapshot(device);
+            (now.0 - before.0, now.1 - before.1)
+        };
         for w in WORKLOADS {
             let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
             let mut nonbd: Vec<Direct> = Vec::new();
@@ -520,31 +513,25 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 let mut a = common_args(&w, opts.size_mib, opts.runtime);
                 a.push("--ioengine=nbd".into());
                 a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
-                let (cpu0, n0) = (
-                    cpu_seconds(blkback.0.id()),
-                    notifications(&status, &nodes.backend_path),
-                );
+                let before = snapshot(&nodes.backend_path);
                 let mut m = fio(&a)?;
-                std::thread::sleep(Duration::from_millis(1100)); // one status-file period
-                                                                 // blkback's CPU is measured over fio's ramp (1 s) too: count its I/Os as well.
+                let (cpu, ntf) = since(before, &nodes.backend_path);
+                // blkback's CPU is measured over fio's ramp (1 s) too: count its I/Os as well.
                 let ios = (m.iops * (opts.runtime + RAMP_S) as f64).max(1.0);
-                m.cpu_us_per_io = (cpu_seconds(blkback.0.id()) - cpu0) / ios * 1e6;
-                m.notify_per_io = (notifications(&status, &nodes.backend_path) - n0) / ios;
+                m.cpu_us_per_io = cpu / ios * 1e6;
+                m.notify_per_io = ntf / ios;
                 ours.push(m);
                 let mut a = common_args(&w, opts.size_mib, opts.runtime);
                 a.push("--ioengine=nbd".into());
                 a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
                 nbd.push(fio(&a)?);
                 // The driver pair without NBD: the load generator on the second disk.
-                let (cpu0, n0) = (
-                    cpu_seconds(blkback.0.id()),
-                    notifications(&status, &direct_nodes.backend_path),
-                );
+                let before = snapshot(&direct_nodes.backend_path);
                 let v = loadgen.run(&format!(
                     "{} {} {} {RAMP_S} {}",
                     w.rw, w.bs, w.qd, opts.runtime
                 ))?;
-                std::thread::sleep(Duration::from_millis(1100)); // one status-file period
+                let (cpu, ntf) = since(before, &direct_nodes.backend_path);
                 let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
                 let all = num("all_ios").max(1.0);
                 nonbd.push(Direct {
@@ -553,9 +540,8 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                         mbps: num("mbps"),
                         p50_us: num("p50_us"),
                         p99_us: num("p99_us"),
-                        cpu_us_per_io: (cpu_seconds(blkback.0.id()) - cpu0) / all * 1e6,
-                        notify_per_io: (notifications(&status, &direct_nodes.backend_path) - n0)
-                            / all,
+                        cpu_us_per_io: cpu / all * 1e6,
+                        notify_per_io: ntf / all,
                     },
                     front_cpu_us_per_io: num("cpu_us_per_io"),
                 });

@@ -437,6 +437,8 @@ impl LocalShared {
     }
 
     fn region(&self) -> &Region {
+        // The region is only taken in `do_revoke`, which consumes or drops `self`: no caller can
+        // reach this afterwards. Not peer-controlled.
         self.region.as_ref().expect("region present until revoke")
     }
 
