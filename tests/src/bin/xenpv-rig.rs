@@ -20,9 +20,8 @@ fn usage() -> String {
 fn seconds(s: &str) -> Result<Duration, String> {
     s.parse::<f64>()
         .ok()
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{s:?}: not a number of seconds"))
+        .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| format!("{s:?}: not a number of seconds (0 or more)"))
 }
 
 /// Waits until `done(value)` holds for the node at `path` (None: the node does not exist).
@@ -54,21 +53,26 @@ fn wait_until(
     }
 }
 
+fn open() -> Result<Client, String> {
+    Client::open().map_err(|e| format!("cannot reach xenstore: {e}"))
+}
+
 fn run(args: &[String]) -> Result<(), String> {
-    let xs = Client::open().map_err(|e| format!("cannot reach xenstore: {e}"))?;
     match args {
         [cmd, path, prefix, secs] if cmd == "wait" => {
-            let v = wait_until(&xs, path, seconds(secs)?, |v| {
+            let limit = seconds(secs)?;
+            let v = wait_until(&open()?, path, limit, |v| {
                 v.is_some_and(|v| v.starts_with(prefix.as_str()))
             })?;
             println!("{}", v.unwrap_or_default());
             Ok(())
         }
         [cmd, path, secs] if cmd == "gone" => {
-            wait_until(&xs, path, seconds(secs)?, |v| v.is_none()).map(|_| ())
+            let limit = seconds(secs)?;
+            wait_until(&open()?, path, limit, |v| v.is_none()).map(|_| ())
         }
         [cmd] if cmd == "domid" => {
-            let v = xs
+            let v = open()?
                 .read_string("domid")
                 .map_err(|e| format!("read domid: {e}"))?;
             println!("{}", v.trim());
