@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenpv_evtchn::{spin_then_wait, EventChannel, SpinBudget};
+use xenpv_evtchn::{spin_then_wait, spin_until, EventChannel, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapCache};
 use xenpv_ring::blkif::{Blkif, BlkifRequest, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
@@ -35,7 +35,7 @@ pub struct Config {
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,
     /// How long a queue thread polls before sleeping on its event channel
-    /// ([`SpinBudget::auto`] by default).
+    /// (50 µs by default, [`SpinBudget::default`]).
     pub spin: SpinBudget,
     /// Engine for image files and block devices (NBD URIs in `params` always use NBD).
     pub engine: Engine,
@@ -54,7 +54,7 @@ impl Default for Config {
             persistent: true,
             persistent_capacity: 1024,
             direct_io: false,
-            spin: SpinBudget::auto(),
+            spin: SpinBudget::default(),
             engine: Engine::default(),
             journal_dir: None,
         }
@@ -953,20 +953,24 @@ where
         if q.pipelined() {
             return pipeline_loop(&mut q, &evtchn, port, io.spin, stop);
         }
+        let protocol = |e: xenpv_ring::Error| format!("ring protocol error: {e}");
         loop {
-            match q.service() {
-                Ok(true) => evtchn.notify(port).map_err(|e| format!("notify: {e}"))?,
-                Ok(false) => {}
-                Err(e) => return Err(format!("ring protocol error: {e}")),
+            if q.serve(false).map_err(protocol)? {
+                evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
             }
             if stop.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            // Hybrid polling: poll the ring with `req_event` unarmed (the frontend does not
+            // notify meanwhile), then arm it and sleep.
+            if spin_until(io.spin, || q.work_waiting()) || q.final_check().map_err(protocol)? {
+                continue;
             }
             ports.clear();
             spin_then_wait(
                 &evtchn,
                 &mut ports,
-                io.spin,
+                SpinBudget::None,
                 Some(Duration::from_millis(100)),
             )
             .map_err(|e| format!("event channel: {e}"))?;
@@ -983,9 +987,9 @@ where
 }
 
 /// The loop of a pipelined queue ([`Queue::pump`]): requests are taken while others are in
-/// flight, and answered as their I/O completes. With requests in flight it sleeps on the event
-/// channel and the storage's completions together ([`Queue::wait`]); with none, as a chunked
-/// queue does (spin, then block on the event channel).
+/// flight, and answered as their I/O completes. Between rounds it polls the ring and the
+/// storage's completions for the spin budget; then, with requests in flight, it sleeps on the
+/// event channel and the completions together ([`Queue::wait`]), with none on the event channel.
 fn pipeline_loop<P, M, G, E>(
     q: &mut Queue<P, M, G>,
     evtchn: &E,
@@ -1015,7 +1019,12 @@ where
         if p.notify {
             notify()?;
         }
-        if p.progressed || q.final_check().map_err(protocol)? {
+        // Hybrid polling: poll the ring and the storage's completions with `req_event` unarmed
+        // (the frontend does not notify meanwhile), then arm it and sleep on both.
+        if p.progressed
+            || spin_until(spin, || q.work_waiting())
+            || q.final_check().map_err(protocol)?
+        {
             continue;
         }
         ports.clear();
@@ -1026,8 +1035,13 @@ where
                     .map_err(|e| format!("event channel: {e}"))?;
             }
         } else {
-            spin_then_wait(evtchn, &mut ports, spin, Some(Duration::from_millis(100)))
-                .map_err(|e| format!("event channel: {e}"))?;
+            spin_then_wait(
+                evtchn,
+                &mut ports,
+                SpinBudget::None,
+                Some(Duration::from_millis(100)),
+            )
+            .map_err(|e| format!("event channel: {e}"))?;
         }
         for &p in &ports {
             // Unmasked before the ring is drained again (the next round does that before any

@@ -238,6 +238,15 @@ where
     /// A pipelined queue ([`pipelined`](Self::pipelined)) runs [`pump`](Self::pump) until the
     /// ring is empty and every request is answered, waiting for the storage in between.
     pub fn service(&mut self) -> xenpv_ring::Result<bool> {
+        self.serve(true)
+    }
+
+    /// [`service`](Self::service), but with `arm` false a queue without a pipeline leaves
+    /// `req_event` as it is when the ring is empty (no final check): for a caller that polls
+    /// the ring next ([`work_waiting`](Self::work_waiting)) and calls
+    /// [`final_check`](Self::final_check) only before it sleeps, so that the frontend does not
+    /// notify while we poll.
+    pub fn serve(&mut self, arm: bool) -> xenpv_ring::Result<bool> {
         if self.pipe.is_some() {
             let mut notify = false;
             loop {
@@ -289,7 +298,12 @@ where
                 // once the response to its request is visible to the frontend.
                 notify |= self.ring.push_responses();
             }
-            if !self.ring.final_check_for_requests()? {
+            let more = if arm {
+                self.ring.final_check_for_requests()?
+            } else {
+                self.ring.unconsumed_requests()? > 0
+            };
+            if !more {
                 break;
             }
         }
@@ -347,6 +361,15 @@ where
             pipe.submit();
         }
         Ok(out)
+    }
+
+    /// Whether there is work for the next round: requests on the ring that may be taken now, or
+    /// I/O completed. Reads shared memory only (the ring's `req_prod`, the storage's completion
+    /// queue) and arms nothing: for polling between rounds. An impossible `req_prod` counts as
+    /// work, so that the next round reports it.
+    pub fn work_waiting(&mut self) -> bool {
+        let requests = self.ring.unconsumed_requests().map_or(true, |n| n > 0);
+        (requests && self.has_room()) || self.pipe.as_mut().is_some_and(|p| p.ready())
     }
 
     /// Whether more requests may be taken now and the ring has some: when `false`, `req_event`

@@ -88,6 +88,8 @@ pub trait Pipeline: Send {
     unsafe fn start(&mut self, tag: u64, op: &Op<'_>);
     /// Hands the started ops to the kernel without waiting.
     fn submit(&mut self);
+    /// Whether a completion is available now (for polling: reads memory, no system call).
+    fn ready(&mut self) -> bool;
     /// Appends the completions available now to `out`, without blocking; returns how many.
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize;
     /// Submits, then blocks until at least one completion is available (appended to `out`) or,

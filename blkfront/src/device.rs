@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xenpv_evtchn::{spin_then_wait, EventChannel, Port};
+use xenpv_evtchn::{spin_then_wait, spin_until, EventChannel, Port, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
 use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST, VDISK_READONLY};
 use xenpv_ring::FrontRing;
@@ -682,11 +682,12 @@ where
         let span = tracing::info_span!("vbd", domid = self.be_id, dev = %self.fe, queue = qi);
         let _g = span.enter();
         let mut ports = Vec::new();
+        let q = &self.queues[qi];
         loop {
             let mut out = Vec::new();
             let r = {
-                let mut q = lock(&self.queues[qi]);
-                match q.process(&self.p.grants, &mut out) {
+                let mut q = lock(q);
+                match q.process(&self.p.grants, &mut out, false) {
                     Ok(()) => q.issue(&self.p.grants, &mut out),
                     Err(e) => Err(e),
                 }
@@ -695,8 +696,21 @@ where
                 let _ = ev.unmask(p);
             }
             complete(out);
-            match r {
-                Ok(()) => {}
+            // Hybrid polling: with requests in flight, poll `rsp_prod` with `rsp_event` unarmed
+            // (the backend does not notify meanwhile); then arm it and, if still nothing came,
+            // sleep on the event channel.
+            let r = r.and_then(|()| {
+                let spin = self.opts.spin;
+                if spin != SpinBudget::None
+                    && lock(q).in_flight() > 0
+                    && spin_until(spin, || lock(q).responses_waiting())
+                {
+                    return Ok(true);
+                }
+                lock(q).final_check()
+            });
+            let again = match r {
+                Ok(again) => again,
                 Err(e @ Error::Protocol(_)) => {
                     tracing::error!("{e}: disconnecting");
                     let mut err = lock(&self.error);
@@ -707,15 +721,21 @@ where
                     self.phase.store(BROKEN, Ordering::SeqCst);
                     return;
                 }
-                Err(e) => tracing::warn!("queue: {e}"),
-            }
+                Err(e) => {
+                    tracing::warn!("queue: {e}");
+                    false
+                }
+            };
             if stop.load(Ordering::SeqCst) {
                 return;
+            }
+            if again {
+                continue;
             }
             if let Err(e) = spin_then_wait(
                 &*ev,
                 &mut ports,
-                self.opts.spin,
+                SpinBudget::None,
                 Some(Duration::from_millis(100)),
             ) {
                 tracing::warn!("event channel: {e}");

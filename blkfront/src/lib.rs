@@ -202,7 +202,7 @@ impl Default for Options {
             indirect: true,
             max_indirect_segments: 256,
             pool_pages: 1024,
-            spin: SpinBudget::auto(),
+            spin: SpinBudget::default(),
             timeout: Duration::from_secs(30),
             reconnect: true,
         }

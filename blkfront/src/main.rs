@@ -57,8 +57,8 @@ struct Args {
     /// Do not use indirect descriptors.
     #[arg(long)]
     no_indirect: bool,
-    /// Spin budget of the queue threads, in microseconds, before sleeping (default: 50 with
-    /// 4 CPUs or more, 0 otherwise).
+    /// Hybrid polling: how long (µs) a queue thread with requests in flight polls the ring
+    /// before sleeping on the event channel; 0 never polls (default: 50).
     #[arg(long)]
     spin_us: Option<u64>,
 }
@@ -95,7 +95,7 @@ fn run(args: Args) -> Result<(), String> {
         persistent: !args.no_persistent,
         indirect: !args.no_indirect,
         spin: match args.spin_us {
-            None => SpinBudget::auto(),
+            None => SpinBudget::default(),
             Some(0) => SpinBudget::None,
             Some(us) => SpinBudget::Duration(Duration::from_micros(us)),
         },

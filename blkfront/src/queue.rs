@@ -318,9 +318,11 @@ where
         Ok(())
     }
 
-    /// Consumes every response (validating each), then final-checks. A bad response is a
-    /// protocol error: nothing of the request it names is touched.
-    pub(crate) fn process(&mut self, g: &G, out: &mut Finished) -> Result<()> {
+    /// Consumes every response (validating each), then, with `arm`, final-checks (re-arms
+    /// `rsp_event`). A bad response is a protocol error: nothing of the request it names is
+    /// touched. Without `arm` the backend does not notify us of more responses until
+    /// [`final_check`](Self::final_check): for a caller that polls in between.
+    pub(crate) fn process(&mut self, g: &G, out: &mut Finished, arm: bool) -> Result<()> {
         let Some(rs) = self.ring.as_mut() else {
             return Ok(());
         };
@@ -382,15 +384,40 @@ where
                 rs.release(g, indirect);
                 out.push((chunk, result));
             }
-            if !rs
-                .ring
-                .final_check_for_responses()
-                .map_err(|e| Error::Protocol(e.to_string()))?
+            if !arm
+                || !rs
+                    .ring
+                    .final_check_for_responses()
+                    .map_err(|e| Error::Protocol(e.to_string()))?
             {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Whether responses are waiting: reads the shared `rsp_prod`, arms nothing (for polling).
+    /// An impossible index counts, so that the next [`process`](Self::process) reports it.
+    pub(crate) fn responses_waiting(&mut self) -> bool {
+        self.ring
+            .as_mut()
+            .is_some_and(|rs| rs.ring.unconsumed_responses().map_or(true, |n| n > 0))
+    }
+
+    /// Requests on the ring that have no response yet.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.ring.as_ref().map_or(0, |rs| rs.ring.in_flight())
+    }
+
+    /// `RING_FINAL_CHECK_FOR_RESPONSES`: re-arms `rsp_event`; whether responses are waiting.
+    pub(crate) fn final_check(&mut self) -> Result<bool> {
+        match self.ring.as_mut() {
+            Some(rs) => rs
+                .ring
+                .final_check_for_responses()
+                .map_err(|e| Error::Protocol(e.to_string())),
+            None => Ok(false),
+        }
     }
 
     /// Requests in flight plus waiting.

@@ -8,7 +8,9 @@
 //! * [`local::LocalEvtchn`] is the local platform's client: eventfds brokered by
 //!   [`local::Broker`] over a per-domain Unix socket (`docs/local-platform.md`).
 //! * [`spin_then_wait`] polls for pending ports for a bounded spin budget before blocking, since
-//!   a cross-core wake-up costs tens of microseconds.
+//!   a cross-core wake-up costs tens of microseconds; [`spin_until`] polls shared memory (a
+//!   ring index) instead, which lets a driver leave its peer's notifications unarmed while it
+//!   polls.
 //!
 //! Semantics shared by both providers (those of `/dev/xen/evtchn`):
 //! * a port that fired is reported once by [`EventChannel::pending`] and stays masked until
@@ -26,7 +28,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 pub use error::{Error, Result};
-pub use spin::{spin_then_wait, SpinBudget, Woken};
+pub use spin::{spin_then_wait, spin_until, SpinBudget, Woken};
 
 /// An event-channel port (`evtchn_port_t`): a small integer, per domain.
 pub type Port = u32;

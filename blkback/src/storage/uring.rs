@@ -613,6 +613,10 @@ impl Pipeline for UringPipeline {
         }
     }
 
+    fn ready(&mut self) -> bool {
+        !self.ready.is_empty() || !self.ring.completion().is_empty()
+    }
+
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
         let before = out.len();
         out.append(&mut self.ready);
