@@ -773,6 +773,12 @@ pub struct Pending {
 }
 
 impl RecoveredQueue {
+    /// How many slots are free.
+    #[cfg(test)]
+    pub(crate) fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.state == STATE_FREE).count()
+    }
+
     /// The requests consumed and not answered, given the ring's shared `rsp_prod`, in the
     /// order they were consumed (ring order: the order a new execution must keep for
     /// overlapping writes). Fails unless the journal is consistent with `rsp_prod`: a slot

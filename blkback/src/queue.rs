@@ -1069,3 +1069,227 @@ impl<M> Prepared<M> {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The journal stores of a queue, watched between two of them: the points a process can
+    //! die at inside one round of [`Queue::pump`].
+
+    use super::*;
+    use crate::journal::{Identity, Journal, QueueIdentity};
+    use xenpv_grant::local::LocalMapping;
+    use xenpv_grant::{CopyOp, GrantRef};
+    use xenpv_ring::blkif::RSP_EOPNOTSUPP;
+    use xenpv_ring::mock::SharedPages;
+    use xenpv_ring::FrontRing;
+
+    /// No grant can be mapped (the requests of these tests map none).
+    struct NoGrants;
+
+    impl GrantMap for NoGrants {
+        type Mapping = LocalMapping;
+        fn map(&self, _: &[(DomId, GrantRef)], _: Access) -> xenpv_grant::Result<LocalMapping> {
+            Err(xenpv_grant::Error::Os {
+                what: "map",
+                source: io::Error::other("no grants in this test"),
+            })
+        }
+        fn copy(&self, _: &mut [CopyOp<'_>]) -> xenpv_grant::Result<()> {
+            Err(xenpv_grant::Error::Os {
+                what: "copy",
+                source: io::Error::other("no grants in this test"),
+            })
+        }
+    }
+
+    /// A disk of nothing (the requests of these tests reach none).
+    struct NoDisk;
+
+    impl Storage for NoDisk {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_into(&self, _: u64, _: &[xenpv_grant::VolatileSlice<'_>]) -> io::Result<()> {
+            Err(io::Error::other("no disk"))
+        }
+        fn write_from(&self, _: u64, _: &[xenpv_grant::VolatileSlice<'_>]) -> io::Result<()> {
+            Err(io::Error::other("no disk"))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn can_discard(&self) -> bool {
+            false
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            sectors: 2048,
+            sector_size: 512,
+            read_only: false,
+            flush: true,
+            barrier: true,
+            discard: false,
+            discard_secure: false,
+            discard_granularity: 4096,
+            max_indirect_segments: 0,
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            session: 1,
+            frontend_id: 1,
+            frontend: "/local/domain/1/device/vbd/51712".into(),
+            order: 0,
+            x86_32: false,
+            persistent: false,
+            max_indirect_segments: 0,
+            queues: vec![QueueIdentity {
+                port: 1,
+                refs: vec![8],
+            }],
+        }
+    }
+
+    fn queue(
+        back: BackRing<Blkif, SharedPages>,
+        journal: &Journal,
+    ) -> Queue<Blkif, SharedPages, NoGrants> {
+        Queue::new(
+            back,
+            1,
+            MapCache::new(NoGrants, 4),
+            false,
+            Arc::new(NoDisk),
+            limits(),
+            Arc::new(Stats::default()),
+        )
+        .with_journal(journal.queue(0).unwrap())
+    }
+
+    /// A request the queue answers without I/O (an operation it does not know).
+    fn unknown(id: u64) -> BlkifRequest {
+        BlkifRequest::new(9, 0, id, 0)
+    }
+
+    /// Answered out of order, then published, then freed: the journal read back at each step
+    /// (with the shared `rsp_prod` of that moment) names exactly the requests a restarted
+    /// backend must answer again.
+    #[test]
+    fn every_store_of_a_round_leaves_a_journal_that_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let journal = Journal::create(&path, &identity()).unwrap();
+        let pages = SharedPages::new(0);
+        let mut front = FrontRing::<Blkif, _>::init(pages.clone()).unwrap();
+        let mut q = queue(BackRing::new(pages.clone()).unwrap(), &journal);
+        for i in 0..3 {
+            front.produce(unknown(100 + i)).unwrap();
+        }
+        let _ = front.push_requests();
+        // Ring index → id of the requests a restarted backend would answer again.
+        let pending = |rsp_prod: u32| -> Vec<(u32, u64)> {
+            let r = Journal::load(&path).unwrap();
+            let p = r.queues[0].pending(rsp_prod).unwrap();
+            p.iter().map(|p| (p.idx, p.request.id)).collect()
+        };
+        let free = || Journal::load(&path).unwrap().queues[0].free_slots();
+        assert_eq!(q.take().unwrap(), 3);
+        assert_eq!(pending(0), [(0, 100), (1, 101), (2, 102)]);
+        // The first one is still "in flight": the two after it are answered first.
+        let first = q.order[0] as usize;
+        q.flights[first].as_mut().unwrap().running = true;
+        assert!(q.answer_done().unwrap());
+        // Dead between the marks and the publication.
+        assert_eq!(pending(0), [(0, 100), (1, 101), (2, 102)]);
+        assert_eq!(q.ring.rsp_prod_pvt(), 2);
+        // Published, not freed yet; then freed.
+        let _ = q.ring.push_responses();
+        assert_eq!(pending(2), [(0, 100)]);
+        assert_eq!(free(), 29);
+        let _ = q.publish();
+        assert_eq!(pending(2), [(0, 100)]);
+        assert_eq!((q.free.len(), free()), (31, 31));
+        // The first one answered last, at response index 2: marked, then published.
+        q.flights[first].as_mut().unwrap().running = false;
+        assert!(q.answer_done().unwrap());
+        assert_eq!(pending(2), [(0, 100)]);
+        let _ = q.ring.push_responses();
+        assert_eq!(pending(3), []);
+        let _ = q.publish();
+        assert_eq!(pending(3), []);
+        assert_eq!((q.free.len(), free()), (32, 32));
+        let mut got = Vec::new();
+        while let Some(rsp) = front.next_response().unwrap() {
+            got.push((rsp.id, rsp.status));
+        }
+        assert_eq!(
+            got,
+            [
+                (101, RSP_EOPNOTSUPP),
+                (102, RSP_EOPNOTSUPP),
+                (100, RSP_EOPNOTSUPP)
+            ]
+        );
+    }
+
+    /// A resumed queue first clears what the dead instance left in its slots besides the
+    /// requests it answers again (a record its `req_cons` never covered, a slot answered and
+    /// published but not freed), so that its own records never meet them.
+    #[test]
+    fn resume_clears_what_the_dead_instance_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let journal = Journal::create(&path, &identity()).unwrap();
+        let pages = SharedPages::new(0);
+        let mut front = FrontRing::<Blkif, _>::init(pages.clone()).unwrap();
+        for i in 0..4 {
+            front.produce(unknown(100 + i)).unwrap();
+        }
+        let _ = front.push_requests();
+        // The dead instance: ring indexes 0..3 consumed into slots 0..3; 1 answered at
+        // response index 0 and published, its slot not freed yet; index 3 recorded into slot
+        // 5, not committed.
+        let mut dead = journal.queue(0).unwrap();
+        for i in 0..3u32 {
+            dead.record(i, i, &unknown(100 + u64::from(i)));
+        }
+        dead.commit(3);
+        dead.answered(1, 0);
+        pages.write_slot::<Blkif, _>(0, BlkifResponse::new(101, 9, RSP_EOPNOTSUPP));
+        pages.write_u32(xenpv_ring::mock::RSP_PROD, 1);
+        dead.record(5, 3, &unknown(103));
+        drop(dead);
+        let r = Journal::load(&path).unwrap();
+        let pending = r.queues[0].pending(1).unwrap();
+        let ids: Vec<u64> = pending.iter().map(|p| p.request.id).collect();
+        assert_eq!(ids, [100, 102]);
+        assert_eq!(r.queues[0].free_slots(), 28);
+
+        let back = BackRing::<Blkif, _>::resume(pages.clone(), r.queues[0].req_cons).unwrap();
+        let mut q = queue(back, &journal);
+        q.resume(&pending).unwrap();
+        let r = Journal::load(&path).unwrap();
+        assert_eq!(r.queues[0].pending(3).unwrap(), []);
+        assert_eq!(r.queues[0].free_slots(), 32, "every slot free");
+        // The new instance takes ring index 3 again, into a slot of its own.
+        assert_eq!(q.take().unwrap(), 1);
+        let r = Journal::load(&path).unwrap();
+        let p = r.queues[0].pending(3).unwrap();
+        assert_eq!(
+            p.iter().map(|p| (p.idx, p.request.id)).collect::<Vec<_>>(),
+            [(3, 103)]
+        );
+        let mut got = Vec::new();
+        while let Some(rsp) = front.next_response().unwrap() {
+            got.push(rsp.id);
+        }
+        // 101's response was published by the dead instance; 100 and 102 by the new one.
+        assert_eq!(got, [101, 100, 102]);
+    }
+}
