@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use xenpv_evtchn::{spin_then_wait, spin_until, EventChannel, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapCache};
-use xenpv_ring::blkif::{Blkif, BlkifRequest, BlkifX86_32, VDISK_READONLY};
+use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
 use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
 
@@ -467,7 +467,7 @@ enum Start {
         /// The saved consumer index.
         req_cons: u32,
         /// The requests to answer first.
-        pending: Vec<BlkifRequest>,
+        pending: Vec<journal::Pending>,
     },
 }
 
@@ -909,7 +909,7 @@ where
     let (ring, pending) = match start {
         Start::Fresh => (
             BackRing::<P, _>::new(&mapping).map_err(|e| e.to_string())?,
-            Vec::new(),
+            None,
         ),
         Start::Resume {
             rsp_prod,
@@ -923,7 +923,7 @@ where
                     ring.rsp_prod_pvt()
                 ));
             }
-            (ring, pending)
+            (ring, Some(pending))
         }
     };
     let mut q = Queue::new(
@@ -940,15 +940,21 @@ where
     }
     let mut ports = Vec::new();
     let result = (|| {
-        if !pending.is_empty() {
-            tracing::info!(
-                requests = pending.len(),
-                "answering what the previous instance left unanswered"
-            );
+        if let Some(pending) = pending {
+            if !pending.is_empty() {
+                tracing::info!(
+                    requests = pending.len(),
+                    "answering what the previous instance left unanswered"
+                );
+            }
+            // Also with nothing pending: it resets the journal's slots.
             q.resume(&pending)
                 .map_err(|e| format!("ring protocol error: {e}"))?;
-            // Whatever the notify decision: the frontend may have slept through our restart.
-            evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
+            if !pending.is_empty() {
+                // Whatever the notify decision: the frontend may have slept through our
+                // restart.
+                evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
+            }
         }
         if q.pipelined() {
             return pipeline_loop(&mut q, &evtchn, port, io.spin, stop);

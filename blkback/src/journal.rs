@@ -9,51 +9,88 @@
 //!   the connection (frontend domid and path, ring order, per queue the ring grants and the
 //!   event-channel port, ABI, the negotiated persistent grants, the advertised indirect
 //!   segments, and a random session id that the backend also writes into xenstore);
-//! * per queue: the private copy of every request consumed from the ring (the copy-once
-//!   buffer, in the native layout, tagged with its ring index and a checksum) in a slot per
-//!   ring entry, and the queue's `req_cons`.
+//! * per queue: the queue's `req_cons`, and a pool of one slot per ring entry, each holding the
+//!   private copy of a request consumed from the ring (the copy-once buffer, in the native
+//!   layout, tagged with its ring index and a checksum) and its *mark*: free, in flight, or
+//!   answered at response index `k`.
+//!
+//! # Why a pool of slots, and marks (format version 2)
+//! A queue answers each request as soon as its I/O completes, out of ring order (as Linux's
+//! blkback does; frontends match responses by id). The response at ring index `k` then
+//! answers *some* request, not the one consumed at `k`, so the unanswered requests are no
+//! longer "ring indexes `[rsp_prod, req_cons)`" (format version 1): each slot says itself
+//! whether its request was answered, and where. A slot is not tied to a ring index (a request
+//! takes any free slot): a slow request keeps its slot while the frontend goes on through the
+//! ring, so it never holds back requests a ring further on (with slot = index mod entries it
+//! would, and with a frontend that keeps the ring full that is as bad as answering in order).
 //!
 //! # Crash safety
-//! The queue writes in this order, each a plain store into the mapping:
-//! 1. the copies of a chunk of requests, into their slots ([`QueueJournal::record`]);
-//! 2. the new `req_cons` ([`QueueJournal::commit`]);
-//! 3. only then (I/O, and) the responses into the ring, and publication of `rsp_prod` after
-//!    every chunk.
+//! A queue's stores into its section, each a plain or atomic store into the mapping, in this
+//! order (the queue never consumes while a response it produced is unpublished, so a slot that
+//! becomes free is never needed again):
+//! 1. taking a request: into a free slot ([`QueueJournal::record`]) the mark "free" again, the
+//!    copy, its ring index and checksum, then the mark "in flight";
+//! 2. the new `req_cons`, covering the requests taken ([`QueueJournal::commit`]);
+//! 3. only then their I/O; answering one: its response into the ring at `k = rsp_prod_pvt`,
+//!    then the mark "answered at `k`" ([`QueueJournal::answered`], one aligned 8-byte store);
+//! 4. publication of `rsp_prod` (after every batch of answers, before taking again);
+//! 5. the mark "free" on each slot whose response was published ([`QueueJournal::release`]).
 //!
-//! Responses are produced in ring order, so the response at ring index `i` answers the request
-//! at index `i`. Whatever instant the process dies at, the requests consumed and not answered
-//! are exactly those at indexes `[rsp_prod, req_cons)` of the shared ring's `rsp_prod` and the
-//! journal's `req_cons`, and every one of them has its copy in its slot:
-//! * dead before 2: the journal's `req_cons` does not cover the chunk; its requests are still
-//!   in their ring slots (no response was written over them) and the next instance consumes
-//!   them from the ring;
-//! * dead after 2: the copies are complete (written before `req_cons`); the next instance
-//!   executes them again — reads, writes, flushes and discards are idempotent — and answers
-//!   them at the shared `rsp_prod`, also those whose responses were written but not published;
-//! * a slot is reused only for index `i + RING_SIZE`, which the ring lets us consume only after
-//!   the response to `i` was published.
+//! A restarted backend reads the shared `rsp_prod` `P` and the journal's `req_cons` `C`: the
+//! requests consumed and not published are those of the slots in flight with an index before
+//! `C`, and of the slots answered at some `k ≥ P` (written, not published); there are exactly
+//! `C - P` of them (each published response answers one consumed request), which it checks.
+//! Whatever instant the process died at:
+//! * during 1, or after 1 and before 2: the slot is still free, or in flight with an index at
+//!   or after `C`: not consumed; the request is still in the ring (no response was written over
+//!   it: responses are written only at indexes before `req_cons`), and the next instance
+//!   consumes it from there;
+//! * after 2: the copy is complete (written before `req_cons`); the next instance executes it
+//!   again — reads, writes, flushes and discards are idempotent — and answers it, also if its
+//!   response was written but not published (answered at `k ≥ P`);
+//! * after 4: the slot says "answered at `k`" with `k < P` (or "free", after 5): done.
+//!
+//! Before serving, the next instance resets every slot ([`QueueJournal::reset`]): those it
+//! answers again "in flight", the others "free", so that its own records start from step 1 of
+//! a free slot and no stale mark outlives the instance that wrote it. Dying during the reset
+//! changes nothing (the reset changes no classification).
+//!
+//! Indexes are compared with wrapping arithmetic, which needs bounds: a queue never consumes
+//! more than [`MAX_AGE`] indexes past its oldest unanswered request (so "in flight, before `C`"
+//! and "recorded, at or after `C`" never meet), and a slot answered and not yet free was
+//! answered at most a ring of responses before `P` (the last batch).
 //!
 //! The header is written into a temporary file that is then renamed over the journal, so a
 //! journal is either the old one or a complete new one. A journal that fails any check (magic,
-//! version, checksum, bounds, a slot whose index or checksum is wrong) is refused, and the
-//! device falls back to waiting for the frontend to renegotiate. Nothing in a journal is
-//! trusted beyond that: recovered requests are validated like any request from the ring.
+//! version, checksum, bounds, a slot whose mark, index or checksum is impossible, a count that
+//! does not match the ring) is refused, and the device falls back to waiting for the frontend
+//! to renegotiate. Nothing in a journal is trusted beyond that: recovered requests are
+//! validated like any request from the ring.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use xenpv_ring::blkif::{Blkif, BlkifRequest, BlkifX86_32};
 use xenpv_ring::{cast, ring_entries, PAGE_SIZE};
 
 /// The first bytes of every journal.
-pub const MAGIC: [u8; 8] = *b"XPVBLKJ1";
+pub const MAGIC: [u8; 8] = *b"XPVBLKJ2";
+/// The first bytes of a journal of format version 1 (requests answered in ring order), which
+/// this version refuses: its slots say nothing of requests answered out of order.
+pub const MAGIC_V1: [u8; 8] = *b"XPVBLKJ1";
 /// The format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Most ring indexes a queue consumes beyond its oldest unanswered request: for every request
+/// consumed and not answered, `req_cons - index ≤ MAX_AGE` (wrapping). Far beyond any ring
+/// (512 entries at most), far below 2^32, so that wrapping comparisons of ring indexes in the
+/// journal are never ambiguous. A queue whose oldest request is this far behind stops taking
+/// requests until it completes.
+pub const MAX_AGE: u32 = 1 << 31;
 /// Most queues a journal describes.
 pub const MAX_QUEUES: usize = 64;
 /// Largest ring order (16 pages).
@@ -86,9 +123,24 @@ const FLAG_PERSISTENT: u32 = 2;
 /// Queue section: `req_cons` in the first 64 bytes, then one slot per ring entry.
 const QUEUE_HEAD: usize = 64;
 const REQ_SIZE: usize = std::mem::size_of::<BlkifRequest>();
-/// A slot: ring index (u32), 4 zero bytes, checksum (u64), the request.
+/// A slot: the mark (u64), the ring index (u32), the checksum (u32), the request.
 const SLOT_SIZE: usize = 16 + REQ_SIZE;
 const _: () = assert!(SLOT_SIZE == 128);
+const SLOT_MARK: usize = 0;
+const SLOT_INDEX: usize = 8;
+const SLOT_SUM: usize = 12;
+const SLOT_REQ: usize = 16;
+const _: () = assert!((QUEUE_HEAD + SLOT_MARK) % 8 == 0 && SLOT_SIZE % 8 == 0);
+
+/// The low 32 bits of a mark: what the slot holds. The high 32 bits are the response index of
+/// an answered request, else zero.
+const STATE_FREE: u32 = 0;
+const STATE_IN_FLIGHT: u32 = 1;
+const STATE_ANSWERED: u32 = 2;
+
+fn mark(state: u32, rsp_idx: u32) -> u64 {
+    u64::from(state) | u64::from(rsp_idx) << 32
+}
 
 /// Why a journal could not be written or used.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +269,12 @@ impl Identity {
         let h = bytes
             .get(..HEADER_SIZE)
             .ok_or_else(|| format!("{} bytes: shorter than its header", bytes.len()))?;
+        if h[OFF_MAGIC..OFF_MAGIC + 8] == MAGIC_V1 {
+            return Err(format!(
+                "format version 1 (an older xenpv-blkback, answering in ring order); this one \
+                 reads version {VERSION} only"
+            ));
+        }
         if h[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
             return Err("not a blkback journal (bad magic)".into());
         }
@@ -304,11 +362,13 @@ fn checksum(bytes: &[u8]) -> u64 {
     h
 }
 
-fn slot_checksum(idx: u32, req: &[u8; REQ_SIZE]) -> u64 {
+/// The checksum of a slot: FNV-1a 64 of its ring index (4 bytes) and request, folded to 32 bits.
+fn slot_checksum(idx: u32, req: &[u8; REQ_SIZE]) -> u32 {
     let mut buf = [0u8; 4 + REQ_SIZE];
     buf[..4].copy_from_slice(&idx.to_le_bytes());
     buf[4..].copy_from_slice(req);
-    checksum(&buf)
+    let h = checksum(&buf);
+    (h ^ (h >> 32)) as u32
 }
 
 /// A random session id (std's hasher keys are seeded from the OS's random source).
@@ -396,6 +456,20 @@ impl Mapping {
                     .write_volatile(word)
             };
         }
+    }
+
+    /// Stores the `u64` `v` at an 8-aligned `off` with one atomic store, ordered after every
+    /// store before it (`Release`). Out-of-range or misaligned stores are dropped.
+    fn store_u64(&self, off: usize, v: u64) {
+        let in_range = matches!(off.checked_add(8), Some(end) if end <= self.len);
+        if !in_range || off % 8 != 0 {
+            return;
+        }
+        // SAFETY: inside the mapping (checked), which lives as long as `self`, and 8-aligned
+        // (`off` is, and the mapping is page-aligned): a valid `AtomicU64`. Only this queue's
+        // thread writes this word; nothing in this process reads it.
+        let word = unsafe { &*self.ptr.as_ptr().add(off).cast::<AtomicU64>() };
+        word.store(v.to_le(), Ordering::Release);
     }
 
     /// Writes a `u32` at a 4-aligned `off` with one store.
@@ -536,6 +610,7 @@ impl Journal {
         let entries = identity.ring_entries() as usize;
         let mut queues = Vec::with_capacity(identity.queues.len());
         for q in 0..identity.queues.len() {
+            // In bounds: `parse` checked the file's size against the identity.
             let base = HEADER_SIZE + q * section;
             let s = &bytes[base..base + section];
             let req_cons = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
@@ -543,11 +618,19 @@ impl Journal {
             for e in 0..entries {
                 let off = QUEUE_HEAD + e * SLOT_SIZE;
                 let slot = &s[off..off + SLOT_SIZE];
-                let idx = u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]);
-                let sum = u64::from_le_bytes(slot[8..16].try_into().unwrap_or_default());
+                let word = |at: usize| {
+                    u32::from_le_bytes([slot[at], slot[at + 1], slot[at + 2], slot[at + 3]])
+                };
                 let mut req = [0u8; REQ_SIZE];
-                req.copy_from_slice(&slot[16..]);
-                slots.push((sum == slot_checksum(idx, &req)).then_some((idx, req)));
+                req.copy_from_slice(&slot[SLOT_REQ..]);
+                let idx = word(SLOT_INDEX);
+                slots.push(SavedSlot {
+                    state: word(SLOT_MARK),
+                    rsp_idx: word(SLOT_MARK + 4),
+                    idx,
+                    intact: word(SLOT_SUM) == slot_checksum(idx, &req),
+                    req,
+                });
             }
             queues.push(RecoveredQueue { req_cons, slots });
         }
@@ -556,7 +639,8 @@ impl Journal {
 }
 
 /// The writer of one queue's part of the journal. See the module documentation for the order
-/// of writes that makes it crash-safe.
+/// of writes that makes it crash-safe. Slots are numbered `0..entries()`; the caller allocates
+/// them (a slot is reused only after [`release`](Self::release)).
 pub struct QueueJournal {
     map: Arc<Mapping>,
     base: usize,
@@ -578,28 +662,73 @@ impl QueueJournal {
         self.entries
     }
 
-    /// Keeps the copy of the request consumed at ring index `idx` (native layout). It counts
-    /// only once [`commit`](Self::commit) moved `req_cons` past it.
-    pub fn record(&mut self, idx: u32, req: &BlkifRequest) {
-        let Some(slot) = idx.checked_rem(self.entries) else {
+    /// The offset of `slot` in the file, if it exists.
+    fn slot(&self, slot: u32) -> Option<usize> {
+        (slot < self.entries).then(|| self.base + QUEUE_HEAD + slot as usize * SLOT_SIZE)
+    }
+
+    /// Keeps, in the free `slot`, the copy of the request consumed at ring index `idx` (native
+    /// layout), marked in flight. It counts only once [`commit`](Self::commit) moved
+    /// `req_cons` past `idx`.
+    pub fn record(&mut self, slot: u32, idx: u32, req: &BlkifRequest) {
+        let Some(off) = self.slot(slot) else {
             return;
         };
+        // Free first (it is, unless the caller reuses a slot it never released): the copy is
+        // never half-written under a mark that makes it count.
+        self.map.store_u64(off + SLOT_MARK, mark(STATE_FREE, 0));
         let bytes: [u8; REQ_SIZE] = cast(req);
-        let mut buf = [0u8; SLOT_SIZE];
+        let mut buf = [0u8; SLOT_SIZE - SLOT_INDEX];
         buf[..4].copy_from_slice(&idx.to_le_bytes());
-        buf[8..16].copy_from_slice(&slot_checksum(idx, &bytes).to_le_bytes());
-        buf[16..].copy_from_slice(&bytes);
+        buf[4..8].copy_from_slice(&slot_checksum(idx, &bytes).to_le_bytes());
+        buf[8..].copy_from_slice(&bytes);
+        self.map.write(off + SLOT_INDEX, &buf);
+        // The copy before the mark that makes it a request in flight.
+        fence(Ordering::Release);
         self.map
-            .write(self.base + QUEUE_HEAD + slot as usize * SLOT_SIZE, &buf);
+            .store_u64(off + SLOT_MARK, mark(STATE_IN_FLIGHT, 0));
     }
 
     /// Records that every request before ring index `req_cons` was consumed and has its copy
-    /// in the journal. Call it before writing any response for those requests into the ring.
+    /// in the journal. Call it before any of their I/O, and before writing any response for
+    /// them into the ring.
     pub fn commit(&mut self, req_cons: u32) {
         // The copies are stored before the index that makes them count.
         fence(Ordering::Release);
         self.map.write_u32(self.base, req_cons);
         fence(Ordering::Release);
+    }
+
+    /// Marks the request of `slot` answered by the response at ring index `rsp_idx`, which the
+    /// caller has written into the ring and publishes (`rsp_prod`) only after this.
+    pub fn answered(&mut self, slot: u32, rsp_idx: u32) {
+        if let Some(off) = self.slot(slot) {
+            self.map
+                .store_u64(off + SLOT_MARK, mark(STATE_ANSWERED, rsp_idx));
+        }
+    }
+
+    /// Frees `slot`: the response to its request was published (call it after `rsp_prod`
+    /// covers the response).
+    pub fn release(&mut self, slot: u32) {
+        if let Some(off) = self.slot(slot) {
+            self.map.store_u64(off + SLOT_MARK, mark(STATE_FREE, 0));
+        }
+    }
+
+    /// Starts the queue of a restarted backend: the slots of `pending` (the requests it answers
+    /// again, [`RecoveredQueue::pending`]) in flight, every other slot free.
+    pub fn reset(&mut self, pending: &[Pending]) {
+        for slot in 0..self.entries {
+            if let Some(off) = self.slot(slot) {
+                let state = if pending.iter().any(|p| p.slot == slot) {
+                    STATE_IN_FLIGHT
+                } else {
+                    STATE_FREE
+                };
+                self.map.store_u64(off + SLOT_MARK, mark(state, 0));
+            }
+        }
     }
 }
 
@@ -612,37 +741,123 @@ pub struct Recovered {
     pub queues: Vec<RecoveredQueue>,
 }
 
+/// A slot of a journal read back.
+#[derive(Debug, Clone)]
+struct SavedSlot {
+    state: u32,
+    rsp_idx: u32,
+    idx: u32,
+    /// The checksum matches the index and the request.
+    intact: bool,
+    req: [u8; REQ_SIZE],
+}
+
 /// One queue of a recovered journal.
 #[derive(Debug, Clone)]
 pub struct RecoveredQueue {
     /// The saved consumer index.
     pub req_cons: u32,
-    /// Per slot: the ring index and request it holds, if its checksum is right.
-    slots: Vec<Option<(u32, [u8; REQ_SIZE])>>,
+    slots: Vec<SavedSlot>,
+}
+
+/// A request a previous instance consumed and did not answer (or answered without publishing
+/// the response), to be executed and answered again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// Its journal slot (kept until the new response is published).
+    pub slot: u32,
+    /// The ring index it was consumed at.
+    pub idx: u32,
+    /// The request, native layout, as copied out of the ring (validate it again).
+    pub request: BlkifRequest,
 }
 
 impl RecoveredQueue {
-    /// The requests consumed and not answered, given the ring's shared `rsp_prod`: the copies
-    /// of ring indexes `[rsp_prod, req_cons)`, in ring order. Fails if that is more than a
-    /// ring, or if any of them is missing or damaged.
-    pub fn pending(&self, rsp_prod: u32) -> std::result::Result<Vec<BlkifRequest>, String> {
-        let n = self.req_cons.wrapping_sub(rsp_prod);
-        let entries = self.slots.len() as u32;
-        if entries == 0 || n > entries {
+    /// How many slots are free.
+    #[cfg(test)]
+    pub(crate) fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.state == STATE_FREE).count()
+    }
+
+    /// The requests consumed and not answered, given the ring's shared `rsp_prod`, in the
+    /// order they were consumed (ring order: the order a new execution must keep for
+    /// overlapping writes). Fails unless the journal is consistent with `rsp_prod`: a slot
+    /// with an unknown mark, a damaged copy, an index or a response index out of bounds, a
+    /// ring index twice, or not exactly `req_cons - rsp_prod` of them.
+    pub fn pending(&self, rsp_prod: u32) -> std::result::Result<Vec<Pending>, String> {
+        let req_cons = self.req_cons;
+        let unpublished = req_cons.wrapping_sub(rsp_prod);
+        let entries = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        if entries == 0 || unpublished > entries {
             return Err(format!(
-                "req_cons {} is not within a ring ({entries}) of rsp_prod {rsp_prod}",
-                self.req_cons
+                "req_cons {req_cons} is not within a ring ({entries}) of rsp_prod {rsp_prod}"
             ));
         }
-        (0..n)
-            .map(|k| {
-                let idx = rsp_prod.wrapping_add(k);
-                match self.slots.get((idx % entries) as usize) {
-                    Some(Some((i, req))) if *i == idx => Ok(cast::<[u8; REQ_SIZE], _>(req)),
-                    _ => Err(format!("no intact copy of the request at ring index {idx}")),
+        // How far before `req_cons` a ring index is: 1..=MAX_AGE for a consumed request.
+        let age = |idx: u32| req_cons.wrapping_sub(idx);
+        let consumed = |idx: u32| (1..=MAX_AGE).contains(&age(idx));
+        let mut pending = Vec::new();
+        for (slot, s) in (0u32..).zip(&self.slots) {
+            let redo = match s.state {
+                STATE_FREE => false,
+                STATE_IN_FLIGHT | STATE_ANSWERED if !s.intact => {
+                    return Err(format!("slot {slot}: damaged copy (checksum mismatch)"));
                 }
-            })
-            .collect()
+                // Consumed (committed): not answered. Recorded at or after `req_cons`: its
+                // `req_cons` never made it count, the request is still in the ring.
+                STATE_IN_FLIGHT if consumed(s.idx) => true,
+                STATE_IN_FLIGHT if s.idx.wrapping_sub(req_cons) < entries => false,
+                STATE_IN_FLIGHT => {
+                    return Err(format!(
+                        "slot {slot}: ring index {} in flight, out of bounds of req_cons \
+                         {req_cons}",
+                        s.idx
+                    ));
+                }
+                STATE_ANSWERED if !consumed(s.idx) => {
+                    return Err(format!(
+                        "slot {slot}: ring index {} answered but not consumed (req_cons \
+                         {req_cons})",
+                        s.idx
+                    ));
+                }
+                // Written at or after `rsp_prod`: not published.
+                STATE_ANSWERED if s.rsp_idx.wrapping_sub(rsp_prod) < unpublished => true,
+                // Published, in the last batch (not freed yet).
+                STATE_ANSWERED if (1..=entries).contains(&rsp_prod.wrapping_sub(s.rsp_idx)) => {
+                    false
+                }
+                STATE_ANSWERED => {
+                    return Err(format!(
+                        "slot {slot}: answered at {}, out of bounds of rsp_prod {rsp_prod} and \
+                         req_cons {req_cons}",
+                        s.rsp_idx
+                    ));
+                }
+                other => return Err(format!("slot {slot}: unknown mark {other:#x}")),
+            };
+            if redo {
+                pending.push(Pending {
+                    slot,
+                    idx: s.idx,
+                    request: cast::<[u8; REQ_SIZE], _>(&s.req),
+                });
+            }
+        }
+        if pending.len() != unpublished as usize {
+            return Err(format!(
+                "{} requests consumed and unanswered in the journal, but the ring has {} \
+                 (rsp_prod {rsp_prod}, req_cons {req_cons})",
+                pending.len(),
+                unpublished
+            ));
+        }
+        // Oldest first.
+        pending.sort_by_key(|p| std::cmp::Reverse(age(p.idx)));
+        if pending.windows(2).any(|w| w[0].idx == w[1].idx) {
+            return Err("a ring index in two slots".into());
+        }
+        Ok(pending)
     }
 }
 
@@ -676,6 +891,23 @@ mod tests {
         r
     }
 
+    /// The ring indexes of the requests `pending` returns, in its order.
+    fn indexes(q: &RecoveredQueue, rsp_prod: u32) -> Vec<u32> {
+        q.pending(rsp_prod)
+            .unwrap()
+            .iter()
+            .map(|p| {
+                assert_eq!(p.request, req(u64::from(p.idx)), "the copy of {}", p.idx);
+                p.idx
+            })
+            .collect()
+    }
+
+    /// Offset in the file of queue `q`'s slot `slot`, for a journal of `identity(_, 0)`.
+    fn slot_offset(id: &Identity, q: usize, slot: u32) -> usize {
+        HEADER_SIZE + q * id.queue_section() + QUEUE_HEAD + slot as usize * SLOT_SIZE
+    }
+
     #[test]
     fn a_journal_round_trips_and_keeps_what_a_crash_leaves() {
         let dir = tempfile::tempdir().unwrap();
@@ -690,33 +922,193 @@ mod tests {
         // progress when the process dies.
         let start = u32::MAX - 2;
         for k in 0..6u32 {
-            q1.record(start.wrapping_add(k), &req(u64::from(k)));
+            let idx = start.wrapping_add(k);
+            q1.record(k, idx, &req(u64::from(idx)));
         }
         q1.commit(start.wrapping_add(5));
+        // Two answered in order and published (then freed, or not yet).
+        q1.answered(0, start);
+        q1.answered(1, start.wrapping_add(1));
+        q1.release(0);
         drop(j);
         let r = Journal::load(&path).unwrap();
         assert_eq!(r.identity, id);
         assert_eq!(r.queues[0].req_cons, 0);
         assert_eq!(r.queues[0].pending(0).unwrap(), []);
         assert_eq!(r.queues[1].req_cons, start.wrapping_add(5));
-        // Two were answered and published before the crash: three remain.
-        let pending = r.queues[1].pending(start.wrapping_add(2)).unwrap();
-        assert_eq!(pending, [req(2), req(3), req(4)]);
-        // A rsp_prod behind what was recorded, or more than a ring behind, is refused.
-        assert!(r.queues[1].pending(start.wrapping_sub(1)).is_err());
+        let p = r.queues[1].pending(start.wrapping_add(2)).unwrap();
+        assert_eq!(
+            p.iter().map(|p| (p.slot, p.idx)).collect::<Vec<_>>(),
+            [
+                (2, start.wrapping_add(2)),
+                (3, start.wrapping_add(3)),
+                (4, start.wrapping_add(4))
+            ]
+        );
+        // One response fewer published fits too (the second one then was not): four.
+        assert_eq!(r.queues[1].pending(start.wrapping_add(1)).unwrap().len(), 4);
+        // rsp_prod anywhere else does not fit the slots (nor more than a ring behind).
+        for rsp_prod in [0, 3, 4, 5, 100].map(|d| start.wrapping_add(d)) {
+            assert!(r.queues[1].pending(rsp_prod).is_err(), "{rsp_prod}");
+        }
         assert!(r.queues[1].pending(start.wrapping_sub(100)).is_err());
-        // Going on writing the same journal after a restart.
+        // Going on writing the same journal after a restart: the reset keeps the three in
+        // flight and frees the rest; then the restarted instance takes one more.
         let j = Journal::reopen(&path, &r).unwrap();
         let mut q1 = j.queue(1).unwrap();
-        q1.record(start.wrapping_add(5), &req(5));
+        q1.reset(&p);
+        let r = Journal::load(&path).unwrap();
+        assert_eq!(r.queues[1].pending(start.wrapping_add(2)).unwrap(), p);
+        assert!(r.queues[1].slots[1].state == STATE_FREE && r.queues[1].slots[5].state == 0);
+        let idx = start.wrapping_add(5);
+        q1.record(1, idx, &req(u64::from(idx)));
         q1.commit(start.wrapping_add(6));
         let r = Journal::load(&path).unwrap();
         assert_eq!(
-            r.queues[1].pending(start.wrapping_add(4)).unwrap(),
-            [req(4), req(5)]
+            indexes(&r.queues[1], start.wrapping_add(2)),
+            [2, 3, 4, 5].map(|d| start.wrapping_add(d))
         );
         Journal::remove(&path);
         assert!(Journal::load(&path).is_err());
+    }
+
+    /// Requests answered out of ring order, and a process that dies at each instant between
+    /// two journal stores: the next instance finds exactly the requests consumed and not
+    /// published.
+    #[test]
+    fn out_of_order_answers_resume_exactly_what_was_not_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let id = identity(1, 0);
+        let j = Journal::create(&path, &id).unwrap();
+        let mut q = j.queue(0).unwrap();
+        let s = u32::MAX - 3; // across the wrap again
+        let at = |d: u32| s.wrapping_add(d);
+        let pending_at = |rsp_prod: u32| {
+            let r = Journal::load(&path).unwrap();
+            let got = indexes(&r.queues[0], rsp_prod);
+            got.iter().map(|i| i.wrapping_sub(s)).collect::<Vec<_>>()
+        };
+        // Ring indexes s..s+6 in slots that are not their ring index modulo 32.
+        let slots = [5u32, 3, 9, 0, 1, 2];
+        for (d, &slot) in (0u32..).zip(&slots) {
+            q.record(slot, at(d), &req(u64::from(at(d))));
+        }
+        q.commit(at(6));
+        assert_eq!(pending_at(at(0)), [0, 1, 2, 3, 4, 5]);
+        // s+3 completes first, then s+1: answered at response indexes s and s+1.
+        q.answered(slots[3], at(0));
+        q.answered(slots[1], at(1));
+        // Dead between the marks and the publication: all six again.
+        assert_eq!(pending_at(at(0)), [0, 1, 2, 3, 4, 5]);
+        // Published (rsp_prod = s+2), dead before the slots are freed.
+        assert_eq!(pending_at(at(2)), [0, 2, 4, 5]);
+        q.release(slots[3]);
+        // Dead between the two releases, and after them.
+        assert_eq!(pending_at(at(2)), [0, 2, 4, 5]);
+        q.release(slots[1]);
+        assert_eq!(pending_at(at(2)), [0, 2, 4, 5]);
+        // s+5 answered at s+2, not published: still to be done.
+        q.answered(slots[5], at(2));
+        assert_eq!(pending_at(at(2)), [0, 2, 4, 5]);
+        assert_eq!(pending_at(at(3)), [0, 2, 4]);
+        q.release(slots[5]);
+        // The next record, into a freed slot, before and after its commit.
+        q.record(slots[3], at(6), &req(u64::from(at(6))));
+        assert_eq!(pending_at(at(3)), [0, 2, 4]);
+        q.commit(at(7));
+        assert_eq!(pending_at(at(3)), [0, 2, 4, 6]);
+        // The oldest (s) answered last, at s+3: then s+2, s+4 and s+6 are left.
+        q.answered(slots[0], at(3));
+        assert_eq!(pending_at(at(3)), [0, 2, 4, 6]);
+        assert_eq!(pending_at(at(4)), [2, 4, 6]);
+        // Any other rsp_prod is refused: the count does not match, or answered slots are out
+        // of its bounds.
+        let r = Journal::load(&path).unwrap();
+        for d in [0u32, 1, 2, 5, 6, 7, 8, 40] {
+            assert!(r.queues[0].pending(at(d)).is_err(), "rsp_prod s+{d}");
+        }
+    }
+
+    #[test]
+    fn impossible_slots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let id = identity(1, 0);
+        let j = Journal::create(&path, &id).unwrap();
+        let mut q = j.queue(0).unwrap();
+        for k in 0..4u32 {
+            q.record(k, 100 + k, &req(u64::from(100 + k)));
+        }
+        q.commit(104);
+        q.answered(1, 100);
+        drop(j);
+        let good = std::fs::read(&path).unwrap();
+        let pending = |bytes: &[u8], rsp_prod: u32| {
+            std::fs::write(&path, bytes).unwrap();
+            Journal::load(&path).unwrap().queues[0].pending(rsp_prod)
+        };
+        assert_eq!(pending(&good, 101).unwrap().len(), 3);
+        let with_slot = |slot: u32, f: &dyn Fn(&mut [u8])| {
+            let mut bad = good.clone();
+            let off = slot_offset(&id, 0, slot);
+            f(&mut bad[off..off + SLOT_SIZE]);
+            bad
+        };
+        let put = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        // An unknown mark.
+        assert!(pending(&with_slot(2, &|b| put(b, SLOT_MARK, 7)), 101).is_err());
+        // A damaged copy of a request in flight; a damaged free slot does not matter.
+        assert!(pending(&with_slot(2, &|b| b[SLOT_REQ + 5] ^= 1), 101).is_err());
+        assert!(pending(&with_slot(9, &|b| b[SLOT_REQ + 5] ^= 1), 101).is_ok());
+        // Answered at a response index beyond what could have been produced.
+        assert!(pending(&with_slot(1, &|b| put(b, SLOT_MARK + 4, 104)), 101).is_err());
+        // A copy in flight far from req_cons (checksum made right).
+        let moved = |idx: u32| {
+            with_slot(3, &move |b: &mut [u8]| {
+                put(b, SLOT_INDEX, idx);
+                let mut r = [0u8; REQ_SIZE];
+                r.copy_from_slice(&b[SLOT_REQ..]);
+                put(b, SLOT_SUM, slot_checksum(idx, &r));
+            })
+        };
+        assert!(pending(&moved(104 + 40), 101).is_err());
+        // The same ring index in two slots (the count would fit).
+        assert!(pending(&moved(102), 101).is_err());
+        // Recorded and not committed (at or after req_cons): ignored, so one is missing.
+        assert!(pending(&moved(104), 101).is_err());
+        assert_eq!(pending(&moved(104), 102).unwrap().len(), 2);
+        // A queue index no ring has.
+        let mut bad = good.clone();
+        bad[HEADER_SIZE..HEADER_SIZE + 4].copy_from_slice(&200u32.to_le_bytes());
+        assert!(pending(&bad, 101).is_err());
+    }
+
+    #[test]
+    fn a_version_1_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let id = identity(1, 0);
+        drop(Journal::create(&path, &id).unwrap());
+        let mut v1 = std::fs::read(&path).unwrap();
+        // A consistent version-1 header: its magic, version 1, checksum right.
+        v1[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC_V1);
+        v1[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&1u32.to_le_bytes());
+        let sum = checksum(&v1[..OFF_CHECKSUM]);
+        v1[OFF_CHECKSUM..HEADER_SIZE].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(&path, &v1).unwrap();
+        match Journal::load(&path) {
+            Err(Error::Corrupt { why, .. }) => assert!(why.contains("version 1"), "{why}"),
+            other => panic!("a version-1 journal was not refused: {other:?}"),
+        }
+        // Our magic with another version is refused too.
+        let mut v3 = std::fs::read(&path).unwrap();
+        v3[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
+        v3[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&3u32.to_le_bytes());
+        let sum = checksum(&v3[..OFF_CHECKSUM]);
+        v3[OFF_CHECKSUM..HEADER_SIZE].copy_from_slice(&sum.to_le_bytes());
+        std::fs::write(&path, &v3).unwrap();
+        assert!(matches!(Journal::load(&path), Err(Error::Corrupt { .. })));
     }
 
     #[test]
@@ -726,7 +1118,7 @@ mod tests {
         let j = Journal::create(&path, &identity(1, 0)).unwrap();
         let mut q = j.queue(0).unwrap();
         for k in 0..4u32 {
-            q.record(k, &req(u64::from(k)));
+            q.record(k, k, &req(u64::from(k)));
         }
         q.commit(4);
         drop(j);
@@ -754,13 +1146,13 @@ mod tests {
         let mut longer = good.clone();
         longer.push(0);
         assert!(refused(&longer));
-        // A damaged slot inside the window: that queue cannot be resumed.
+        // A damaged slot in flight: that queue cannot be resumed, whatever rsp_prod.
         let mut bad = good.clone();
         bad[HEADER_SIZE + QUEUE_HEAD + 2 * SLOT_SIZE + 40] ^= 1;
         std::fs::write(&path, &bad).unwrap();
         let r = Journal::load(&path).unwrap();
         assert!(r.queues[0].pending(0).is_err());
-        assert_eq!(r.queues[0].pending(3).unwrap(), [req(3)]);
+        assert!(r.queues[0].pending(3).is_err());
         // A header that is consistent (checksum recomputed) but describes the impossible.
         let mut h = identity(1, 0).header();
         h[OFF_ORDER] = 9;

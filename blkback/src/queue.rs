@@ -1,5 +1,12 @@
 //! One ring of a device: drain requests, validate them, move data between storage and the
 //! frontend's granted pages, answer, and tell the caller whether to notify.
+//!
+//! Every request consumed holds one of the ring's `RING_SIZE` *slots* (the index of its entry
+//! in the journal, [`crate::journal`], and of its state in a pipelined queue) from the moment
+//! it is taken until its response is published. A pipelined queue answers each request as
+//! soon as its I/O completes, out of ring order (frontends match responses by id; Linux's
+//! blkback does the same), so a slow request holds back no other; the queue publishes what it
+//! answered before it takes more, so a free slot is there for every request the ring offers.
 
 use std::collections::VecDeque;
 use std::io;
@@ -15,7 +22,7 @@ use xenpv_ring::blkif::{
 };
 use xenpv_ring::{BackRing, RingMemory, RingProtocol};
 
-use crate::journal::QueueJournal;
+use crate::journal::{Pending, QueueJournal, MAX_AGE};
 use crate::request::{indirect_segments, validate, Direction, Limits, Plan, Segment};
 use crate::storage::{Completion, Op, Pipeline, Storage};
 
@@ -98,12 +105,24 @@ pub struct Queue<P: Abi, M: RingMemory, G: GrantMap> {
     /// The storage's pipeline for this queue, if it has one: requests are then served as a
     /// continuous pipeline ([`Queue::pump`]) instead of in chunks.
     pipe: Option<Box<dyn Pipeline>>,
-    /// Requests consumed and not answered yet, in ring order: the front is the request at
-    /// `rsp_prod_pvt`. Each keeps its mappings until it is answered (after its I/O completed).
-    window: VecDeque<Flight<G::Mapping>>,
-    /// Data pages mapped by the requests of `window`.
+    /// Requests consumed and not answered yet (pipelined queues), by slot. Each keeps its
+    /// mappings until it is answered (after its I/O completed).
+    flights: Vec<Option<Flight<G::Mapping>>>,
+    /// The slots of `flights` that hold a request, in ring order (the order conflicting
+    /// requests are served in): the front is the oldest request not answered.
+    order: VecDeque<u32>,
+    /// Data pages mapped by the requests of `flights`.
     window_pages: usize,
+    /// Slots free, the longest free first. A slot is free once the response to its request is
+    /// published.
+    free: VecDeque<u32>,
+    /// Slots whose requests were answered, their responses not published yet.
+    unpublished: Vec<u32>,
+    /// Most ring indexes taken past the oldest request not answered ([`MAX_AGE`]).
+    max_age: u32,
     completions: Vec<Completion>,
+    /// Scratch for `answer_done`: the slots of the requests answered in a round.
+    answered: Vec<u32>,
     /// Scratch for `issue`: read and write spans of unfinished steps.
     spans: (Vec<Range>, Vec<Range>),
 }
@@ -154,7 +173,8 @@ where
         stats: Arc<Stats>,
     ) -> Self {
         let pipe = storage.pipeline();
-        Self {
+        let slots = ring.size();
+        let mut q = Self {
             ring,
             frontend,
             maps,
@@ -164,11 +184,28 @@ where
             stats,
             journal: None,
             pipe,
-            window: VecDeque::new(),
+            flights: Vec::new(),
+            order: VecDeque::new(),
             window_pages: 0,
+            free: VecDeque::new(),
+            unpublished: Vec::new(),
+            max_age: MAX_AGE,
             completions: Vec::new(),
+            answered: Vec::new(),
             spans: (Vec::new(), Vec::new()),
-        }
+        };
+        q.set_slots(slots);
+        q
+    }
+
+    /// `slots` slots, all free (before any request is taken).
+    fn set_slots(&mut self, slots: u32) {
+        self.free = (0..slots).collect();
+        self.flights.clear();
+        self.flights.resize_with(slots as usize, || None);
+        self.order.clear();
+        self.unpublished.clear();
+        self.window_pages = 0;
     }
 
     /// Whether requests are served as a continuous pipeline ([`pump`](Self::pump)): the
@@ -179,29 +216,46 @@ where
 
     /// Requests consumed and not answered yet (pipelined queues).
     pub fn in_flight(&self) -> usize {
-        self.window.len()
+        self.order.len()
     }
 
-    /// Keeps the copy of every request consumed in `journal` (and its `req_cons`), so that a
-    /// restarted backend can answer what this one consumed and did not answer
-    /// ([`crate::journal`]).
+    /// Keeps the copy of every request consumed in `journal` (and its `req_cons`, and whether
+    /// and where each was answered), so that a restarted backend can answer what this one
+    /// consumed and did not answer ([`crate::journal`]). Call it before serving.
     pub fn with_journal(mut self, journal: QueueJournal) -> Self {
+        // One slot per ring entry in both (the journal describes this ring).
+        self.set_slots(self.ring.size().min(journal.entries()));
         self.journal = Some(journal);
         self
     }
 
-    /// Answers the requests a previous backend instance consumed and did not answer (`pending`,
-    /// native layout, in ring order, from its journal), on a ring attached with
-    /// [`BackRing::resume`]: each is executed again (reads, writes, flushes and discards are
-    /// idempotent) and its response produced at the shared `rsp_prod`. Their copies stay in the
-    /// journal until the responses are published. Returns whether to notify.
-    pub fn resume(&mut self, pending: &[BlkifRequest]) -> xenpv_ring::Result<bool> {
+    /// Lowers the bound on how far past its oldest unanswered request the queue takes
+    /// requests (at most and by default [`MAX_AGE`] ring indexes, which only a request stuck
+    /// in the storage for billions of others reaches). For tests of that bound.
+    pub fn with_max_age(mut self, max_age: u32) -> Self {
+        self.max_age = max_age.clamp(1, MAX_AGE);
+        self
+    }
+
+    /// Starts serving a ring attached with [`BackRing::resume`]: answers the requests a
+    /// previous backend instance consumed and did not answer (`pending`, from its journal,
+    /// [`crate::journal::RecoveredQueue::pending`]). First it resets the journal's slots (those
+    /// of `pending` in flight, the others free); then each request is executed again (reads,
+    /// writes, flushes and discards are idempotent), in the order they were consumed, and its
+    /// response produced from the shared `rsp_prod` on. Call it once, before anything else,
+    /// also with nothing pending. Returns whether to notify.
+    pub fn resume(&mut self, pending: &[Pending]) -> xenpv_ring::Result<bool> {
         self.limits.sectors = self.storage.size() / 512;
+        if let Some(j) = &mut self.journal {
+            j.reset(pending);
+        }
+        self.free.retain(|s| !pending.iter().any(|p| p.slot == *s));
         let mut notify = false;
         for part in pending.chunks(MAX_BATCH_REQUESTS) {
-            let chunk: Vec<_> = part.iter().map(|r| self.prepare(r)).collect();
-            self.answer(&chunk)?;
-            notify |= self.ring.push_responses();
+            let slots: Vec<u32> = part.iter().map(|p| p.slot).collect();
+            let chunk: Vec<_> = part.iter().map(|p| self.prepare(&p.request)).collect();
+            self.answer(&slots, &chunk)?;
+            notify |= self.publish();
         }
         if notify {
             Stats::add(&self.stats.notifications, 1);
@@ -209,13 +263,47 @@ where
         Ok(notify)
     }
 
-    fn answer(&mut self, chunk: &[Prepared<G::Mapping>]) -> xenpv_ring::Result<()> {
+    /// Executes a chunk (the requests of `slots`) and answers it, in chunk order.
+    fn answer(&mut self, slots: &[u32], chunk: &[Prepared<G::Mapping>]) -> xenpv_ring::Result<()> {
         let statuses = self.execute(chunk);
-        for (p, status) in chunk.iter().zip(statuses) {
-            self.ring
-                .produce(P::response(BlkifResponse::new(p.id, p.operation, status)))?;
+        for ((&slot, p), status) in slots.iter().zip(chunk).zip(statuses) {
+            self.respond(slot, p.id, p.operation, status)?;
         }
         Ok(())
+    }
+
+    /// Writes the response to the request of `slot` into the ring, then marks it answered
+    /// there in the journal; it is published by the next [`publish`](Self::publish).
+    fn respond(
+        &mut self,
+        slot: u32,
+        id: u64,
+        operation: u8,
+        status: i16,
+    ) -> xenpv_ring::Result<()> {
+        let at = self
+            .ring
+            .produce(P::response(BlkifResponse::new(id, operation, status)))?;
+        if let Some(j) = &mut self.journal {
+            j.answered(slot, at);
+        }
+        self.unpublished.push(slot);
+        Ok(())
+    }
+
+    /// Publishes every response produced (`rsp_prod`), then frees their slots, in the journal
+    /// too. Returns whether the frontend must be notified.
+    fn publish(&mut self) -> bool {
+        let notify = self.ring.push_responses();
+        for slot in self.unpublished.drain(..) {
+            if let Some(j) = &mut self.journal {
+                j.release(slot);
+            }
+            if (slot as usize) < self.flights.len() {
+                self.free.push_back(slot);
+            }
+        }
+        notify
     }
 
     /// The ring.
@@ -232,8 +320,8 @@ where
     /// ([`Storage::submit`]) so that an asynchronous engine has them all in flight at once.
     /// Ops that conflict ([`Op::conflicts`]: overlapping writes, flushes, barriers) go to
     /// separate batches, in ring order, so the outcome is that of serving the requests one by
-    /// one. Responses of a chunk are produced in ring order once it completes, and published
-    /// before the next chunk is taken (the journal relies on both).
+    /// one. Responses of a chunk are produced in ring order once it completes (each marked
+    /// answered in the journal), and published before the next chunk is taken.
     ///
     /// A pipelined queue ([`pipelined`](Self::pipelined)) runs [`pump`](Self::pump) until the
     /// ring is empty and every request is answered, waiting for the storage in between.
@@ -255,7 +343,7 @@ where
                 if p.progressed {
                     continue;
                 }
-                if self.window.is_empty() {
+                if self.order.is_empty() {
                     if !self.ring.final_check_for_requests()? {
                         break;
                     }
@@ -277,26 +365,26 @@ where
             }
             loop {
                 let mut chunk: Vec<Prepared<G::Mapping>> = Vec::new();
+                let mut slots = Vec::new();
                 let mut pages = 0usize;
                 while chunk.len() < MAX_BATCH_REQUESTS && pages < MAX_BATCH_PAGES {
-                    let Some((_, p)) = self.take_request()? else {
+                    let Some((slot, _, p)) = self.take_request()? else {
                         break;
                     };
                     pages += p.pages();
+                    slots.push(slot);
                     chunk.push(p);
                 }
                 if chunk.is_empty() {
                     break;
                 }
-                // The copies count before any response is written over their slots.
+                // The copies count before any response is written over their ring entries.
                 if let Some(j) = &mut self.journal {
                     j.commit(self.ring.req_cons());
                 }
-                self.answer(&chunk)?;
-                // Published after every chunk, so that the ring never lets us consume more
-                // than a ring beyond the published responses: a journal slot is reused only
-                // once the response to its request is visible to the frontend.
-                notify |= self.ring.push_responses();
+                self.answer(&slots, &chunk)?;
+                // Published after every chunk, before taking more: the slots are free again.
+                notify |= self.publish();
             }
             let more = if arm {
                 self.ring.final_check_for_requests()?
@@ -317,20 +405,20 @@ where
     /// waited for and dropped unanswered (the device is going away).
     pub fn release_mappings(&mut self) {
         self.wait_all();
-        self.window.clear();
-        self.window_pages = 0;
+        let slots = self.flights.len() as u32;
+        self.set_slots(slots);
         self.maps.clear();
     }
 
-    /// One round of the pipeline: collects the I/O completed so far, answers (in ring order)
-    /// the requests now complete and publishes their responses with one notify decision, then
-    /// takes new requests from the ring (journalled first) and starts every step whose
-    /// conflicts allow it (see [`service`](Self::service) for the ordering rules). Never
-    /// blocks. A queue without a pipeline serves with [`service`](Self::service) instead.
+    /// One round of the pipeline: collects the I/O completed so far, answers every request now
+    /// complete (whatever its place in the ring: out of order) and publishes their responses
+    /// with one notify decision, then takes new requests from the ring (journalled first) and
+    /// starts every step whose conflicts allow it (see [`service`](Self::service) for the
+    /// ordering rules). Never blocks. A queue without a pipeline serves with
+    /// [`service`](Self::service) instead.
     ///
-    /// Responses are produced only in ring order and published before more requests are
-    /// consumed, as the journal needs: the unanswered requests are exactly
-    /// `[rsp_prod, req_cons)`, and a journal slot is reused only after its response is visible.
+    /// Responses are marked in the journal before they are published, and published before
+    /// more requests are taken, as the journal needs ([`crate::journal`]).
     pub fn pump(&mut self) -> xenpv_ring::Result<Pump> {
         let out = self.pump_round()?;
         if out.notify {
@@ -351,7 +439,7 @@ where
             self.complete();
         }
         if self.answer_done()? {
-            out.notify = self.ring.push_responses();
+            out.notify = self.publish();
         }
         if self.take()? > 0 {
             out.progressed = true;
@@ -373,8 +461,8 @@ where
     }
 
     /// Whether more requests may be taken now and the ring has some: when `false`, `req_event`
-    /// is armed (the frontend notifies at its next request) or the window is full (a
-    /// completion comes first). Call before [`wait`](Self::wait).
+    /// is armed (the frontend notifies at its next request) or the queue is full (a completion
+    /// comes first). Call before [`wait`](Self::wait).
     pub fn final_check(&mut self) -> xenpv_ring::Result<bool> {
         if !self.has_room() {
             return Ok(false);
@@ -401,19 +489,19 @@ where
     /// whether to notify. For a daemon that stops.
     pub fn finish(&mut self) -> xenpv_ring::Result<bool> {
         let mut notify = false;
-        while !self.window.is_empty() {
+        while !self.order.is_empty() {
             if let Some(pipe) = self.pipe.as_mut() {
                 pipe.reap(&mut self.completions);
             }
             self.complete();
             if self.answer_done()? {
-                notify |= self.ring.push_responses();
+                notify |= self.publish();
             }
             self.issue();
-            if self.window.is_empty() {
+            if self.order.is_empty() {
                 break;
             }
-            if self.window.front().is_some_and(|f| !f.done()) {
+            if !self.order.iter().any(|&s| self.flight_done(s)) {
                 self.wait(None);
             }
         }
@@ -423,26 +511,32 @@ where
         Ok(notify)
     }
 
+    /// Whether another request may be taken: a slot is free, the mapped pages are within
+    /// bounds, and the next ring index is less than `max_age` past the oldest request not
+    /// answered.
     fn has_room(&self) -> bool {
-        self.window.len() < self.ring.size() as usize && self.window_pages < MAX_INFLIGHT_PAGES
+        let young = match self.order.front().and_then(|&s| self.flight(s)) {
+            Some(oldest) => self.ring.req_cons().wrapping_sub(oldest.idx) < self.max_age,
+            None => true,
+        };
+        !self.free.is_empty() && self.window_pages < MAX_INFLIGHT_PAGES && young
+    }
+
+    fn flight(&self, slot: u32) -> Option<&Flight<G::Mapping>> {
+        self.flights.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    fn flight_done(&self, slot: u32) -> bool {
+        self.flight(slot).is_some_and(Flight::done)
     }
 
     /// Applies the completions collected in `self.completions` to their requests.
     fn complete(&mut self) {
-        let front = match self.window.front() {
-            Some(f) => f.idx,
-            None => {
-                self.completions.clear();
-                return;
-            }
-        };
         for (tag, result) in self.completions.drain(..) {
-            // Tags are ring indexes of requests of the window (ours, not the frontend's).
-            let Ok(idx) = u32::try_from(tag) else {
-                continue;
-            };
-            let pos = idx.wrapping_sub(front) as usize;
-            let Some(f) = self.window.get_mut(pos) else {
+            // Tags are ours ([`tag`]), not the frontend's: a slot and the ring index of the
+            // request it held when the op started.
+            let (slot, idx) = untag(tag);
+            let Some(Some(f)) = self.flights.get_mut(slot as usize) else {
                 continue;
             };
             if f.idx != idx || !f.running {
@@ -455,13 +549,26 @@ where
         }
     }
 
-    /// Answers the complete requests at the front of the window, in ring order. Returns
-    /// whether any response was produced.
+    /// Answers every complete request, wherever it is in the ring (in ring order among
+    /// themselves), and frees its mappings. Returns whether any response was produced.
     fn answer_done(&mut self) -> xenpv_ring::Result<bool> {
-        let mut any = false;
-        while self.window.front().is_some_and(Flight::done) {
-            let Some(f) = self.window.pop_front() else {
-                break;
+        let mut done = std::mem::take(&mut self.answered);
+        done.clear();
+        done.extend(self.order.iter().copied().filter(|&s| self.flight_done(s)));
+        if done.is_empty() {
+            self.answered = done;
+            return Ok(false);
+        }
+        let flights = &self.flights;
+        self.order.retain(|&s| {
+            !flights
+                .get(s as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(Flight::done)
+        });
+        for &slot in &done {
+            let Some(f) = self.flights.get_mut(slot as usize).and_then(Option::take) else {
+                continue;
             };
             self.window_pages = self.window_pages.saturating_sub(f.p.pages());
             let status = match (f.p.outcome, &f.failure) {
@@ -473,36 +580,35 @@ where
                 (Ok(()), None) => RSP_OKAY,
             };
             self.count(&f.p, status);
-            self.ring.produce(P::response(BlkifResponse::new(
-                f.p.id,
-                f.p.operation,
-                status,
-            )))?;
-            any = true;
+            self.respond(slot, f.p.id, f.p.operation, status)?;
         }
-        Ok(any)
+        self.answered = done;
+        Ok(true)
     }
 
-    /// Takes requests from the ring while the window has room: each is copied once, recorded
-    /// in the journal, validated and mapped; `req_cons` is committed to the journal before
-    /// any of their I/O starts. Returns how many were taken.
+    /// Takes requests from the ring while there is room: each is copied once, recorded in the
+    /// journal, validated and mapped; `req_cons` is committed to the journal before any of
+    /// their I/O starts. Returns how many were taken.
     fn take(&mut self) -> xenpv_ring::Result<usize> {
         let mut n = 0;
         if self.has_room() && self.ring.unconsumed_requests()? == self.ring.size() {
             Stats::add(&self.stats.ring_full, 1);
         }
         while self.has_room() {
-            let Some((idx, p)) = self.take_request()? else {
+            let Some((slot, idx, p)) = self.take_request()? else {
                 break;
             };
             self.window_pages = self.window_pages.saturating_add(p.pages());
-            self.window.push_back(Flight {
-                idx,
-                p,
-                next: 0,
-                running: false,
-                failure: None,
-            });
+            if let Some(entry) = self.flights.get_mut(slot as usize) {
+                *entry = Some(Flight {
+                    idx,
+                    p,
+                    next: 0,
+                    running: false,
+                    failure: None,
+                });
+                self.order.push_back(slot);
+            }
             n += 1;
         }
         if n > 0 {
@@ -513,7 +619,7 @@ where
         Ok(n)
     }
 
-    /// Starts, in ring order, the next step of every request of the window that has none in
+    /// Starts, in ring order, the next step of every request not answered that has none in
     /// flight, unless it conflicts with a step not yet finished of an earlier request: the
     /// outcome is that of serving the requests one by one.
     fn issue(&mut self) {
@@ -524,7 +630,10 @@ where
         let (reads, writes) = &mut self.spans;
         reads.clear();
         writes.clear();
-        for f in self.window.iter_mut() {
+        for &slot in &self.order {
+            let Some(Some(f)) = self.flights.get_mut(slot as usize) else {
+                continue;
+            };
             if f.done() {
                 continue;
             }
@@ -534,11 +643,11 @@ where
                         match step.op() {
                             Ok(op) => {
                                 // SAFETY: the op's buffers are the mappings `step` owns; the
-                                // step stays in the window (and its mappings alive) until its
+                                // step stays in `flights` (and its mappings alive) until its
                                 // completion was returned: a request is answered and dropped
                                 // only when `done`, i.e. not running, and `release_mappings`
                                 // and `Drop` wait for every op in flight first.
-                                unsafe { pipe.start(u64::from(f.idx), &op) };
+                                unsafe { pipe.start(tag(slot, f.idx), &op) };
                                 f.running = true;
                                 f.next += 1;
                             }
@@ -565,18 +674,23 @@ where
         }
     }
 
-    /// Takes the next request off the ring: copied once, journaled (before any of its I/O
-    /// starts), validated and mapped. Also returns its ring index.
+    /// Takes the next request off the ring into a free slot: copied once, journaled (before
+    /// any of its I/O starts), validated and mapped. Also returns its slot and ring index.
+    /// `None` if the ring has no request, or no slot is free.
     fn take_request(&mut self) -> std::result::Result<Taken<G::Mapping>, xenpv_ring::Error> {
+        let Some(&slot) = self.free.front() else {
+            return Ok(None);
+        };
         let idx = self.ring.req_cons();
         let Some(req) = self.ring.next_request()? else {
             return Ok(None);
         };
+        self.free.pop_front();
         let native = P::to_native(&req);
         if let Some(j) = &mut self.journal {
-            j.record(idx, &native);
+            j.record(slot, idx, &native);
         }
-        Ok(Some((idx, self.prepare(&native))))
+        Ok(Some((slot, idx, self.prepare(&native))))
     }
 
     /// Validates a request and maps its data (resolving indirect segments): everything up to
@@ -798,9 +912,9 @@ pub const MAX_BATCH_PAGES: usize = 2048;
 /// requests past this): 16 MiB, sixteen 1 MiB requests.
 pub const MAX_INFLIGHT_PAGES: usize = 4096;
 
-/// A request of a pipelined queue's window.
+/// A request of a pipelined queue, consumed and not answered yet.
 struct Flight<M> {
-    /// Its ring index (also the tag of its I/O).
+    /// Its ring index (part of the tag of its I/O).
     idx: u32,
     p: Prepared<M>,
     /// The next step to start.
@@ -942,8 +1056,18 @@ impl<M: GrantMemory> Step<M> {
     }
 }
 
-/// A request taken off the ring, with its ring index (`None`: the ring had none).
-type Taken<M> = Option<(u32, Prepared<M>)>;
+/// A request taken off the ring, with its slot and ring index (`None`: none taken).
+type Taken<M> = Option<(u32, u32, Prepared<M>)>;
+
+/// The tag of a pipeline op of the request in `slot`, consumed at ring index `idx`.
+fn tag(slot: u32, idx: u32) -> u64 {
+    u64::from(idx) << 32 | u64::from(slot)
+}
+
+/// The slot and ring index of a [`tag`].
+fn untag(tag: u64) -> (u32, u32) {
+    (tag as u32, (tag >> 32) as u32)
+}
 
 /// A request validated and mapped, waiting for its I/O.
 struct Prepared<M> {
@@ -966,5 +1090,229 @@ impl<M> Prepared<M> {
                 _ => 0,
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The journal stores of a queue, watched between two of them: the points a process can
+    //! die at inside one round of [`Queue::pump`].
+
+    use super::*;
+    use crate::journal::{Identity, Journal, QueueIdentity};
+    use xenpv_grant::local::LocalMapping;
+    use xenpv_grant::{CopyOp, GrantRef};
+    use xenpv_ring::blkif::RSP_EOPNOTSUPP;
+    use xenpv_ring::mock::SharedPages;
+    use xenpv_ring::FrontRing;
+
+    /// No grant can be mapped (the requests of these tests map none).
+    struct NoGrants;
+
+    impl GrantMap for NoGrants {
+        type Mapping = LocalMapping;
+        fn map(&self, _: &[(DomId, GrantRef)], _: Access) -> xenpv_grant::Result<LocalMapping> {
+            Err(xenpv_grant::Error::Os {
+                what: "map",
+                source: io::Error::other("no grants in this test"),
+            })
+        }
+        fn copy(&self, _: &mut [CopyOp<'_>]) -> xenpv_grant::Result<()> {
+            Err(xenpv_grant::Error::Os {
+                what: "copy",
+                source: io::Error::other("no grants in this test"),
+            })
+        }
+    }
+
+    /// A disk of nothing (the requests of these tests reach none).
+    struct NoDisk;
+
+    impl Storage for NoDisk {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_into(&self, _: u64, _: &[xenpv_grant::VolatileSlice<'_>]) -> io::Result<()> {
+            Err(io::Error::other("no disk"))
+        }
+        fn write_from(&self, _: u64, _: &[xenpv_grant::VolatileSlice<'_>]) -> io::Result<()> {
+            Err(io::Error::other("no disk"))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn can_discard(&self) -> bool {
+            false
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            sectors: 2048,
+            sector_size: 512,
+            read_only: false,
+            flush: true,
+            barrier: true,
+            discard: false,
+            discard_secure: false,
+            discard_granularity: 4096,
+            max_indirect_segments: 0,
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            session: 1,
+            frontend_id: 1,
+            frontend: "/local/domain/1/device/vbd/51712".into(),
+            order: 0,
+            x86_32: false,
+            persistent: false,
+            max_indirect_segments: 0,
+            queues: vec![QueueIdentity {
+                port: 1,
+                refs: vec![8],
+            }],
+        }
+    }
+
+    fn queue(
+        back: BackRing<Blkif, SharedPages>,
+        journal: &Journal,
+    ) -> Queue<Blkif, SharedPages, NoGrants> {
+        Queue::new(
+            back,
+            1,
+            MapCache::new(NoGrants, 4),
+            false,
+            Arc::new(NoDisk),
+            limits(),
+            Arc::new(Stats::default()),
+        )
+        .with_journal(journal.queue(0).unwrap())
+    }
+
+    /// A request the queue answers without I/O (an operation it does not know).
+    fn unknown(id: u64) -> BlkifRequest {
+        BlkifRequest::new(9, 0, id, 0)
+    }
+
+    /// Answered out of order, then published, then freed: the journal read back at each step
+    /// (with the shared `rsp_prod` of that moment) names exactly the requests a restarted
+    /// backend must answer again.
+    #[test]
+    fn every_store_of_a_round_leaves_a_journal_that_resumes_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let journal = Journal::create(&path, &identity()).unwrap();
+        let pages = SharedPages::new(0);
+        let mut front = FrontRing::<Blkif, _>::init(pages.clone()).unwrap();
+        let mut q = queue(BackRing::new(pages.clone()).unwrap(), &journal);
+        for i in 0..3 {
+            front.produce(unknown(100 + i)).unwrap();
+        }
+        let _ = front.push_requests();
+        // Ring index → id of the requests a restarted backend would answer again.
+        let pending = |rsp_prod: u32| -> Vec<(u32, u64)> {
+            let r = Journal::load(&path).unwrap();
+            let p = r.queues[0].pending(rsp_prod).unwrap();
+            p.iter().map(|p| (p.idx, p.request.id)).collect()
+        };
+        let free = || Journal::load(&path).unwrap().queues[0].free_slots();
+        assert_eq!(q.take().unwrap(), 3);
+        assert_eq!(pending(0), [(0, 100), (1, 101), (2, 102)]);
+        // The first one is still "in flight": the two after it are answered first.
+        let first = q.order[0] as usize;
+        q.flights[first].as_mut().unwrap().running = true;
+        assert!(q.answer_done().unwrap());
+        // Dead between the marks and the publication.
+        assert_eq!(pending(0), [(0, 100), (1, 101), (2, 102)]);
+        assert_eq!(q.ring.rsp_prod_pvt(), 2);
+        // Published, not freed yet; then freed.
+        let _ = q.ring.push_responses();
+        assert_eq!(pending(2), [(0, 100)]);
+        assert_eq!(free(), 29);
+        let _ = q.publish();
+        assert_eq!(pending(2), [(0, 100)]);
+        assert_eq!((q.free.len(), free()), (31, 31));
+        // The first one answered last, at response index 2: marked, then published.
+        q.flights[first].as_mut().unwrap().running = false;
+        assert!(q.answer_done().unwrap());
+        assert_eq!(pending(2), [(0, 100)]);
+        let _ = q.ring.push_responses();
+        assert_eq!(pending(3), []);
+        let _ = q.publish();
+        assert_eq!(pending(3), []);
+        assert_eq!((q.free.len(), free()), (32, 32));
+        let mut got = Vec::new();
+        while let Some(rsp) = front.next_response().unwrap() {
+            got.push((rsp.id, rsp.status));
+        }
+        assert_eq!(
+            got,
+            [
+                (101, RSP_EOPNOTSUPP),
+                (102, RSP_EOPNOTSUPP),
+                (100, RSP_EOPNOTSUPP)
+            ]
+        );
+    }
+
+    /// A resumed queue first clears what the dead instance left in its slots besides the
+    /// requests it answers again (a record its `req_cons` never covered, a slot answered and
+    /// published but not freed), so that its own records never meet them.
+    #[test]
+    fn resume_clears_what_the_dead_instance_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let journal = Journal::create(&path, &identity()).unwrap();
+        let pages = SharedPages::new(0);
+        let mut front = FrontRing::<Blkif, _>::init(pages.clone()).unwrap();
+        for i in 0..4 {
+            front.produce(unknown(100 + i)).unwrap();
+        }
+        let _ = front.push_requests();
+        // The dead instance: ring indexes 0..3 consumed into slots 0..3; 1 answered at
+        // response index 0 and published, its slot not freed yet; index 3 recorded into slot
+        // 5, not committed.
+        let mut dead = journal.queue(0).unwrap();
+        for i in 0..3u32 {
+            dead.record(i, i, &unknown(100 + u64::from(i)));
+        }
+        dead.commit(3);
+        dead.answered(1, 0);
+        pages.write_slot::<Blkif, _>(0, BlkifResponse::new(101, 9, RSP_EOPNOTSUPP));
+        pages.write_u32(xenpv_ring::mock::RSP_PROD, 1);
+        dead.record(5, 3, &unknown(103));
+        drop(dead);
+        let r = Journal::load(&path).unwrap();
+        let pending = r.queues[0].pending(1).unwrap();
+        let ids: Vec<u64> = pending.iter().map(|p| p.request.id).collect();
+        assert_eq!(ids, [100, 102]);
+        assert_eq!(r.queues[0].free_slots(), 28);
+
+        let back = BackRing::<Blkif, _>::resume(pages.clone(), r.queues[0].req_cons).unwrap();
+        let mut q = queue(back, &journal);
+        q.resume(&pending).unwrap();
+        let r = Journal::load(&path).unwrap();
+        assert_eq!(r.queues[0].pending(3).unwrap(), []);
+        assert_eq!(r.queues[0].free_slots(), 32, "every slot free");
+        // The new instance takes ring index 3 again, into a slot of its own.
+        assert_eq!(q.take().unwrap(), 1);
+        let r = Journal::load(&path).unwrap();
+        let p = r.queues[0].pending(3).unwrap();
+        assert_eq!(
+            p.iter().map(|p| (p.idx, p.request.id)).collect::<Vec<_>>(),
+            [(3, 103)]
+        );
+        let mut got = Vec::new();
+        while let Some(rsp) = front.next_response().unwrap() {
+            got.push(rsp.id);
+        }
+        // 101's response was published by the dead instance; 100 and 102 by the new one.
+        assert_eq!(got, [101, 100, 102]);
     }
 }

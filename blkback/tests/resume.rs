@@ -9,9 +9,9 @@
 //!   device never leaves Connected.
 //! * SIGTERM with requests in flight: the daemon answers them, exits leaving the device
 //!   Connected, and the next instance goes on serving the same ring.
-//! * A damaged journal, or one that does not match the frontend's rings: the new instance does
-//!   not attach to the ring (no response, InitWait) and serves the frontend once it
-//!   renegotiates.
+//! * A damaged journal, one of an older format, or one that does not match the frontend's
+//!   rings: the new instance does not attach to the ring (no response, InitWait) and serves the
+//!   frontend once it renegotiates.
 
 mod support;
 
@@ -30,6 +30,8 @@ use xenpv_ring::blkif::*;
 use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
 
 const DISK: usize = 4 << 20;
+/// Offset of `rsp_prod` in the shared ring header.
+const RSP_PROD: usize = 8;
 /// Writes in flight when the backend dies: a full single-page ring.
 const IN_FLIGHT: usize = 32;
 
@@ -290,7 +292,7 @@ fn restart_with_io_in_flight(term: bool) {
     f.submit(&reqs);
     // Every write reached the storage: consumed, journaled, in flight.
     env.disk.wait_held(IN_FLIGHT);
-    let rsp_prod_before = f.ring.memory().volatile().read_u32(4).unwrap();
+    let rsp_prod_before = f.ring.memory().volatile().read_u32(RSP_PROD).unwrap();
     if term {
         env.signal("TERM");
         // The daemon waits for what it consumed …
@@ -310,7 +312,7 @@ fn restart_with_io_in_flight(term: bool) {
         // The dead instance's I/O never happens.
         env.disk.open(false);
         assert_eq!(
-            f.ring.memory().volatile().read_u32(4).unwrap(),
+            f.ring.memory().volatile().read_u32(RSP_PROD).unwrap(),
             rsp_prod_before,
             "nothing was answered before the kill"
         );
@@ -413,4 +415,25 @@ fn a_journal_of_other_rings_is_not_resumed() {
 #[test]
 fn a_missing_journal_is_not_resumed() {
     no_resume_from(|env, _| std::fs::remove_file(env.journal_file()).unwrap());
+}
+
+#[test]
+fn a_version_1_journal_is_not_resumed() {
+    // An older daemon's journal (format 1: answers in ring order, no marks) is refused as a
+    // whole, though its header is consistent: its slots cannot say what was answered.
+    no_resume_from(|env, _| {
+        let path = env.journal_file();
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"XPVBLKJ2");
+        bytes[..8].copy_from_slice(b"XPVBLKJ1");
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        // FNV-1a 64 of the header's first 8184 bytes, in its last 8.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in &bytes[..8184] {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        bytes[8184..8192].copy_from_slice(&h.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+    });
 }
