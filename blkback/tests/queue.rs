@@ -573,6 +573,10 @@ impl Pipeline for StragglerPipe {
         }
     }
     fn submit(&mut self) {}
+    fn ready(&mut self) -> bool {
+        !self.ready.is_empty()
+            || (!self.held.is_empty() && self.gate.open.load(std::sync::atomic::Ordering::SeqCst))
+    }
     fn reap(&mut self, out: &mut Vec<xenpv_blkback::storage::Completion>) -> usize {
         if self.gate.open.load(std::sync::atomic::Ordering::SeqCst) {
             self.ready.append(&mut self.held);
