@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenpv_evtchn::{spin_then_wait, spin_until, EventChannel, SpinBudget};
+use xenpv_evtchn::{spin_then_wait, EventChannel, HybridPoll, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapCache};
 use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
@@ -960,7 +960,9 @@ where
             return pipeline_loop(&mut q, &evtchn, port, io.spin, stop);
         }
         let protocol = |e: xenpv_ring::Error| format!("ring protocol error: {e}");
+        let mut poller = HybridPoll::new(io.spin);
         loop {
+            poller.woken();
             if q.serve(false).map_err(protocol)? {
                 evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
             }
@@ -969,7 +971,7 @@ where
             }
             // Hybrid polling: poll the ring with `req_event` unarmed (the frontend does not
             // notify meanwhile), then arm it and sleep.
-            if spin_until(io.spin, || q.work_waiting()) || q.final_check().map_err(protocol)? {
+            if poller.poll(|| q.work_waiting()) || q.final_check().map_err(protocol)? {
                 continue;
             }
             ports.clear();
@@ -1013,7 +1015,12 @@ where
     let protocol = |e: xenpv_ring::Error| format!("ring protocol error: {e}");
     let notify = || evtchn.notify(port).map_err(|e| format!("notify: {e}"));
     let mut ports = Vec::new();
+    // Waits with I/O in flight (for completions, mostly) and without (for requests) last
+    // differently: one poller each.
+    let (mut busy, mut idle) = (HybridPoll::new(spin), HybridPoll::new(spin));
     loop {
+        busy.woken();
+        idle.woken();
         if stop.load(Ordering::SeqCst) {
             // Answer what was consumed, take nothing more.
             if q.finish().map_err(protocol)? {
@@ -1027,10 +1034,12 @@ where
         }
         // Hybrid polling: poll the ring and the storage's completions with `req_event` unarmed
         // (the frontend does not notify meanwhile), then arm it and sleep on both.
-        if p.progressed
-            || spin_until(spin, || q.work_waiting())
-            || q.final_check().map_err(protocol)?
-        {
+        let poller = if q.in_flight() > 0 {
+            &mut busy
+        } else {
+            &mut idle
+        };
+        if p.progressed || poller.poll(|| q.work_waiting()) || q.final_check().map_err(protocol)? {
             continue;
         }
         ports.clear();

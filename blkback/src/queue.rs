@@ -648,6 +648,12 @@ where
                                 // only when `done`, i.e. not running, and `release_mappings`
                                 // and `Drop` wait for every op in flight first.
                                 unsafe { pipe.start(tag(slot, f.idx), &op) };
+                                // Handed to the kernel at once, not with the rest of the round:
+                                // the device starts on it while we prepare the next. A virtio
+                                // disk that completes what it was given as one batch otherwise
+                                // idles while a whole round is prepared; `xenpv bench` measured
+                                // randread QD32 at 1.01x fio streamed, 0.78x batched.
+                                pipe.submit();
                                 f.running = true;
                                 f.next += 1;
                             }

@@ -1018,3 +1018,62 @@ fn a_queue_stops_max_age_indexes_past_a_stuck_request() {
     assert!(q.ring().req_cons() > 200);
     q.release_mappings();
 }
+
+/// Hybrid polling's contract with the frontend: a queue served without arming (`serve(false)`,
+/// while its thread polls the ring) leaves `req_event` behind, so the frontend's next request
+/// needs no notification, and `work_waiting` sees it without one; `final_check` (before the
+/// thread sleeps) arms it again, and the next request must be notified.
+#[test]
+fn polling_leaves_the_frontends_notifications_off_until_the_final_check() {
+    let s = setup();
+    let (storage, _) = storage(&s, Kind::Psync);
+    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
+    let data = s.front.share(BACK, 1, Access::Writable).unwrap();
+    let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let ring_map = s
+        .back
+        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
+        .unwrap();
+    let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+    let mut q = Queue::new(
+        back,
+        FRONT,
+        MapCache::new(&s.back, 8),
+        false,
+        storage,
+        limits(),
+        Arc::new(Stats::default()),
+    );
+    assert!(!q.pipelined());
+    let gref = data.grefs()[0];
+    let read = |front: &mut FrontRing<Blkif, _>, id: u64| {
+        let mut r = BlkifRequest::new(OP_READ, 0, id, 8 * id);
+        r.nr_segments = 1;
+        r.seg[0] = BlkifRequestSegment::new(gref, 0, 7);
+        front.produce(r).unwrap();
+        front.push_requests()
+    };
+    // A fresh ring asks for the first request's notification.
+    assert!(read(&mut front, 1), "req_event starts armed");
+    assert!(q.work_waiting());
+    assert!(q.serve(false).unwrap(), "the frontend asked for responses");
+    assert!(!q.work_waiting(), "ring drained");
+    // Polling: the next requests need no notification, and polling sees them.
+    assert!(!read(&mut front, 2), "notified while the backend polls");
+    assert!(q.work_waiting());
+    q.serve(false).unwrap();
+    assert!(!read(&mut front, 3), "notified while the backend polls");
+    q.serve(false).unwrap();
+    // Going to sleep: the final check re-arms req_event.
+    assert!(!q.final_check().unwrap());
+    assert!(read(&mut front, 4), "not notified while the backend sleeps");
+    assert!(q.final_check().unwrap(), "the final check sees the request");
+    q.serve(true).unwrap();
+    let mut ids = Vec::new();
+    while let Some(rsp) = front.next_response().unwrap() {
+        assert_eq!(rsp.status, RSP_OKAY);
+        ids.push(rsp.id);
+    }
+    assert_eq!(ids, [1, 2, 3, 4]);
+    q.release_mappings();
+}

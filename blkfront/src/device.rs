@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xenpv_evtchn::{spin_then_wait, spin_until, EventChannel, Port, SpinBudget};
+use xenpv_evtchn::{spin_then_wait, EventChannel, HybridPoll, Port, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
 use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST, VDISK_READONLY};
 use xenpv_ring::FrontRing;
@@ -683,7 +683,10 @@ where
         let _g = span.enter();
         let mut ports = Vec::new();
         let q = &self.queues[qi];
+        let mut poller = HybridPoll::new(self.opts.spin);
         loop {
+            // After a wait the poller gave up on: how long it took.
+            poller.woken();
             let mut out = Vec::new();
             let r = {
                 let mut q = lock(q);
@@ -697,14 +700,11 @@ where
             }
             complete(out);
             // Hybrid polling: with requests in flight, poll `rsp_prod` with `rsp_event` unarmed
-            // (the backend does not notify meanwhile); then arm it and, if still nothing came,
+            // (the backend does not notify meanwhile; when responses take long, the poller
+            // sleeps through most of the wait first); then arm it and, if still nothing came,
             // sleep on the event channel.
             let r = r.and_then(|()| {
-                let spin = self.opts.spin;
-                if spin != SpinBudget::None
-                    && lock(q).in_flight() > 0
-                    && spin_until(spin, || lock(q).responses_waiting())
-                {
+                if lock(q).in_flight() > 0 && poller.poll(|| lock(q).responses_waiting()) {
                     return Ok(true);
                 }
                 lock(q).final_check()

@@ -61,6 +61,104 @@ pub fn spin_until(budget: SpinBudget, mut ready: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Hybrid polling for a waiter that expects work soon (responses to its requests in flight,
+/// completions of its I/O): it learns how long its waits last and, once they last longer than
+/// its spin budget, sleeps through most of the expected wait before it polls for the rest.
+/// Work that arrives then costs no wake-up (the waiter is already awake and polling), and
+/// the CPU is not burnt for the whole wait, as pure polling would. The block I/O polling of
+/// Linux's io_uring (`IORING_SETUP_HYBRID_IOPOLL`) works the same way.
+///
+/// [`poll`](Self::poll) before arming the peer's event; if it returns `false`, arm, sleep on the
+/// event channel and call [`woken`](Self::woken) when work came.
+#[derive(Debug, Clone)]
+pub struct HybridPoll {
+    budget: SpinBudget,
+    /// Moving average of recent waits (ns); 0 until one outlasted the budget.
+    mean_ns: u64,
+    /// When the wait that `poll` gave up on started.
+    started: Option<Instant>,
+}
+
+/// Waits longer than this are the peer going idle, not how long work takes: not learnt.
+const IDLE: Duration = Duration::from_millis(2);
+
+impl HybridPoll {
+    /// A poller that polls within `budget` (and sleeps first only with a
+    /// [`SpinBudget::Duration`]).
+    pub fn new(budget: SpinBudget) -> Self {
+        Self {
+            budget,
+            mean_ns: 0,
+            started: None,
+        }
+    }
+
+    /// The wait it expects, learnt from the recent ones.
+    pub fn expected(&self) -> Duration {
+        Duration::from_nanos(self.mean_ns)
+    }
+
+    /// Waits for `ready` (which should read shared memory only, as for [`spin_until`]): when
+    /// recent waits lasted longer than the budget, sleeps until the budget before the expected
+    /// end first; then polls for the budget. Returns whether `ready` became true.
+    pub fn poll(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+        let start = Instant::now();
+        self.started = None;
+        if let SpinBudget::Duration(lead) = self.budget {
+            let expected = self.expected();
+            if expected > lead.saturating_mul(2) {
+                if ready() {
+                    self.learn(start.elapsed());
+                    return true;
+                }
+                precise_sleep(expected.saturating_sub(lead));
+                if ready() {
+                    // Work came during the sleep, maybe long before its end: what it took is
+                    // unknown, only that it was less. Expect a little less next time.
+                    self.mean_ns -= self.mean_ns / 8;
+                    return true;
+                }
+            }
+        }
+        let found = spin_until(self.budget, &mut ready);
+        if found {
+            self.learn(start.elapsed());
+        } else {
+            self.started = Some(start);
+        }
+        found
+    }
+
+    /// Work came after [`poll`](Self::poll) gave up and the caller slept: learns how long the
+    /// whole wait was.
+    pub fn woken(&mut self) {
+        if let Some(start) = self.started.take() {
+            self.learn(start.elapsed());
+        }
+    }
+
+    fn learn(&mut self, waited: Duration) {
+        if waited >= IDLE {
+            return;
+        }
+        let w = waited.as_nanos() as u64;
+        // An average over about the last 8 waits.
+        self.mean_ns = self.mean_ns - self.mean_ns / 8 + w / 8;
+    }
+}
+
+/// Sleeps for `d` with a timer slack of 1 µs (set once per thread).
+fn precise_sleep(d: Duration) {
+    thread_local!(static SLACK_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    SLACK_SET.with(|s| {
+        if !s.get() {
+            crate::sys::set_timer_slack(1_000);
+            s.set(true);
+        }
+    });
+    std::thread::sleep(d);
+}
+
 /// How [`spin_then_wait`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Woken {
@@ -150,6 +248,64 @@ mod tests {
             || false
         ));
         assert!(start.elapsed() >= Duration::from_millis(5));
+    }
+
+    #[test]
+    fn hybrid_spins_while_waits_are_short() {
+        let mut h = HybridPoll::new(SpinBudget::Duration(Duration::from_millis(5)));
+        for _ in 0..20 {
+            let mut polls = 0;
+            assert!(h.poll(|| {
+                polls += 1;
+                polls > 3
+            }));
+        }
+        assert!(
+            h.expected() < Duration::from_millis(1),
+            "{:?}",
+            h.expected()
+        );
+    }
+
+    #[test]
+    fn hybrid_learns_long_waits_and_sleeps_through_most_of_them() {
+        let lead = Duration::from_micros(200);
+        let mut h = HybridPoll::new(SpinBudget::Duration(lead));
+        // Waits of ~1.2 ms, each outlasting the budget: the caller blocks, then reports.
+        for _ in 0..40 {
+            let t = Instant::now();
+            if !h.poll(|| false) {
+                while t.elapsed() < Duration::from_micros(1200) {}
+                h.woken();
+            }
+        }
+        let e = h.expected();
+        assert!(
+            e > Duration::from_micros(700) && e < IDLE,
+            "expected wait {e:?}"
+        );
+        // Now it sleeps first: a poll that never sees work returns after about the expected
+        // wait, having polled only for the last part of it.
+        let mut polls = 0u64;
+        let t = Instant::now();
+        assert!(!h.poll(|| {
+            polls += 1;
+            false
+        }));
+        assert!(t.elapsed() >= e.saturating_sub(lead), "{:?}", t.elapsed());
+        // Work found at the end of the sleep: expect a little less next time.
+        let before = h.expected();
+        assert!(h.poll(|| true));
+        assert!(h.expected() < before);
+    }
+
+    #[test]
+    fn hybrid_does_not_learn_idle_periods() {
+        let mut h = HybridPoll::new(SpinBudget::Duration(Duration::from_micros(10)));
+        assert!(!h.poll(|| false));
+        std::thread::sleep(IDLE + Duration::from_millis(1));
+        h.woken();
+        assert_eq!(h.expected(), Duration::ZERO);
     }
 
     #[test]

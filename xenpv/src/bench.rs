@@ -54,6 +54,8 @@ pub struct Options {
     /// Polling budget of both drivers before they sleep on their event channels (µs); `None`
     /// keeps their defaults.
     pub spin_us: Option<u64>,
+    /// Run only the workloads whose name contains this.
+    pub only: Option<String>,
 }
 
 /// One fio workload.
@@ -494,7 +496,12 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
             let now = snapshot(device);
             (now.0 - before.0, now.1 - before.1)
         };
-        for w in WORKLOADS {
+        let selected = WORKLOADS.iter().filter(|w| {
+            opts.only
+                .as_ref()
+                .map_or(true, |o| w.name.contains(o.as_str()))
+        });
+        for &w in selected {
             let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
             let mut nonbd: Vec<Direct> = Vec::new();
             for round in 0..opts.rounds {

@@ -78,6 +78,9 @@ enum Command {
         /// Polling budget (µs) of blkback and blkfront before sleeping (default: theirs, 50).
         #[arg(long)]
         spin_us: Option<u64>,
+        /// Run only the workloads whose name contains this (e.g. `QD32`, `randread QD1`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Run the local platform (hypervisor + xenstored for processes) until SIGTERM/SIGINT.
     Local {
@@ -192,6 +195,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         json,
         quick,
         spin_us,
+        only,
     } = &cli.command
     else {
         return Ok(());
@@ -211,7 +215,20 @@ fn bench(cli: &Cli) -> Result<(), String> {
         json: Some(json.clone()),
         bin_dir: None,
         spin_us: *spin_us,
+        only: only.clone(),
     };
+    if let Some(o) = only {
+        if !xenpv::bench::WORKLOADS
+            .iter()
+            .any(|w| w.name.contains(o.as_str()))
+        {
+            let names: Vec<_> = xenpv::bench::WORKLOADS.iter().map(|w| w.name).collect();
+            return Err(format!(
+                "--only {o}: no workload's name contains it (the workloads: {})",
+                names.join(", ")
+            ));
+        }
+    }
     let results = xenpv::bench::run_disk(&opts).map_err(|e| e.to_string())?;
     xenpv::bench::print(&results, engine);
     let text = serde_json::to_string_pretty(&xenpv::bench::to_json(&results, engine))
