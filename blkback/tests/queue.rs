@@ -546,6 +546,19 @@ impl Storage for Straggler {
     }
 }
 
+/// Psync storage on the setup's image whose reads at `slow_sector` complete only when the
+/// returned gate opens.
+fn straggler(s: &Setup, slow_sector: u64) -> (Arc<Gate>, Arc<dyn Storage>) {
+    let (inner, _) = storage(s, Kind::Psync);
+    let gate = Arc::new(Gate::default());
+    gate.offsets.lock().unwrap().push(slow_sector * 512);
+    let storage: Arc<dyn Storage> = Arc::new(Straggler {
+        inner,
+        gate: gate.clone(),
+    });
+    (gate, storage)
+}
+
 struct StragglerPipe {
     inner: Arc<dyn Storage>,
     gate: Arc<Gate>,
@@ -616,14 +629,8 @@ fn pattern_at(at: u64) -> u8 {
 #[test]
 fn a_slow_read_does_not_hold_back_later_requests() {
     let s = setup();
-    let (inner, _) = storage(&s, Kind::Psync);
-    let gate = Arc::new(Gate::default());
     let slow_sector = 1500u64;
-    gate.offsets.lock().unwrap().push(slow_sector * 512);
-    let storage: Arc<dyn Storage> = Arc::new(Straggler {
-        inner,
-        gate: gate.clone(),
-    });
+    let (gate, storage) = straggler(&s, slow_sector);
     let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
     let data = s.front.share(BACK, 8, Access::Writable).unwrap();
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
@@ -824,14 +831,8 @@ fn journal_identity(ring_gref: u32) -> xenpv_blkback::journal::Identity {
 fn a_full_ring_flows_past_a_held_read_and_resumes_exactly() {
     use xenpv_blkback::journal::Journal;
     let s = setup();
-    let (inner, _) = storage(&s, Kind::Psync);
-    let gate = Arc::new(Gate::default());
     let slow = 1500u64;
-    gate.offsets.lock().unwrap().push(slow * 512);
-    let storage: Arc<dyn Storage> = Arc::new(Straggler {
-        inner,
-        gate: gate.clone(),
-    });
+    let (gate, storage) = straggler(&s, slow);
     let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
     let data = s.front.share(BACK, 32, Access::Writable).unwrap();
     let mem = data.volatile();
@@ -959,14 +960,8 @@ fn a_full_ring_flows_past_a_held_read_and_resumes_exactly() {
 #[test]
 fn a_queue_stops_max_age_indexes_past_a_stuck_request() {
     let s = setup();
-    let (inner, _) = storage(&s, Kind::Psync);
-    let gate = Arc::new(Gate::default());
     let slow = 1500u64;
-    gate.offsets.lock().unwrap().push(slow * 512);
-    let storage: Arc<dyn Storage> = Arc::new(Straggler {
-        inner,
-        gate: gate.clone(),
-    });
+    let (gate, storage) = straggler(&s, slow);
     let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
     let data = s.front.share(BACK, 32, Access::Writable).unwrap();
     let mem = data.volatile();

@@ -17,6 +17,22 @@ use xenpv_nbd::export::run_sync;
 use xenpv_nbd::{AsyncBlockExport, BlockExport, Completion, ExportFlags, Request};
 use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
+/// This test binary's `backend_child` (a blkback serving `env`'s device with `journal`) in a
+/// process of its own, killed when dropped.
+fn spawn_backend(env: &Env, journal: &std::path::Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["backend_child", "--exact", "--ignored", "--nocapture"])
+            .env("BLKFRONT_TEST_ROOT", &env.root)
+            .env("BLKFRONT_TEST_BE", &env.be)
+            .env("BLKFRONT_TEST_JOURNAL", journal)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// The child: serves the device named in the environment until killed.
 #[test]
 #[ignore = "helper run by backend_restart_reissues_in_flight"]
@@ -55,17 +71,7 @@ fn backend_restart_resumes_a_frontend_that_does_not_reconnect() {
         .unwrap();
     // Dropped first (on a failure too): nothing stays held, so the server can shut down.
     let _open_on_drop = OpenOnDrop(gate.clone());
-    let mut child = KillOnDrop(
-        Command::new(std::env::current_exe().unwrap())
-            .args(["backend_child", "--exact", "--ignored", "--nocapture"])
-            .env("BLKFRONT_TEST_ROOT", &env.root)
-            .env("BLKFRONT_TEST_BE", &env.be)
-            .env("BLKFRONT_TEST_JOURNAL", &journal)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_backend(&env, &journal);
     let dev = connect(
         &env,
         Options {
@@ -147,19 +153,7 @@ fn backend_killed_at_any_instant_resumes_every_time() {
     let env = env(size);
     let initial = pattern(1, size);
     let journal = env._dir.path().join("journal");
-    let spawn = || {
-        KillOnDrop(
-            Command::new(std::env::current_exe().unwrap())
-                .args(["backend_child", "--exact", "--ignored", "--nocapture"])
-                .env("BLKFRONT_TEST_ROOT", &env.root)
-                .env("BLKFRONT_TEST_BE", &env.be)
-                .env("BLKFRONT_TEST_JOURNAL", &journal)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let spawn = || spawn_backend(&env, &journal);
     let mut child = spawn();
     let dev = connect(
         &env,
