@@ -34,8 +34,10 @@ pub struct Config {
     pub persistent_capacity: usize,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,
-    /// How long a queue thread polls before sleeping on its event channel
-    /// (50 µs by default, [`SpinBudget::default`]).
+    /// Hybrid polling budget of a queue thread: it polls the ring (and its completions) this
+    /// long before it sleeps on its event channel, after sleeping through most of a wait that
+    /// usually lasts longer ([`xenpv_evtchn::HybridPoll`]). 50 µs by default
+    /// ([`SpinBudget::default`]); [`SpinBudget::None`] is purely event-driven.
     pub spin: SpinBudget,
     /// Engine for image files and block devices (NBD URIs in `params` always use NBD).
     pub engine: Engine,

@@ -183,7 +183,10 @@ pub struct Options {
     pub max_indirect_segments: u32,
     /// Granted data pages kept per queue with persistent grants.
     pub pool_pages: usize,
-    /// How long a queue thread polls before sleeping on its event channel.
+    /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
+    /// long before it sleeps on its event channel (and, when responses take longer, sleeps
+    /// through most of the wait first: [`xenpv_evtchn::HybridPoll`]). 50 µs by default;
+    /// [`SpinBudget::None`] is purely event-driven.
     pub spin: SpinBudget,
     /// How long to wait for each backend state change while negotiating.
     pub timeout: Duration,
