@@ -118,6 +118,30 @@ fn storage(s: &Setup, kind: Kind) -> (Arc<dyn Storage>, Option<common::NbdServer
     }
 }
 
+/// The `Storage` methods a test wrapper passes straight to its `inner` engine.
+macro_rules! delegate_io {
+    () => {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_into(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+            self.inner.read_into(o, b)
+        }
+        fn write_from(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+            self.inner.write_from(o, b)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn discard(&self, o: u64, l: u64) -> std::io::Result<()> {
+            self.inner.discard(o, l)
+        }
+        fn can_discard(&self) -> bool {
+            self.inner.can_discard()
+        }
+    };
+}
+
 /// Delegates to an engine, recording the sizes of the batches the queue submits.
 struct Recorder {
     inner: Arc<dyn Storage>,
@@ -127,24 +151,7 @@ struct Recorder {
 }
 
 impl Storage for Recorder {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_into(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        self.inner.read_into(o, b)
-    }
-    fn write_from(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        self.inner.write_from(o, b)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> std::io::Result<()> {
-        self.inner.discard(o, l)
-    }
-    fn can_discard(&self) -> bool {
-        self.inner.can_discard()
-    }
+    delegate_io!();
     fn submit(&self, ops: &[Op<'_>]) -> Vec<std::io::Result<()>> {
         self.batches.lock().unwrap().push(ops.len());
         self.inner.submit(ops)
@@ -518,24 +525,7 @@ struct Straggler {
 }
 
 impl Storage for Straggler {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_into(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        self.inner.read_into(o, b)
-    }
-    fn write_from(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        self.inner.write_from(o, b)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, o: u64, l: u64) -> std::io::Result<()> {
-        self.inner.discard(o, l)
-    }
-    fn can_discard(&self) -> bool {
-        self.inner.can_discard()
-    }
+    delegate_io!();
     fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
         Some(Box::new(StragglerPipe {
             inner: self.inner.clone(),
