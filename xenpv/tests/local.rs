@@ -274,3 +274,18 @@ fn domain_verbs_name_the_fix() {
         .unwrap();
     assert!(failed(out).contains("is for the local platform"));
 }
+
+/// `xenpv bench --only` with a name no workload has is refused before anything starts, with
+/// the workloads' names.
+#[test]
+fn bench_only_names_the_workloads() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xenpv"))
+        .args(["bench", "disk", "--only", "8k randread"])
+        .output()
+        .unwrap();
+    let e = failed(out);
+    assert!(
+        e.contains("--only 8k randread") && e.contains("4k randread QD1, 4k randread QD32"),
+        "{e}"
+    );
+}
