@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenpv_evtchn::{spin_then_wait, EventChannel, HybridPoll, SpinBudget};
+use xenpv_evtchn::{EventChannel, HybridPoll, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapCache};
 use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
@@ -977,13 +977,9 @@ where
                 continue;
             }
             ports.clear();
-            spin_then_wait(
-                &evtchn,
-                &mut ports,
-                SpinBudget::None,
-                Some(Duration::from_millis(100)),
-            )
-            .map_err(|e| format!("event channel: {e}"))?;
+            evtchn
+                .wait(&mut ports, Some(Duration::from_millis(100)))
+                .map_err(|e| format!("event channel: {e}"))?;
             for &p in &ports {
                 // Unmask only after the ring has been drained (next iteration drains it again
                 // before sleeping, so an event arriving now is not lost).
@@ -1052,13 +1048,9 @@ where
                     .map_err(|e| format!("event channel: {e}"))?;
             }
         } else {
-            spin_then_wait(
-                evtchn,
-                &mut ports,
-                SpinBudget::None,
-                Some(Duration::from_millis(100)),
-            )
-            .map_err(|e| format!("event channel: {e}"))?;
+            evtchn
+                .wait(&mut ports, Some(Duration::from_millis(100)))
+                .map_err(|e| format!("event channel: {e}"))?;
         }
         for &p in &ports {
             // Unmasked before the ring is drained again (the next round does that before any

@@ -63,6 +63,32 @@ fn setup_in(image_dir: &std::path::Path) -> Setup {
     }
 }
 
+/// A one-page ring the frontend shares with the backend (and the backend's mapping of it), and
+/// `pages` data pages granted to the backend.
+fn shared_ring(
+    s: &Setup,
+    pages: usize,
+) -> (
+    <LocalGrants as GrantShare>::Shared,
+    <LocalGrants as GrantMap>::Mapping,
+    <LocalGrants as GrantShare>::Shared,
+) {
+    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
+    let ring_map = s
+        .back
+        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
+        .unwrap();
+    let data = s.front.share(BACK, pages, Access::Writable).unwrap();
+    (ring_page, ring_map, data)
+}
+
+/// Page `i` of `mem`.
+fn read_page(mem: VolatileSlice<'_>, i: usize) -> Vec<u8> {
+    let mut v = vec![0u8; 4096];
+    mem.read(i * 4096, &mut v).unwrap();
+    v
+}
+
 fn limits() -> Limits {
     Limits {
         sectors: DISK / 512,
@@ -168,13 +194,8 @@ impl Storage for Recorder {
 fn run(persistent: bool, kind: Kind) {
     let s = setup();
     let (storage, _server) = storage(&s, kind);
-    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
-    let data = s.front.share(BACK, 16, Access::Writable).unwrap();
+    let (ring_page, ring_map, data) = shared_ring(&s, 16);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
-    let ring_map = s
-        .back
-        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
-        .unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
     let stats = Arc::new(Stats::default());
     let mut q = Queue::new(
@@ -361,13 +382,8 @@ fn deep(kind: Kind, persistent: bool, pipelined: bool) {
         pipelined,
     });
     let storage: Arc<dyn Storage> = recorder.clone();
-    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
-    let data = s.front.share(BACK, 32, Access::Writable).unwrap();
+    let (ring_page, ring_map, data) = shared_ring(&s, 32);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
-    let ring_map = s
-        .back
-        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
-        .unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
     let mut q = Queue::new(
         back,
@@ -621,13 +637,8 @@ fn a_slow_read_does_not_hold_back_later_requests() {
     let s = setup();
     let slow_sector = 1500u64;
     let (gate, storage) = straggler(&s, slow_sector);
-    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
-    let data = s.front.share(BACK, 8, Access::Writable).unwrap();
+    let (ring_page, ring_map, data) = shared_ring(&s, 8);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
-    let ring_map = s
-        .back
-        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
-        .unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
     let mut q = Queue::new(
         back,
@@ -641,11 +652,7 @@ fn a_slow_read_does_not_hold_back_later_requests() {
     assert!(q.pipelined());
     let mem = data.volatile();
     let g = data.grefs().to_vec();
-    let page = |i: usize| {
-        let mut v = vec![0u8; 4096];
-        mem.read(i * 4096, &mut v).unwrap();
-        v
-    };
+    let page = |i: usize| read_page(mem, i);
     // id 0: the slow read (page 0); ids 1..=4: reads elsewhere (pages 1..=4); ids 5, 6:
     // writes (pages 5, 6) of their own patterns; id 7: a read of what write 5 writes (page 7).
     let read = |id: u64, sector: u64, p: usize| {
@@ -823,18 +830,9 @@ fn a_full_ring_flows_past_a_held_read_and_resumes_exactly() {
     let s = setup();
     let slow = 1500u64;
     let (gate, storage) = straggler(&s, slow);
-    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
-    let data = s.front.share(BACK, 32, Access::Writable).unwrap();
+    let (ring_page, ring_map, data) = shared_ring(&s, 32);
     let mem = data.volatile();
-    let page = |i: usize| {
-        let mut v = vec![0u8; 4096];
-        mem.read(i * 4096, &mut v).unwrap();
-        v
-    };
-    let ring_map = s
-        .back
-        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
-        .unwrap();
+    let page = |i: usize| read_page(mem, i);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
     let journal = Journal::create(&path, &journal_identity(ring_page.grefs()[0])).unwrap();
@@ -952,18 +950,9 @@ fn a_queue_stops_max_age_indexes_past_a_stuck_request() {
     let s = setup();
     let slow = 1500u64;
     let (gate, storage) = straggler(&s, slow);
-    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
-    let data = s.front.share(BACK, 32, Access::Writable).unwrap();
+    let (ring_page, ring_map, data) = shared_ring(&s, 32);
     let mem = data.volatile();
-    let page = |i: usize| {
-        let mut v = vec![0u8; 4096];
-        mem.read(i * 4096, &mut v).unwrap();
-        v
-    };
-    let ring_map = s
-        .back
-        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
-        .unwrap();
+    let page = |i: usize| read_page(mem, i);
     let mut q = Queue::new(
         BackRing::<Blkif, _>::new(&ring_map).unwrap(),
         FRONT,
@@ -1012,13 +1001,8 @@ fn a_queue_stops_max_age_indexes_past_a_stuck_request() {
 fn polling_leaves_the_frontends_notifications_off_until_the_final_check() {
     let s = setup();
     let (storage, _) = storage(&s, Kind::Psync);
-    let ring_page = s.front.share(BACK, 1, Access::Writable).unwrap();
-    let data = s.front.share(BACK, 1, Access::Writable).unwrap();
+    let (ring_page, ring_map, data) = shared_ring(&s, 1);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
-    let ring_map = s
-        .back
-        .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
-        .unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
     let mut q = Queue::new(
         back,

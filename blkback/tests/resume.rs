@@ -126,14 +126,7 @@ const BE: &str = "/local/domain/0/backend/vbd/1/51712";
 
 impl Env {
     fn start() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("xp");
-        let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
-            state_dir: Some(root.clone()),
-            ..Default::default()
-        })
-        .unwrap();
-        daemon.create_domain(Some(1), Some("g1")).unwrap();
+        let (dir, root, daemon) = support::local_platform([1]);
         let disk = Gated::new();
         let sock = dir.path().join("disk.nbd");
         let nbd = xenpv_nbd::Server::bind_unix(&sock, disk.clone())

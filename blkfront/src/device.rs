@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xenpv_evtchn::{spin_then_wait, EventChannel, HybridPoll, Port, SpinBudget};
+use xenpv_evtchn::{EventChannel, HybridPoll, Port};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
 use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST, VDISK_READONLY};
 use xenpv_ring::FrontRing;
@@ -732,12 +732,7 @@ where
             if again {
                 continue;
             }
-            if let Err(e) = spin_then_wait(
-                &*ev,
-                &mut ports,
-                SpinBudget::None,
-                Some(Duration::from_millis(100)),
-            ) {
+            if let Err(e) = ev.wait(&mut ports, Some(Duration::from_millis(100))) {
                 tracing::warn!("event channel: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }

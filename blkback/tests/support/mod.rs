@@ -91,22 +91,31 @@ impl Drop for Platform {
     }
 }
 
+/// A local platform with its state in a new temporary directory (`<dir>/xp`, returned as the
+/// root) and the domains `domids`, named `g<domid>`.
+pub fn local_platform(
+    domids: impl IntoIterator<Item = u32>,
+) -> (tempfile::TempDir, PathBuf, xenpv_local::Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("xp");
+    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
+        state_dir: Some(root.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    for d in domids {
+        daemon
+            .create_domain(Some(d), Some(&format!("g{d}")))
+            .unwrap();
+    }
+    (dir, root, daemon)
+}
+
 impl Platform {
     /// Starts the platform, attaches `disks` (`(domid, vdev)`, each a zeroed 1 MiB image) and
     /// starts `xenpv-blkback`.
     pub fn start(disks: &[(u32, &str)]) -> Platform {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("xp");
-        let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
-            state_dir: Some(root.clone()),
-            ..Default::default()
-        })
-        .unwrap();
-        for d in 1..=3 {
-            daemon
-                .create_domain(Some(d), Some(&format!("g{d}")))
-                .unwrap();
-        }
+        let (dir, root, daemon) = local_platform(1..=3);
         let dom0 = Client::connect_local(&root, 0).unwrap();
         let mut attached = Vec::new();
         for &(domid, vdev) in disks {
