@@ -362,12 +362,22 @@ fn checksum(bytes: &[u8]) -> u64 {
     h
 }
 
-/// The checksum of a slot: FNV-1a 64 of its ring index (4 bytes) and request, folded to 32 bits.
+/// The checksum of a slot: FNV-1a 64 taken a little-endian 64-bit word at a time (the ring
+/// index as one word, then the request's 14 words), folded to 32 bits. Word-wise because it
+/// runs for every request taken (byte-wise it was 5% of a queue thread's CPU on tmpfs).
 fn slot_checksum(idx: u32, req: &[u8; REQ_SIZE]) -> u32 {
-    let mut buf = [0u8; 4 + REQ_SIZE];
-    buf[..4].copy_from_slice(&idx.to_le_bytes());
-    buf[4..].copy_from_slice(req);
-    let h = checksum(&buf);
+    const _: () = assert!(REQ_SIZE % 8 == 0);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |w: u64| {
+        h ^= w;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    mix(u64::from(idx));
+    for w in req.chunks_exact(8) {
+        mix(u64::from_le_bytes([
+            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+        ]));
+    }
     (h ^ (h >> 32)) as u32
 }
 

@@ -415,6 +415,8 @@ pub struct UringPipeline {
     /// `reap`.
     ready: Vec<Completion>,
     poll_armed: bool,
+    /// Scratch for `drain_cq`: the completions taken off the ring.
+    cqes: Vec<(u64, i32)>,
     /// An `io_uring_enter` failure was logged (log the first of a series only).
     complained: bool,
 }
@@ -436,6 +438,7 @@ impl UringPipeline {
             free: (0..n).rev().collect(),
             ready: Vec::new(),
             poll_armed: false,
+            cqes: Vec::new(),
             complained: false,
         })
     }
@@ -511,12 +514,11 @@ impl UringPipeline {
     /// Moves the ring's completions to `out`; returns whether the wake-up poll fired.
     fn drain_cq(&mut self, out: &mut Vec<Completion>) -> bool {
         let mut woke = false;
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (data, res) in cqes {
+        // A scratch buffer kept across calls: this runs every round.
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(data, res) in &cqes {
             if data == POLL_TAG {
                 self.poll_armed = false;
                 woke = true;
@@ -530,6 +532,7 @@ impl UringPipeline {
             self.free.push(i);
             out.push((slot.tag, r));
         }
+        self.cqes = cqes;
         woke
     }
 }
