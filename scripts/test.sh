@@ -37,6 +37,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace (unit, proptest, ABI probe against libxen-dev)"
 cargo test --workspace
 
+step "the main job, smoke run: xenpv bench disk (one workload, one round, 64 MiB in /tmp)"
+# It fails if any process does not start, any run completes no I/O, or a pinning fails.
+target/debug/xenpv bench disk --dirs /tmp --size-mib 64 --runtime 1 --rounds 1 \
+  --only "randread QD1" --json target/bench-smoke.json
+grep -q '"one_cpu"' target/bench-smoke.json || { echo "bench JSON lacks the placement runs" >&2; exit 1; }
+
 step "xenpv-ring builds for a bare-metal target (no_std, no allocation)"
 if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none; then
   timeout 120 rustup target add x86_64-unknown-none >/dev/null 2>&1 || true

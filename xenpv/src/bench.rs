@@ -160,7 +160,10 @@ fn fio(args: &[String]) -> Result<Measure> {
         "read"
     };
     let s = &job[side];
-    let ios = json_num(s, &["total_ios"]).max(1.0);
+    let ios = json_num(s, &["total_ios"]);
+    if ios < 1.0 {
+        return Err(step("fio", "it completed no I/O"));
+    }
     let cpu_s = (json_num(job, &["usr_cpu"]) + json_num(job, &["sys_cpu"])) / 100.0
         * json_num(job, &["job_runtime"])
         / 1000.0;
@@ -319,6 +322,45 @@ pub struct Direct {
     pub m: Measure,
     /// CPU of the load generator's process (blkfront's queue threads included) per I/O, µs.
     pub front_cpu_us_per_io: f64,
+    /// The same run with the processes pinned (4 KiB random reads only; `None` for the other
+    /// workloads and on a one-CPU machine).
+    pub placed: Option<Placed>,
+}
+
+/// The no-NBD path with the frontend and the backend pinned (reference/perf-baselines.md: always
+/// report front and back on separate vCPUs and on one vCPU).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placed {
+    /// blkback on CPU 1, the load generator (blkfront) on CPU 0.
+    pub apart: Measure,
+    /// Both on CPU 0.
+    pub one: Measure,
+}
+
+/// Whether a workload also runs with the processes pinned: the 4 KiB random reads, whose
+/// figures are bound by wake-ups (the larger and the write workloads are bound by the storage).
+fn placed(w: &Workload) -> bool {
+    w.rw == "randread" && w.bs == 4096
+}
+
+/// Pins every thread of process `pid` to `cpus` (taskset's list syntax, e.g. `0` or `0-1`).
+fn pin(pid: u32, cpus: &str) -> Result<()> {
+    let out = Command::new("taskset")
+        .args(["--all-tasks", "--cpu-list", "--pid", cpus, &pid.to_string()])
+        .output()
+        .map_err(|e| {
+            step(
+                "running taskset",
+                format!("{e} (install it: apt-get install -y util-linux)"),
+            )
+        })?;
+    if !out.status.success() {
+        return Err(step(
+            format!("pinning process {pid} to CPU {cpus}"),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// `xenpv-blkfront --load`: workloads in on stdin, one JSON line out per workload.
@@ -437,6 +479,8 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         Proc(child)
     };
 
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all_cpus = format!("0-{}", cpus.saturating_sub(1));
     let mut results = Vec::new();
     for (i, dir) in opts.dirs.iter().enumerate() {
         let file = dir.join(format!("xenpv-bench-{}.img", std::process::id()));
@@ -504,6 +548,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         for &w in selected {
             let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
             let mut nonbd: Vec<Direct> = Vec::new();
+            let (mut apart, mut one) = (Vec::new(), Vec::new());
             for round in 0..opts.rounds {
                 progress(&format!(
                     "{}: {} round {}/{}",
@@ -533,25 +578,42 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
                 nbd.push(fio(&a)?);
                 // The driver pair without NBD: the load generator on the second disk.
-                let before = snapshot(&direct_nodes.backend_path);
-                let v = loadgen.run(&format!(
-                    "{} {} {} {RAMP_S} {}",
-                    w.rw, w.bs, w.qd, opts.runtime
-                ))?;
-                let (cpu, ntf) = since(before, &direct_nodes.backend_path);
-                let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
-                let all = num("all_ios").max(1.0);
-                nonbd.push(Direct {
-                    m: Measure {
-                        iops: num("iops"),
-                        mbps: num("mbps"),
-                        p50_us: num("p50_us"),
-                        p99_us: num("p99_us"),
-                        cpu_us_per_io: cpu / all * 1e6,
-                        notify_per_io: ntf / all,
-                    },
-                    front_cpu_us_per_io: num("cpu_us_per_io"),
-                });
+                let run_direct = |loadgen: &mut LoadGen| -> Result<Direct> {
+                    let before = snapshot(&direct_nodes.backend_path);
+                    let v = loadgen.run(&format!(
+                        "{} {} {} {RAMP_S} {}",
+                        w.rw, w.bs, w.qd, opts.runtime
+                    ))?;
+                    let (cpu, ntf) = since(before, &direct_nodes.backend_path);
+                    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+                    let all = num("all_ios");
+                    if all < 1.0 {
+                        return Err(step("xenpv-blkfront --load", "it completed no I/O"));
+                    }
+                    Ok(Direct {
+                        m: Measure {
+                            iops: num("iops"),
+                            mbps: num("mbps"),
+                            p50_us: num("p50_us"),
+                            p99_us: num("p99_us"),
+                            cpu_us_per_io: cpu / all * 1e6,
+                            notify_per_io: ntf / all,
+                        },
+                        front_cpu_us_per_io: num("cpu_us_per_io"),
+                        placed: None,
+                    })
+                };
+                nonbd.push(run_direct(&mut loadgen)?);
+                if cpus >= 2 && placed(&w) {
+                    let (back_pid, gen_pid) = (blkback.0.id(), loadgen._proc.0.id());
+                    pin(back_pid, "1")?;
+                    pin(gen_pid, "0")?;
+                    apart.push(run_direct(&mut loadgen)?.m);
+                    pin(back_pid, "0")?;
+                    one.push(run_direct(&mut loadgen)?.m);
+                    pin(back_pid, &all_cpus)?;
+                    pin(gen_pid, &all_cpus)?;
+                }
             }
             rows.push((
                 w,
@@ -563,6 +625,10 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
             directs.push(Direct {
                 m: median_measure(&ms),
                 front_cpu_us_per_io: median(nonbd.iter().map(|d| d.front_cpu_us_per_io).collect()),
+                placed: (!apart.is_empty()).then(|| Placed {
+                    apart: median_measure(&apart),
+                    one: median_measure(&one),
+                }),
             });
         }
         drop(loadgen);
@@ -754,6 +820,42 @@ pub fn print(results: &[DirResult], engine: &str) {
                 m.notify_per_io
             );
         }
+        if r.direct.iter().any(|d| d.placed.is_some()) {
+            println!();
+            println!(
+                "{} direct, placement (any = as the scheduler places them, the rows above; apart = blkback on CPU 1, blkfront on CPU 0; one = both on CPU 0)",
+                r.dir.display()
+            );
+            println!(
+                "{:<18} {:>9} {:>10} {:>9} {:>8} {:>9} {:>8} {:>9} {:>10} {:>9}",
+                "workload",
+                "any IOPS",
+                "apart IOPS",
+                "one IOPS",
+                "any p50",
+                "apart p50",
+                "one p50",
+                "any cpu/io",
+                "apart cpu/io",
+                "one cpu/io"
+            );
+            for ((w, ..), d) in r.rows.iter().zip(&r.direct) {
+                let Some(p) = &d.placed else { continue };
+                println!(
+                    "{:<18} {:>9.0} {:>10.0} {:>9.0} {:>7.1}u {:>8.1}u {:>7.1}u {:>9.2}u {:>11.2}u {:>9.2}u",
+                    w.name,
+                    d.m.iops,
+                    p.apart.iops,
+                    p.one.iops,
+                    d.m.p50_us,
+                    p.apart.p50_us,
+                    p.one.p50_us,
+                    d.m.cpu_us_per_io,
+                    p.apart.cpu_us_per_io,
+                    p.one.cpu_us_per_io
+                );
+            }
+        }
     }
     println!(
         "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's own CPU per I/O in the baseline (R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds.\nd/base (R6, R7, R9), d/ours: the no-NBD path's IOPS / fio on the file, / fio through NBD and our drivers;\n+p50 (R8): its median latency minus fio's; fcpu/io: the load generator's process (blkfront included) CPU per I/O."
@@ -785,6 +887,10 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
                     "iops_ratio": ratio(d.m.iops, b.iops),
                     "added_p50_us": d.m.p50_us - b.p50_us,
                     "backend_cpu_ratio": ratio(d.m.cpu_us_per_io, b.cpu_us_per_io),
+                    "placement": d.placed.map(|p| serde_json::json!({
+                        "apart": m(&p.apart),
+                        "one_cpu": m(&p.one),
+                    })),
                 })),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
