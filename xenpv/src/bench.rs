@@ -51,9 +51,11 @@ pub struct Options {
     pub json: Option<PathBuf>,
     /// Directory holding `xenpv-blkback` and `xenpv-blkfront` (default: next to this program).
     pub bin_dir: Option<PathBuf>,
-    /// Polling budget of both drivers before they sleep on their event channels (µs); `None`
-    /// keeps their defaults.
-    pub spin_us: Option<u64>,
+    /// blkback's polling budget before it sleeps on its event channel (µs); `None` keeps its
+    /// default.
+    pub back_spin_us: Option<u64>,
+    /// blkfront's polling budget, likewise.
+    pub front_spin_us: Option<u64>,
     /// Run only the workloads whose name contains this.
     pub only: Option<String>,
 }
@@ -462,7 +464,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
     // The baseline reads a disk-backed file with O_DIRECT: so does blkback (the toolstack marks
     // those disks direct-io-safe; tmpfs files are not marked and stay buffered).
     back.arg("--direct-io");
-    if let Some(us) = opts.spin_us {
+    if let Some(us) = opts.back_spin_us {
         back.args(["--spin-us", &us.to_string()]);
     }
     let blkback = {
@@ -512,7 +514,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 .arg(&root)
                 .args(["--domid", &domid.to_string(), "--device", device])
                 .args(tail);
-            if let Some(us) = opts.spin_us {
+            if let Some(us) = opts.front_spin_us {
                 c.args(["--spin-us", &us.to_string()]);
             }
             c
