@@ -4,8 +4,8 @@
 //!   straight into the guest's mapped grant pages, one call at a time.
 //! * [`IoUringStorage`] (engine `io_uring`): the same file semantics, but a whole batch of
 //!   requests is in flight at once, `readv`/`writev` SQEs pointing into the mapped pages.
-//! * [`NbdStorage`]: an NBD export, requests pipelined on the connection; data is copied between
-//!   the socket payload and the guest's pages.
+//! * [`NbdStorage`]: an NBD export, requests pipelined on the connection; data moves between
+//!   the socket and the guest's pages with `readv`/`writev` on them, no buffer in between.
 //!
 //! [`open_storage`] picks the engine from a backend's `params` node and [`StorageOptions`].
 //! Batches go through [`Storage::submit`]: the ops of one batch may run concurrently and in any

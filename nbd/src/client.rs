@@ -3,6 +3,13 @@
 //!
 //! [`Client`] is `Sync`: several threads may issue requests at once, and the submit/wait API
 //! keeps up to [`Client::max_in_flight`] requests in flight from one thread.
+//!
+//! Zero-copy: [`Client::submit_read_into`] has the reader thread `readv` a reply's data from the
+//! socket straight into the caller's memory, and [`Client::submit_write_from`] `writev`s the
+//! request header and the caller's memory in one call. The reader takes a reply's header alone
+//! (16 bytes, no read-ahead buffer), so no byte of data passes through a buffer of ours. Both
+//! take raw iovecs: the memory may be shared with another domain, which no Rust reference may
+//! cover.
 
 use crate::proto::{
     self, be16, be32, be64, client_flags, cmd_flags, handshake, info, opt, rep, tflags, Command,
@@ -13,6 +20,7 @@ use crate::uri::{self, Address, Uri};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -133,6 +141,31 @@ struct Pending {
     command: Command,
     offset: u64,
     length: u32,
+    /// A read's destination ([`Client::submit_read_into`]); `None`: into a new vector.
+    into: Option<Iov>,
+    /// The reader thread is writing the reply's data into `into`: the request must not be
+    /// given up (its memory released by the waiter) until it is done.
+    receiving: bool,
+}
+
+/// The caller's memory a read goes into, as raw iovecs.
+struct Iov(Vec<libc::iovec>);
+
+// SAFETY: an iovec is an address and a length; the caller of `submit_read_into` vouched that
+// the memory stays valid, for whichever thread writes it, until the request is waited for.
+unsafe impl Send for Iov {}
+
+/// A connected stream (a Unix or TCP socket): read, written, and its fd for `readv`/`writev`.
+trait Sock: Read + Write + AsFd + Send {}
+impl Sock for UnixStream {}
+impl Sock for TcpStream {}
+
+/// What a request carries after its header.
+enum Payload<'a> {
+    None,
+    Bytes(&'a [u8]),
+    /// Raw memory (the caller of `submit_write_from` vouched for it).
+    Iov(&'a [libc::iovec]),
 }
 
 #[derive(Default)]
@@ -144,7 +177,7 @@ struct State {
 }
 
 struct Inner {
-    writer: Mutex<BufWriter<Box<dyn Write + Send>>>,
+    writer: Mutex<BufWriter<Box<dyn Sock>>>,
     shut: Box<dyn Fn() + Send + Sync>,
     state: Mutex<State>,
     cv: Condvar,
@@ -257,8 +290,8 @@ impl Client {
     }
 
     fn handshake(
-        r: Box<dyn Read + Send>,
-        w: Box<dyn Write + Send>,
+        r: Box<dyn Sock>,
+        w: Box<dyn Sock>,
         shut: Box<dyn Fn() + Send + Sync>,
         export: &str,
         max_in_flight: usize,
@@ -277,6 +310,15 @@ impl Client {
             }
         };
         tracing::debug!(?info, "NBD export negotiated");
+        // From here on replies are read without read-ahead (their data goes straight to where
+        // it belongs); the server sends nothing unasked, so negotiation left nothing buffered.
+        if !r.buffer().is_empty() {
+            shut();
+            return Err(Error::Protocol(
+                "the server sent data after negotiation, before any request".into(),
+            ));
+        }
+        let r = r.into_inner();
         let inner = Arc::new(Inner {
             writer: Mutex::new(w),
             shut,
@@ -365,7 +407,8 @@ impl Client {
         flags: u16,
         offset: u64,
         length: u32,
-        data: &[u8],
+        data: Payload<'_>,
+        into: Option<Iov>,
     ) -> Result<Handle> {
         let inner = &*self.inner;
         let handle = {
@@ -387,6 +430,8 @@ impl Client {
                     command,
                     offset,
                     length,
+                    into,
+                    receiving: false,
                 },
             );
             h
@@ -400,9 +445,25 @@ impl Client {
         };
         let sent = {
             let mut w = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            w.write_all(&hdr.encode())
-                .and_then(|()| w.write_all(data))
-                .and_then(|()| w.flush())
+            match data {
+                Payload::None => w.write_all(&hdr.encode()).and_then(|()| w.flush()),
+                Payload::Bytes(d) => w
+                    .write_all(&hdr.encode())
+                    .and_then(|()| w.write_all(d))
+                    .and_then(|()| w.flush()),
+                Payload::Iov(iov) => w.flush().and_then(|()| {
+                    let hdr = hdr.encode();
+                    let mut all = Vec::with_capacity(iov.len() + 1);
+                    all.push(libc::iovec {
+                        iov_base: hdr.as_ptr() as *mut libc::c_void,
+                        iov_len: hdr.len(),
+                    });
+                    all.extend_from_slice(iov);
+                    // SAFETY: the first iovec is `hdr`, alive here; the caller of
+                    // `submit_write_from` vouched for the others, for the length of this call.
+                    unsafe { transfer_all(w.get_ref().as_fd(), &mut all, Dir::Write) }
+                }),
+            }
         };
         if let Err(e) = sent {
             inner.state().pending.remove(&handle);
@@ -415,7 +476,23 @@ impl Client {
     /// Start a read of `length` bytes at `offset`.
     pub fn submit_read(&self, offset: u64, length: u32) -> Result<Handle> {
         self.check(Command::Read, offset, length.into(), false)?;
-        self.submit(Command::Read, 0, offset, length, &[])
+        self.submit(Command::Read, 0, offset, length, Payload::None, None)
+    }
+
+    /// Start a read at `offset` of as many bytes as `iov` describes, which the reader thread
+    /// receives from the socket straight into that memory (no buffer in between). Its outcome
+    /// is an empty vector; on an error the memory may hold part of the data.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for writes of its length, and it must stay valid
+    /// until [`wait`](Self::wait) or [`wait_any`](Self::wait_any) returned this request's
+    /// outcome, or the client was dropped (the client guarantees that nothing is written into
+    /// it after either). Meanwhile no Rust reference may cover it.
+    pub unsafe fn submit_read_into(&self, offset: u64, iov: &[libc::iovec]) -> Result<Handle> {
+        let length = iov_len(iov)?;
+        self.check(Command::Read, offset, length.into(), false)?;
+        let into = Iov(iov.to_vec());
+        self.submit(Command::Read, 0, offset, length, Payload::None, Some(into))
     }
 
     /// Start a write of `data` at `offset`; with `fua`, durable before its reply.
@@ -426,14 +503,39 @@ impl Client {
             if fua { cmd_flags::FUA } else { 0 },
             offset,
             data.len() as u32,
-            data,
+            Payload::Bytes(data),
+            None,
+        )
+    }
+
+    /// Start a write at `offset` of the memory `iov` describes, sent with the request header
+    /// in one `writev` (no buffer in between); with `fua`, durable before its reply.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for reads of its length until this call returns
+    /// (the data is sent before it returns).
+    pub unsafe fn submit_write_from(
+        &self,
+        offset: u64,
+        iov: &[libc::iovec],
+        fua: bool,
+    ) -> Result<Handle> {
+        let length = iov_len(iov)?;
+        self.check(Command::Write, offset, length.into(), fua)?;
+        self.submit(
+            Command::Write,
+            if fua { cmd_flags::FUA } else { 0 },
+            offset,
+            length,
+            Payload::Iov(iov),
+            None,
         )
     }
 
     /// Start a flush.
     pub fn submit_flush(&self) -> Result<Handle> {
         self.check(Command::Flush, 0, 0, false)?;
-        self.submit(Command::Flush, 0, 0, 0, &[])
+        self.submit(Command::Flush, 0, 0, 0, Payload::None, None)
     }
 
     /// Start a trim of `length` bytes at `offset`.
@@ -444,7 +546,8 @@ impl Client {
             if fua { cmd_flags::FUA } else { 0 },
             offset,
             length,
-            &[],
+            Payload::None,
+            None,
         )
     }
 
@@ -464,7 +567,7 @@ impl Client {
         if no_hole {
             f |= cmd_flags::NO_HOLE;
         }
-        self.submit(Command::WriteZeroes, f, offset, length, &[])
+        self.submit(Command::WriteZeroes, f, offset, length, Payload::None, None)
     }
 
     /// Wait for one request; returns the data of a read, an empty vector otherwise.
@@ -476,12 +579,16 @@ impl Client {
                 inner.cv.notify_all();
                 return r;
             }
-            if !s.pending.contains_key(&handle.0) {
+            let Some(p) = s.pending.get(&handle.0) else {
                 return Err(Error::Invalid(format!("{handle:?} is not in flight")));
-            }
-            if let Some(why) = s.dead.clone() {
-                s.pending.remove(&handle.0);
-                return Err(Error::Disconnected(why));
+            };
+            // Given up on only when the reader is not writing into its memory (the reader
+            // stops at once: the dead connection's socket is shut down).
+            if !p.receiving {
+                if let Some(why) = s.dead.clone() {
+                    s.pending.remove(&handle.0);
+                    return Err(Error::Disconnected(why));
+                }
             }
             s = inner.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -503,7 +610,8 @@ impl Client {
             }
             if let Some(why) = &s.dead {
                 let why = why.clone();
-                if let Some(&h) = s.pending.keys().next() {
+                // Not one whose memory the reader is still writing into (see `wait`).
+                if let Some(&h) = s.pending.iter().find(|(_, p)| !p.receiving).map(|(h, _)| h) {
                     s.pending.remove(&h);
                     return Ok((Handle(h), Err(Error::Disconnected(why))));
                 }
@@ -661,7 +769,7 @@ impl Drop for Client {
 }
 
 /// The reader thread: match replies to requests until the connection ends.
-fn receive(inner: &Inner, mut r: BufReader<Box<dyn Read + Send>>) -> Result<()> {
+fn receive(inner: &Inner, mut r: Box<dyn Sock>) -> Result<()> {
     loop {
         let mut hb = [0u8; SIMPLE_REPLY_LEN];
         match r.read_exact(&mut hb) {
@@ -679,30 +787,58 @@ fn receive(inner: &Inner, mut r: BufReader<Box<dyn Read + Send>>) -> Result<()> 
             Err(m) => return Err(Error::Protocol(format!("bad reply magic {m:#x}"))),
         };
         // The entry stays pending until its outcome is in `done` (one lock), so a waiter
-        // never sees it in neither.
-        let Some(p) = inner.state().pending.get(&reply.handle).map(|p| Pending {
-            command: p.command,
-            offset: p.offset,
-            length: p.length,
-        }) else {
-            return Err(Error::Protocol(format!(
-                "reply to handle {:#x}, which is not in flight",
-                reply.handle
-            )));
+        // never sees it in neither. A read into the caller's memory is marked `receiving`
+        // meanwhile, so that no waiter gives it up while its memory is being written.
+        let (command, offset, length, into) = {
+            let mut s = inner.state();
+            let Some(p) = s.pending.get_mut(&reply.handle) else {
+                return Err(Error::Protocol(format!(
+                    "reply to handle {:#x}, which is not in flight",
+                    reply.handle
+                )));
+            };
+            let into = match &p.into {
+                Some(iov) if reply.error == 0 => {
+                    p.receiving = true;
+                    Some(iov.0.clone())
+                }
+                _ => None,
+            };
+            (p.command, p.offset, p.length, into)
         };
         let outcome = if reply.error != 0 {
             Err(Error::Request {
-                command: p.command,
-                offset: p.offset,
-                length: p.length,
+                command,
+                offset,
+                length,
                 errno: Errno(reply.error),
             })
-        } else if p.command == Command::Read {
-            let mut d = vec![0u8; p.length as usize];
-            if let Err(e) = r.read_exact(&mut d) {
-                return Err(Error::Io(e));
+        } else if command == Command::Read {
+            match into {
+                Some(mut iov) => {
+                    // SAFETY: the caller of `submit_read_into` vouched that this memory is
+                    // writable until the request's outcome is returned, which cannot happen
+                    // while it is marked `receiving`; the iovecs add up to `length`.
+                    let got = unsafe { transfer_all(r.as_fd(), &mut iov, Dir::Read) };
+                    if let Err(e) = got {
+                        let mut s = inner.state();
+                        if let Some(p) = s.pending.get_mut(&reply.handle) {
+                            p.receiving = false;
+                        }
+                        drop(s);
+                        inner.cv.notify_all();
+                        return Err(Error::Io(e));
+                    }
+                    Ok(Vec::new())
+                }
+                None => {
+                    let mut d = vec![0u8; length as usize];
+                    if let Err(e) = r.read_exact(&mut d) {
+                        return Err(Error::Io(e));
+                    }
+                    Ok(d)
+                }
             }
-            Ok(d)
         } else {
             Ok(Vec::new())
         };
@@ -711,6 +847,70 @@ fn receive(inner: &Inner, mut r: BufReader<Box<dyn Read + Send>>) -> Result<()> 
         s.done.insert(reply.handle, outcome);
         drop(s);
         inner.cv.notify_all();
+    }
+}
+
+/// The total length of `iov`, which must fit a request.
+fn iov_len(iov: &[libc::iovec]) -> Result<u32> {
+    iov.iter()
+        .try_fold(0usize, |n, v| n.checked_add(v.iov_len))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| Error::Invalid("the iovecs add up to more than 4 GiB".into()))
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// Reads into, or writes from, all of the memory `iov` describes (`iov` is consumed).
+///
+/// # Safety
+/// Every iovec must describe memory valid for that access, of its length, for this call.
+unsafe fn transfer_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec], dir: Dir) -> io::Result<()> {
+    let mut first = 0;
+    loop {
+        while iov.get(first).is_some_and(|v| v.iov_len == 0) {
+            first += 1;
+        }
+        let Some(rest) = iov.get(first..).filter(|r| !r.is_empty()) else {
+            return Ok(());
+        };
+        let n = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let done = match dir {
+            // SAFETY: the caller vouched for the memory; `rest` holds at least `n` iovecs.
+            Dir::Read => unsafe { libc::readv(fd.as_raw_fd(), rest.as_ptr(), n) },
+            // SAFETY: as above.
+            Dir::Write => unsafe { libc::writev(fd.as_raw_fd(), rest.as_ptr(), n) },
+        };
+        if done < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if done == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed in the middle of a request's data",
+            ));
+        }
+        // Skip what was transferred.
+        let mut n = done as usize;
+        while n > 0 {
+            let Some(v) = iov.get_mut(first) else { break };
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: `n` < the iovec's length: still inside the memory it describes.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
     }
 }
 

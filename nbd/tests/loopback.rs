@@ -426,6 +426,38 @@ fn hostile_negotiation() {
 
 /// A fake old server: no NBD_OPT_GO (answers ERR_UNSUP), no NO_ZEROES, then one READ reply;
 /// then a reply to a handle never sent.
+/// A fake server's side of negotiation: fixed newstyle, every option refused but
+/// `NBD_OPT_EXPORT_NAME`, which gets an 8 KiB export with `flags`. Returns the export's name.
+fn fake_negotiation(s: &mut UnixStream, flags: u16) -> Vec<u8> {
+    s.write_all(&proto::NBD_MAGIC.to_be_bytes()).unwrap();
+    s.write_all(&proto::IHAVEOPT.to_be_bytes()).unwrap();
+    s.write_all(&proto::handshake::FIXED_NEWSTYLE.to_be_bytes())
+        .unwrap();
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf).unwrap();
+    assert_eq!(u32::from_be_bytes(cf), 1, "no NO_ZEROES when not offered");
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).unwrap();
+        let o = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).unwrap();
+        if o == proto::opt::EXPORT_NAME {
+            s.write_all(&8192u64.to_be_bytes()).unwrap();
+            s.write_all(&(proto::tflags::HAS_FLAGS | flags).to_be_bytes())
+                .unwrap();
+            s.write_all(&[0u8; 124]).unwrap();
+            return d;
+        }
+        let mut r = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&o.to_be_bytes());
+        r.extend_from_slice(&proto::rep::ERR_UNSUP.to_be_bytes());
+        r.extend_from_slice(&0u32.to_be_bytes());
+        s.write_all(&r).unwrap();
+    }
+}
+
 #[test]
 fn export_name_fallback_and_hostile_server() {
     let dir = TempDir::new("fake");
@@ -433,34 +465,8 @@ fn export_name_fallback_and_hostile_server() {
     let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        s.write_all(&proto::NBD_MAGIC.to_be_bytes()).unwrap();
-        s.write_all(&proto::IHAVEOPT.to_be_bytes()).unwrap();
-        s.write_all(&proto::handshake::FIXED_NEWSTYLE.to_be_bytes())
-            .unwrap();
-        let mut cf = [0u8; 4];
-        s.read_exact(&mut cf).unwrap();
-        assert_eq!(u32::from_be_bytes(cf), 1, "no NO_ZEROES when not offered");
-        loop {
-            let mut h = [0u8; 16];
-            s.read_exact(&mut h).unwrap();
-            let o = u32::from_be_bytes(h[8..12].try_into().unwrap());
-            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let mut d = vec![0u8; len as usize];
-            s.read_exact(&mut d).unwrap();
-            if o == proto::opt::EXPORT_NAME {
-                assert_eq!(d, b"old");
-                s.write_all(&8192u64.to_be_bytes()).unwrap();
-                s.write_all(&(proto::tflags::HAS_FLAGS | proto::tflags::READ_ONLY).to_be_bytes())
-                    .unwrap();
-                s.write_all(&[0u8; 124]).unwrap();
-                break;
-            }
-            let mut r = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-            r.extend_from_slice(&o.to_be_bytes());
-            r.extend_from_slice(&proto::rep::ERR_UNSUP.to_be_bytes());
-            r.extend_from_slice(&0u32.to_be_bytes());
-            s.write_all(&r).unwrap();
-        }
+        let name = fake_negotiation(&mut s, proto::tflags::READ_ONLY);
+        assert_eq!(name, b"old");
         let mut q = [0u8; proto::REQUEST_LEN];
         s.read_exact(&mut q).unwrap();
         let req = RequestHeader::decode(&q).unwrap();
@@ -521,4 +527,101 @@ fn disconnect_request_closes_the_connection() {
     );
     still_serving(&sock, 9);
     drop(srv);
+}
+
+fn iov(b: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: b.len(),
+    }
+}
+
+/// `submit_write_from` and `submit_read_into` move data between the socket and the caller's
+/// scattered memory (uneven and empty pieces), many requests in flight at once.
+#[test]
+fn reads_and_writes_go_straight_between_the_socket_and_the_callers_memory() {
+    let dir = TempDir::new("iov");
+    let sock = dir.path("s");
+    let export = Arc::new(MemExport::new(SIZE));
+    let _srv = serve_unix(&sock, Arc::clone(&export)).unwrap();
+    let client = Client::connect_unix(&sock, "").unwrap();
+    let mut rng = Rng(7);
+    let mut a = rng.bytes(512);
+    let mut b = rng.bytes(1536);
+    let mut c = rng.bytes(2048);
+    let out = [iov(&mut a), iov(&mut []), iov(&mut b), iov(&mut c)];
+    // SAFETY: the buffers outlive the call, which sends them before it returns.
+    let h = unsafe { client.submit_write_from(8192, &out, false) }.unwrap();
+    assert!(client.wait(h).unwrap().is_empty());
+    let written = [a.clone(), b.clone(), c.clone()].concat();
+    assert_eq!(&export.snapshot()[8192..8192 + 4096], &written[..]);
+
+    // Read it back into differently cut buffers; and 32 reads in flight, each into its own.
+    let (mut x, mut y) = (vec![0u8; 1000], vec![0u8; 3096]);
+    let into = [iov(&mut x), iov(&mut []), iov(&mut y)];
+    // SAFETY: the buffers live, untouched, until the request is waited for below.
+    let h = unsafe { client.submit_read_into(8192, &into) }.unwrap();
+    assert!(client.wait(h).unwrap().is_empty());
+    assert_eq!([x, y].concat(), written);
+    let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 4096]).collect();
+    let handles: Vec<_> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, buf)| {
+            // SAFETY: as above: each buffer is left alone until all are waited for.
+            unsafe { client.submit_read_into(i as u64 * 4096, &[iov(buf)]) }.unwrap()
+        })
+        .collect();
+    for h in handles {
+        assert!(client.wait(h).unwrap().is_empty());
+    }
+    assert!(bufs.concat() == export.snapshot()[..32 * 4096]);
+
+    // Beyond the export, or beyond what one request may carry: refused before sending.
+    let mut big = vec![0u8; 64];
+    // SAFETY: refused without touching the buffer.
+    let e = unsafe { client.submit_read_into(SIZE as u64 - 32, &[iov(&mut big)]) }.unwrap_err();
+    assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+    let mut huge = vec![0u8; proto::MAX_PAYLOAD as usize + 512];
+    // SAFETY: as above.
+    let e = unsafe { client.submit_read_into(0, &[iov(&mut huge)]) }.unwrap_err();
+    assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+    // The connection still works.
+    let mut z = vec![0u8; 4096];
+    client.read_at(&mut z, 8192).unwrap();
+    assert_eq!(z, written);
+}
+
+/// A server that dies in the middle of a read's data: the read gets an error once the reader
+/// has stopped writing into the caller's memory, and nothing hangs.
+#[test]
+fn a_connection_lost_in_the_middle_of_a_read_into_memory_fails_it() {
+    let dir = TempDir::new("half");
+    let sock = dir.path("s");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        fake_negotiation(&mut s, 0);
+        let mut q = [0u8; proto::REQUEST_LEN];
+        s.read_exact(&mut q).unwrap();
+        let req = RequestHeader::decode(&q).unwrap();
+        assert_eq!((req.typ, req.offset, req.length), (0, 0, 4096));
+        let hdr = SimpleReply {
+            error: 0,
+            handle: req.handle,
+        };
+        s.write_all(&hdr.encode()).unwrap();
+        s.write_all(&[5u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // Gone, 3096 bytes short.
+    });
+    let c = Client::connect_unix(&sock, "x").unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the buffer is left alone until the request is waited for.
+    let h = unsafe { c.submit_read_into(0, &[iov(&mut buf)]) }.unwrap();
+    let e = c.wait(h).unwrap_err();
+    assert!(matches!(e, ClientError::Disconnected(_)), "{e}");
+    assert!(buf[..1000].iter().all(|&b| b == 5));
+    assert!(buf[1000..].iter().all(|&b| b == 0));
+    server.join().unwrap();
 }

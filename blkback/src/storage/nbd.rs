@@ -1,10 +1,8 @@
 //! The NBD engine: a disk served by an NBD export through `xenpv_nbd`'s pipelined client.
 //!
-//! Data is copied between the NBD payload and the guest's pages with
-//! [`VolatileSlice::read`]/[`VolatileSlice::write`]: the client reads a reply into its own
-//! buffer, and a socket cannot `recv` straight into foreign memory without a client that
-//! exposes scatter reads into caller buffers (and, for writes, `sendmsg` from the mapped pages).
-//! That is one copy per byte; the NBD round trip dominates anyway.
+//! Zero-copy: a read's data goes from the socket straight into the guest's mapped pages
+//! (`readv` by the client's reader thread, [`Client::submit_read_into`]), and a write is sent
+//! from them with its request header in one `writev` ([`Client::submit_write_from`]).
 //!
 //! A batch is pipelined: up to [`WINDOW`] NBD requests in flight, the oldest waited for before
 //! the next is sent. All queues of a device share one connection; it is opened with room for
@@ -35,12 +33,10 @@ pub struct NbdStorage {
     read_only: bool,
 }
 
-/// One NBD request of a batch: which op it belongs to and, for a read, where its bytes go.
+/// One NBD request of a batch: which op it belongs to.
 struct Part {
     op: usize,
     handle: Handle,
-    /// Read: byte offset of this part within the op's buffers, and its length.
-    read: Option<(u64, usize)>,
 }
 
 impl NbdStorage {
@@ -127,71 +123,36 @@ impl NbdStorage {
         }
     }
 
-    /// Sends one chunk of `op`.
-    fn send_chunk(&self, op: &Op<'_>, at: u64, len: u64) -> io::Result<Part> {
+    /// Sends one chunk of `op`: bytes `[at, at + len)` of the disk.
+    fn send_chunk(&self, op: &Op<'_>, at: u64, len: u64) -> io::Result<Handle> {
         let nbd = |e: xenpv_nbd::client::Error| io::Error::other(format!("{}: {e}", self.uri));
-        match op {
-            Op::Read { offset, .. } => {
-                let h = self.client.submit_read(at, len as u32).map_err(nbd)?;
-                Ok(Part {
-                    op: 0,
-                    handle: h,
-                    read: Some((at - offset, len as usize)),
-                })
+        let h = match op {
+            Op::Read { offset, bufs } => {
+                let iov = range_iovecs(bufs, at - offset, len)?;
+                // SAFETY: the iovecs lie within the op's mapped, writable pages (`precheck`),
+                // which `submit` borrows for its whole call; `submit` waits for every part it
+                // sent before it returns, and the client writes nothing into a request's
+                // memory after its wait returned. The pages are accessed only through raw
+                // pointers (`VolatileSlice`), never through references.
+                unsafe { self.client.submit_read_into(at, &iov) }
             }
             Op::Write { offset, bufs } => {
-                let mut data = vec![0u8; len as usize];
-                gather(bufs, at - offset, &mut data)?;
-                let h = self.client.submit_write(at, &data, false).map_err(nbd)?;
-                Ok(Part {
-                    op: 0,
-                    handle: h,
-                    read: None,
-                })
+                let iov = range_iovecs(bufs, at - offset, len)?;
+                // SAFETY: the iovecs lie within the op's mapped pages, borrowed for this call,
+                // which sends them before it returns.
+                unsafe { self.client.submit_write_from(at, &iov, false) }
             }
-            Op::Discard { .. } => {
-                let h = self
-                    .client
-                    .submit_trim(at, len as u32, false)
-                    .map_err(nbd)?;
-                Ok(Part {
-                    op: 0,
-                    handle: h,
-                    read: None,
-                })
-            }
-            Op::Flush => {
-                let h = self.client.submit_flush().map_err(nbd)?;
-                Ok(Part {
-                    op: 0,
-                    handle: h,
-                    read: None,
-                })
-            }
-        }
+            Op::Discard { .. } => self.client.submit_trim(at, len as u32, false),
+            Op::Flush => self.client.submit_flush(),
+        };
+        h.map_err(nbd)
     }
 
-    /// Waits for the oldest part and records its outcome in `results`.
-    fn complete(&self, part: Part, ops: &[Op<'_>], results: &mut [io::Result<()>]) {
-        let outcome = self.client.wait(part.handle);
-        let r = match (outcome, part.read, &ops[part.op]) {
-            (Err(e), _, _) => Err(io::Error::other(format!("{}: {e}", self.uri))),
-            (Ok(data), Some((pos, len)), Op::Read { bufs, .. }) => {
-                if data.len() != len {
-                    Err(io::Error::other(format!(
-                        "{}: short NBD read ({} of {len} bytes)",
-                        self.uri,
-                        data.len()
-                    )))
-                } else {
-                    scatter(bufs, pos, &data)
-                }
-            }
-            (Ok(_), _, _) => Ok(()),
-        };
-        if let Err(e) = r {
+    /// Waits for `part` and records its outcome in `results`.
+    fn complete(&self, part: Part, results: &mut [io::Result<()>]) {
+        if let Err(e) = self.client.wait(part.handle) {
             if results[part.op].is_ok() {
-                results[part.op] = Err(e);
+                results[part.op] = Err(io::Error::other(format!("{}: {e}", self.uri)));
             }
         }
     }
@@ -204,46 +165,37 @@ fn read_only_export() -> io::Error {
     )
 }
 
-/// Copies `out.len()` bytes starting `pos` bytes into `bufs` out of them.
-fn gather(bufs: &[VolatileSlice<'_>], mut pos: u64, out: &mut [u8]) -> io::Result<()> {
-    let mut done = 0usize;
+/// The iovecs of bytes `[pos, pos + len)` of `bufs` (taken in order).
+fn range_iovecs(bufs: &[VolatileSlice<'_>], from: u64, len: u64) -> io::Result<Vec<libc::iovec>> {
+    let mut out = Vec::new();
+    let mut pos = from;
+    let mut left = len;
     for b in bufs {
-        let len = b.len() as u64;
-        if pos >= len {
-            pos -= len;
-            continue;
-        }
-        let n = ((len - pos) as usize).min(out.len() - done);
-        b.read(pos as usize, &mut out[done..done + n])
-            .map_err(io::Error::other)?;
-        done += n;
-        pos = 0;
-        if done == out.len() {
+        if left == 0 {
             break;
         }
-    }
-    Ok(())
-}
-
-/// Copies `data` into `bufs`, starting `pos` bytes into them.
-fn scatter(bufs: &[VolatileSlice<'_>], mut pos: u64, data: &[u8]) -> io::Result<()> {
-    let mut done = 0usize;
-    for b in bufs {
-        let len = b.len() as u64;
-        if pos >= len {
-            pos -= len;
+        let blen = b.len() as u64;
+        if pos >= blen {
+            pos -= blen;
             continue;
         }
-        let n = ((len - pos) as usize).min(data.len() - done);
-        b.write(pos as usize, &data[done..done + n])
+        let n = (blen - pos).min(left);
+        let piece = b
+            .subslice(pos as usize, n as usize)
             .map_err(io::Error::other)?;
-        done += n;
+        out.push(libc::iovec {
+            iov_base: piece.as_ptr().cast(),
+            iov_len: piece.len(),
+        });
+        left -= n;
         pos = 0;
-        if done == data.len() {
-            break;
-        }
     }
-    Ok(())
+    if left > 0 {
+        return Err(io::Error::other(format!(
+            "{len} bytes from {from} are beyond the request's buffers"
+        )));
+    }
+    Ok(out)
 }
 
 impl Storage for NbdStorage {
@@ -278,17 +230,14 @@ impl Storage for NbdStorage {
             for (at, len) in self.chunks(op) {
                 while parts.len() >= WINDOW {
                     if let Some(p) = parts.pop_front() {
-                        self.complete(p, ops, &mut results);
+                        self.complete(p, &mut results);
                     }
                 }
                 if results[i].is_err() {
                     break;
                 }
                 match self.send_chunk(op, at, len) {
-                    Ok(mut p) => {
-                        p.op = i;
-                        parts.push_back(p);
-                    }
+                    Ok(handle) => parts.push_back(Part { op: i, handle }),
                     Err(e) => {
                         results[i] = Err(e);
                         break;
@@ -297,7 +246,7 @@ impl Storage for NbdStorage {
             }
         }
         while let Some(p) = parts.pop_front() {
-            self.complete(p, ops, &mut results);
+            self.complete(p, &mut results);
         }
         results
     }
