@@ -965,8 +965,15 @@ where
         let mut poller = HybridPoll::new(io.spin);
         loop {
             poller.woken();
-            if q.serve(false).map_err(protocol)? {
-                evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
+            let mut failed = None;
+            q.serve_notifying(false, &mut || {
+                if let Err(e) = evtchn.notify(port) {
+                    failed = Some(format!("notify: {e}"));
+                }
+            })
+            .map_err(protocol)?;
+            if let Some(e) = failed {
+                return Err(e);
             }
             if stop.load(Ordering::SeqCst) {
                 return Ok(());

@@ -335,11 +335,35 @@ where
     /// [`final_check`](Self::final_check) only before it sleeps, so that the frontend does not
     /// notify while we poll.
     pub fn serve(&mut self, arm: bool) -> xenpv_ring::Result<bool> {
+        let mut notify = false;
+        self.serve_notifying(arm, &mut || notify = true)?;
+        Ok(notify)
+    }
+
+    /// [`serve`](Self::serve), calling `notify` whenever the frontend must be notified: for a
+    /// storage that works serially ([`Storage::serial`]) after each chunk, as soon as its
+    /// responses are published, so that a sleeping frontend consumes them while later requests
+    /// are served; otherwise once, at the end.
+    pub fn serve_notifying(
+        &mut self,
+        arm: bool,
+        notify: &mut dyn FnMut(),
+    ) -> xenpv_ring::Result<()> {
+        if self.serve_chunks(arm, notify)? {
+            Stats::add(&self.stats.notifications, 1);
+            notify();
+        }
+        Ok(())
+    }
+
+    /// The body of [`serve_notifying`](Self::serve_notifying): returns whether a notification
+    /// is still owed (those it sent early are counted and sent already).
+    fn serve_chunks(&mut self, arm: bool, notify: &mut dyn FnMut()) -> xenpv_ring::Result<bool> {
         if self.pipe.is_some() {
-            let mut notify = false;
+            let mut owed = false;
             loop {
                 let p = self.pump_round()?;
-                notify |= p.notify;
+                owed |= p.notify;
                 if p.progressed {
                     continue;
                 }
@@ -351,14 +375,18 @@ where
                     self.wait(None);
                 }
             }
-            if notify {
-                Stats::add(&self.stats.notifications, 1);
-            }
-            return Ok(notify);
+            return Ok(owed);
         }
-        let mut notify = false;
+        let mut owed = false;
         // The disk may have grown (online resize): check requests against its size now.
         self.limits.sectors = self.storage.size() / 512;
+        // A serial storage answers a large chunk only when all of it is done: smaller chunks
+        // let the frontend consume (copy, complete, refill) while we serve the rest.
+        let (max_pages, early) = if self.storage.serial() {
+            (SERIAL_BATCH_PAGES, true)
+        } else {
+            (MAX_BATCH_PAGES, false)
+        };
         loop {
             if self.ring.unconsumed_requests()? == self.ring.size() {
                 Stats::add(&self.stats.ring_full, 1);
@@ -367,7 +395,7 @@ where
                 let mut chunk: Vec<Prepared<G::Mapping>> = Vec::new();
                 let mut slots = Vec::new();
                 let mut pages = 0usize;
-                while chunk.len() < MAX_BATCH_REQUESTS && pages < MAX_BATCH_PAGES {
+                while chunk.len() < MAX_BATCH_REQUESTS && pages < max_pages {
                     let Some((slot, _, p)) = self.take_request()? else {
                         break;
                     };
@@ -384,7 +412,14 @@ where
                 }
                 self.answer(&slots, &chunk)?;
                 // Published after every chunk, before taking more: the slots are free again.
-                notify |= self.publish();
+                if self.publish() {
+                    if early {
+                        Stats::add(&self.stats.notifications, 1);
+                        notify();
+                    } else {
+                        owed = true;
+                    }
+                }
             }
             let more = if arm {
                 self.ring.final_check_for_requests()?
@@ -395,10 +430,7 @@ where
                 break;
             }
         }
-        if notify {
-            Stats::add(&self.stats.notifications, 1);
-        }
-        Ok(notify)
+        Ok(owed)
     }
 
     /// Unmaps every persistently mapped grant (on disconnect). Requests still in flight are
@@ -914,6 +946,9 @@ where
 pub const MAX_BATCH_REQUESTS: usize = 64;
 /// Grant pages mapped per chunk, at most (a chunk stops taking requests past this).
 pub const MAX_BATCH_PAGES: usize = 2048;
+/// The same for a serial storage ([`Storage::serial`]): 256 KiB, a few tens of microseconds
+/// of copying, after which the responses are published.
+pub const SERIAL_BATCH_PAGES: usize = 64;
 /// Grant pages mapped by the requests in flight of a pipelined queue, at most (it stops taking
 /// requests past this): 16 MiB, sixteen 1 MiB requests.
 pub const MAX_INFLIGHT_PAGES: usize = 4096;

@@ -261,6 +261,14 @@ pub trait Storage: Send + Sync {
     fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
         None
     }
+
+    /// Whether [`submit`](Self::submit) does a batch's ops one after another, inline (a memory
+    /// copy, or one system call at a time), rather than keeping them in flight together: a
+    /// caller then answers in smaller chunks, publishing early responses while it serves the
+    /// rest. `false` by default.
+    fn serial(&self) -> bool {
+        false
+    }
 }
 
 /// `offset..offset + len` must lie inside a disk of `size` bytes.
@@ -742,6 +750,11 @@ impl Storage for FileStorage {
 
     fn can_discard(&self) -> bool {
         !self.read_only
+    }
+
+    /// One `preadv`/`pwritev` at a time.
+    fn serial(&self) -> bool {
+        true
     }
 
     fn read_only(&self) -> bool {

@@ -1046,3 +1046,67 @@ fn polling_leaves_the_frontends_notifications_off_until_the_final_check() {
     assert_eq!(ids, [1, 2, 3, 4]);
     q.release_mappings();
 }
+
+/// A storage that works serially (psync: one call at a time) has its responses published, and
+/// the frontend notified, chunk by chunk, so that the frontend can consume the first responses
+/// while later requests are served; a storage that keeps a batch in flight together answers
+/// a ring's worth at once. Eight reads of 11 pages each: more than one serial chunk (64 pages).
+#[test]
+fn a_serial_storage_publishes_and_notifies_chunk_by_chunk() {
+    for serial in [true, false] {
+        let s = setup();
+        let (psync, _) = storage(&s, Kind::Psync);
+        assert!(psync.serial(), "psync works one call at a time");
+        let storage: Arc<dyn Storage> = if serial {
+            psync
+        } else {
+            // The same engine, presented as one that keeps batches in flight.
+            Arc::new(Recorder {
+                inner: psync,
+                batches: Default::default(),
+                pipelined: false,
+            })
+        };
+        let (ring_page, ring_map, data) = shared_ring(&s, 11);
+        let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+        let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+        let mut q = Queue::new(
+            back,
+            FRONT,
+            MapCache::new(&s.back, 64),
+            true,
+            storage,
+            limits(),
+            Arc::new(Stats::default()),
+        );
+        let g = data.grefs().to_vec();
+        for id in 0..8u64 {
+            let mut r = BlkifRequest::new(OP_READ, 0, id, id * 88);
+            r.nr_segments = 11;
+            for (i, gref) in g.iter().enumerate() {
+                r.seg[i] = BlkifRequestSegment::new(*gref, 0, 7);
+            }
+            front.produce(r).unwrap();
+        }
+        assert!(front.push_requests());
+        // What the frontend could see (rsp_prod) at each notification.
+        let ring = ring_page.volatile();
+        let mut seen = Vec::new();
+        q.serve_notifying(true, &mut || seen.push(ring.read_u32(8).unwrap()))
+            .unwrap();
+        let mut ok = 0;
+        while let Some(rsp) = front.next_response().unwrap() {
+            assert_eq!(rsp.status, RSP_OKAY);
+            ok += 1;
+        }
+        assert_eq!(ok, 8);
+        if serial {
+            assert!(
+                seen.first().is_some_and(|&p| p > 0 && p < 8),
+                "notified when the first chunk was published, not at the end: {seen:?}"
+            );
+        } else {
+            assert_eq!(seen, [8], "one notification, with every response published");
+        }
+    }
+}

@@ -336,6 +336,11 @@ impl Storage for IoUringStorage {
         "io_uring"
     }
 
+    /// A memory-backed file is copied inline, op after op.
+    fn serial(&self) -> bool {
+        self.file.memory_backed
+    }
+
     fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
         if self.file.memory_backed {
             return None;
