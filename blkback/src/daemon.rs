@@ -132,6 +132,13 @@ where
     let mut last_ping = Instant::now();
     let mut last_status = Instant::now() - Duration::from_secs(10);
     while !stop.load(Ordering::SeqCst) {
+        // First, so that a slow round (xenstore, the status file) does not delay it.
+        if let Some(w) = watchdog {
+            if last_ping.elapsed() >= w / 2 {
+                let _ = sd_notify("WATCHDOG=1");
+                last_ping = Instant::now();
+            }
+        }
         // Every device directory: <base>/<frontend domid>/<devid>.
         let mut present = Vec::new();
         let fronts = match p.xs.directory(&base) {
@@ -196,13 +203,7 @@ where
                 last_status = Instant::now();
             }
         }
-        if let Some(w) = watchdog {
-            if last_ping.elapsed() >= w / 2 {
-                let _ = sd_notify("WATCHDOG=1");
-                last_ping = Instant::now();
-            }
-        }
-        let _ = watch.next_timeout(Duration::from_millis(250));
+        let _ = watch.next_timeout(round_wait(watchdog, last_ping.elapsed()));
     }
     // Stopping (SIGTERM, e.g. `systemctl restart`) is not unplugging: every device thread
     // answers the requests its queues consumed and returns, leaving the device Connected and
@@ -231,5 +232,40 @@ where
     Ok(())
 }
 
+/// How long the run loop waits for a change under `backend/vbd` before looking again anyway.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How long the run loop may wait before its next round: [`POLL`], but never past the moment
+/// the next watchdog ping is due (half the `watchdog` interval after the last ping, which was
+/// `since_ping` ago). Waiting a whole [`POLL`] regardless spaced the pings at least 250 ms apart
+/// however short the interval: with `WATCHDOG_USEC` at or under about 250 ms (200 ms in the
+/// daemon test) every ping came later than systemd allows, and systemd would kill the service.
+fn round_wait(watchdog: Option<Duration>, since_ping: Duration) -> Duration {
+    match watchdog {
+        Some(w) => POLL.min((w / 2).saturating_sub(since_ping)),
+        None => POLL,
+    }
+}
+
 /// How long a stopping daemon waits for its devices to answer what they consumed.
 pub const STOP_GRACE: Duration = Duration::from_secs(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_wakes_in_time_for_every_watchdog_ping() {
+        let ms = Duration::from_millis;
+        assert_eq!(round_wait(None, ms(0)), POLL);
+        assert_eq!(round_wait(None, ms(60_000)), POLL);
+        // systemd's 10 s (deploy/): the usual poll, then just the time left until 5 s.
+        assert_eq!(round_wait(Some(ms(10_000)), ms(0)), POLL);
+        assert_eq!(round_wait(Some(ms(10_000)), ms(4_900)), ms(100));
+        // 200 ms (the daemon test's): the loop wakes 100 ms after a ping, not 250 ms.
+        assert_eq!(round_wait(Some(ms(200)), ms(0)), ms(100));
+        assert_eq!(round_wait(Some(ms(200)), ms(70)), ms(30));
+        // A ping already due (a slow round): no waiting.
+        assert_eq!(round_wait(Some(ms(200)), ms(150)), ms(0));
+    }
+}

@@ -2,8 +2,11 @@
 //! `NOTIFY_SOCKET` this test creates, a frontend (played here) connecting and doing I/O that
 //! reaches the image, the status file, the error for a missing platform, and a clean SIGTERM.
 
+use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use xenpv_evtchn::local::LocalEvtchn;
@@ -62,12 +65,93 @@ fn responses<P: RingProtocol, M: RingMemory>(
     }
 }
 
+/// systemd's side of `NOTIFY_SOCKET`: a thread reads every message the daemon sends, as PID 1
+/// does, and hands them to the test in order.
+///
+/// The socket must be drained: a datagram socket nobody reads holds 10 messages
+/// (`net.unix.max_dgram_qlen`), and then the daemon's next sd_notify blocks, and its main loop
+/// with it (no status file, no SIGTERM). With pings every 100 ms that is one second in.
+struct Systemd {
+    rx: mpsc::Receiver<String>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Systemd {
+    fn listen(path: &std::path::Path) -> Systemd {
+        let sock = UnixDatagram::bind(path).unwrap();
+        // Only so that the thread sees `stop`.
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while !stop2.load(Ordering::Relaxed) {
+                match sock.recv(&mut buf) {
+                    Ok(n) => {
+                        let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    }
+                    // Nothing yet; or EINTR, which recv(2) on a socket with a read timeout
+                    // returns (never restarted) when this process is stopped and continued
+                    // (signal(7)).
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => panic!("NOTIFY_SOCKET: {e}"),
+                }
+            }
+        });
+        Systemd {
+            rx,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The next message, waiting at most [`T`].
+    fn next(&self) -> String {
+        self.rx
+            .recv_timeout(T)
+            .unwrap_or_else(|e| panic!("no message on NOTIFY_SOCKET within {T:?} ({e})"))
+    }
+
+    /// Forgets the messages received so far.
+    fn forget(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    /// Waits (at most [`T`]) for a message equal to `msg` or starting with `msg` and a newline.
+    fn wait_for(&self, msg: &str) {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(m) if m == msg || m.starts_with(&format!("{msg}\n")) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no {msg} on NOTIFY_SOCKET within {T:?} ({e})"),
+            }
+        }
+    }
+}
+
+impl Drop for Systemd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 fn daemon_serves_a_frontend_and_talks_to_systemd() {
     let (mut setup, (sd, status)) = setup_with(|dir, cmd| {
         let notify = dir.join("notify.sock");
-        let sd = UnixDatagram::bind(&notify).unwrap();
-        sd.set_read_timeout(Some(T)).unwrap();
+        let sd = Systemd::listen(&notify);
         let status = dir.join("status");
         cmd.arg("--status-file")
             .arg(&status)
@@ -77,11 +161,9 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
     });
     let (root, image) = (setup.root.clone(), setup.image.clone());
     let backend = &mut setup.backend;
-    let mut buf = [0u8; 256];
-    let n = sd.recv(&mut buf).unwrap();
-    assert!(std::str::from_utf8(&buf[..n]).unwrap().contains("READY=1"));
-    let n = sd.recv(&mut buf).unwrap();
-    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "WATCHDOG=1");
+    let ready = sd.next();
+    assert!(ready.contains("READY=1"), "{ready:?}");
+    assert_eq!(sd.next(), "WATCHDOG=1");
 
     // The frontend (domain 1).
     let xs = Client::connect_local(&root, 1).unwrap();
@@ -198,6 +280,10 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
     let _ = evtchn.unbind(port);
     grants.revoke(ring_page).unwrap();
 
+    // The daemon still pings after all that (its main loop is alive).
+    sd.forget();
+    sd.wait_for("WATCHDOG=1");
+
     // SIGTERM: a clean exit.
     // kill(1) keeps the test free of unsafe code.
     Command::new("kill")
@@ -217,6 +303,7 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
+    sd.wait_for("STOPPING=1");
 }
 
 #[test]
