@@ -1039,12 +1039,15 @@ where
         }
         // Hybrid polling: poll the ring and the storage's completions with `req_event` unarmed
         // (the frontend does not notify meanwhile), then arm it and sleep on both.
-        let poller = if q.in_flight() > 0 {
-            &mut busy
-        } else {
-            &mut idle
-        };
-        if p.progressed || poller.poll(|| q.work_waiting()) || q.final_check().map_err(protocol)? {
+        // With I/O in flight, the first part of a long wait is spent blocked on the storage's
+        // completions (with a timeout), so that one coming early wakes the thread at once.
+        let found = p.progressed
+            || if q.in_flight() > 0 {
+                busy.poll_on(q, |q| q.work_waiting(), |q, d| q.doze(d))
+            } else {
+                idle.poll(|| q.work_waiting())
+            };
+        if found || q.final_check().map_err(protocol)? {
             continue;
         }
         ports.clear();

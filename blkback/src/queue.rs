@@ -517,6 +517,15 @@ where
         woke
     }
 
+    /// Blocks until the storage completes an op or `d` has passed ([`Pipeline::doze`]); sleeps
+    /// for `d` without a pipeline. For hybrid polling ([`xenpv_evtchn::HybridPoll::poll_on`]).
+    pub fn doze(&mut self, d: std::time::Duration) {
+        match self.pipe.as_mut() {
+            Some(pipe) => pipe.doze(d),
+            None => xenpv_evtchn::precise_sleep(d),
+        }
+    }
+
     /// Stops taking requests and answers every one consumed (waiting for their I/O); returns
     /// whether to notify. For a daemon that stops.
     pub fn finish(&mut self) -> xenpv_ring::Result<bool> {

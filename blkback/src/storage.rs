@@ -96,6 +96,14 @@ pub trait Pipeline: Send {
     /// with `wake`, until that fd is readable. Returns whether `wake` became readable. Returns
     /// at once if nothing is in flight and there is no `wake`.
     fn wait(&mut self, wake: Option<BorrowedFd<'_>>, out: &mut Vec<Completion>) -> bool;
+    /// Submits, then blocks until a completion is available or `d` has passed, whichever comes
+    /// first; the completions are left for [`reap`](Pipeline::reap). For hybrid polling's sleep
+    /// through a long wait: a completion that comes early wakes the thread. The default sleeps
+    /// for `d`.
+    fn doze(&mut self, d: std::time::Duration) {
+        self.submit();
+        xenpv_evtchn::precise_sleep(d);
+    }
 }
 
 /// Why a storage engine failed to open.

@@ -408,3 +408,40 @@ fn nbd_against_nbdkit_memory_discard_reads_zeroes() {
         "trimmed range is not zero"
     );
 }
+
+/// An io_uring pipeline's doze (hybrid polling's sleep) returns when an op completes, not when
+/// its time is up; with nothing in flight it sleeps the time.
+#[test]
+fn a_pipeline_dozes_until_a_completion() {
+    // In the target directory: a disk-backed file system (on tmpfs there is no pipeline).
+    let mut f = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    f.write_all(&vec![7u8; 1 << 16]).unwrap();
+    let st = IoUringStorage::open(f.path(), FileOptions::default(), 512).unwrap();
+    let mut pipe = st
+        .pipeline()
+        .expect("a disk-backed file gets an io_uring pipeline");
+    let t = std::time::Instant::now();
+    pipe.doze(std::time::Duration::from_millis(30));
+    assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+    let mut buf = vec![0u8; 4096];
+    let op = Op::Read {
+        offset: 8192,
+        bufs: vec![slice(&mut buf)],
+    };
+    // SAFETY: `buf` outlives the op, whose completion is reaped below before `buf` is read.
+    unsafe { pipe.start(1, &op) };
+    let t = std::time::Instant::now();
+    let mut done = Vec::new();
+    while pipe.reap(&mut done) == 0 {
+        pipe.doze(std::time::Duration::from_secs(10));
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "the completion did not end the doze"
+        );
+    }
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0, 1);
+    assert!(done[0].1.is_ok());
+    drop(op);
+    assert!(buf.iter().all(|&b| b == 7));
+}

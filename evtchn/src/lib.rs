@@ -28,7 +28,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 pub use error::{Error, Result};
-pub use spin::{spin_then_wait, spin_until, HybridPoll, SpinBudget, Woken};
+pub use spin::{precise_sleep, spin_then_wait, spin_until, HybridPoll, SpinBudget, Woken};
 
 /// An event-channel port (`evtchn_port_t`): a small integer, per domain.
 pub type Port = u32;

@@ -102,17 +102,30 @@ impl HybridPoll {
     /// recent waits lasted longer than the budget, sleeps until the budget before the expected
     /// end first; then polls for the budget. Returns whether `ready` became true.
     pub fn poll(&mut self, mut ready: impl FnMut() -> bool) -> bool {
+        self.poll_on(&mut (), |()| ready(), |(), d| precise_sleep(d))
+    }
+
+    /// [`poll`](Self::poll) with the waiter's own way to sleep through the first part of a long
+    /// wait: `doze(t, d)` should return after `d`, or earlier when the work comes (e.g. blocking
+    /// on an io_uring's completions with a timeout), so that work which comes early is not held
+    /// until the timer. `t` is handed to both closures (the state they share).
+    pub fn poll_on<T: ?Sized>(
+        &mut self,
+        t: &mut T,
+        mut ready: impl FnMut(&mut T) -> bool,
+        mut doze: impl FnMut(&mut T, Duration),
+    ) -> bool {
         let start = Instant::now();
         self.started = None;
         if let SpinBudget::Duration(lead) = self.budget {
             let expected = self.expected();
             if expected > lead.saturating_mul(2) {
-                if ready() {
+                if ready(t) {
                     self.learn(start.elapsed());
                     return true;
                 }
-                precise_sleep(expected.saturating_sub(lead));
-                if ready() {
+                doze(t, expected.saturating_sub(lead));
+                if ready(t) {
                     // Work came during the sleep, maybe long before its end: what it took is
                     // unknown, only that it was less. Expect a little less next time.
                     self.mean_ns -= self.mean_ns / 8;
@@ -120,7 +133,7 @@ impl HybridPoll {
                 }
             }
         }
-        let found = spin_until(self.budget, &mut ready);
+        let found = spin_until(self.budget, || ready(t));
         if found {
             self.learn(start.elapsed());
         } else {
@@ -147,8 +160,9 @@ impl HybridPoll {
     }
 }
 
-/// Sleeps for `d` with a timer slack of 1 µs (set once per thread).
-fn precise_sleep(d: Duration) {
+/// Sleeps for `d` with a timer slack of 1 µs (set once per thread): the sleep of
+/// [`HybridPoll::poll`].
+pub fn precise_sleep(d: Duration) {
     thread_local!(static SLACK_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
     SLACK_SET.with(|s| {
         if !s.get() {
@@ -297,6 +311,38 @@ mod tests {
         let before = h.expected();
         assert!(h.poll(|| true));
         assert!(h.expected() < before);
+    }
+
+    #[test]
+    fn hybrid_dozes_with_the_waiters_own_sleep_which_work_may_cut_short() {
+        let lead = Duration::from_micros(200);
+        let mut h = HybridPoll::new(SpinBudget::Duration(lead));
+        for _ in 0..40 {
+            let t = Instant::now();
+            if !h.poll(|| false) {
+                while t.elapsed() < Duration::from_micros(1200) {}
+                h.woken();
+            }
+        }
+        let e = h.expected();
+        assert!(e > Duration::from_micros(700), "expected wait {e:?}");
+        // The doze is handed the sleep (the expected wait less the budget) and returns early
+        // because work came: found at once, without sleeping out the rest.
+        let (mut dozed, mut work) = (Vec::new(), false);
+        let t = Instant::now();
+        let mut state = (&mut dozed, &mut work);
+        assert!(h.poll_on(
+            &mut state,
+            |(_, work)| **work,
+            |(dozed, work), d| {
+                dozed.push(d);
+                **work = true;
+            }
+        ));
+        assert_eq!(dozed, [e.saturating_sub(lead)]);
+        assert!(t.elapsed() < e.saturating_sub(lead), "{:?}", t.elapsed());
+        // Work found right after the doze: expect a little less next time.
+        assert!(h.expected() < e);
     }
 
     #[test]

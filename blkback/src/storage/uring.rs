@@ -621,6 +621,27 @@ impl Pipeline for UringPipeline {
         }
     }
 
+    fn doze(&mut self, d: std::time::Duration) {
+        let waiting = self.slots.len() - self.free.len();
+        if !self.ready.is_empty() || waiting == 0 || !self.ring.params().is_feature_ext_arg() {
+            self.submit();
+            xenpv_evtchn::precise_sleep(d);
+            return;
+        }
+        let ts = types::Timespec::from(d);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        // ETIME (the time passed) and EINTR are the expected ways back.
+        if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY)
+            ) {
+                tracing::debug!("io_uring_enter with a timeout failed: {e}; sleeping instead");
+                xenpv_evtchn::precise_sleep(d);
+            }
+        }
+    }
+
     fn ready(&mut self) -> bool {
         !self.ready.is_empty() || !self.ring.completion().is_empty()
     }
