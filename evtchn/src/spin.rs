@@ -73,6 +73,8 @@ pub fn spin_until(budget: SpinBudget, mut ready: impl FnMut() -> bool) -> bool {
 #[derive(Debug, Clone)]
 pub struct HybridPoll {
     budget: SpinBudget,
+    /// How long before the expected end of a long wait the sleep ends (`None`: the budget).
+    lead: Option<Duration>,
     /// Moving average of recent waits (ns); 0 until one outlasted the budget.
     mean_ns: u64,
     /// When the wait that `poll` gave up on started.
@@ -88,8 +90,19 @@ impl HybridPoll {
     pub fn new(budget: SpinBudget) -> Self {
         Self {
             budget,
+            lead: None,
             mean_ns: 0,
             started: None,
+        }
+    }
+
+    /// A poller whose sleep through a long wait ends only `lead` before its expected end (not
+    /// a whole budget before): for a waiter whose [`poll_on`](Self::poll_on) doze wakes when
+    /// the work comes, so that sleeping longer cannot make it late, and polls for less.
+    pub fn with_lead(budget: SpinBudget, lead: Duration) -> Self {
+        Self {
+            lead: Some(lead),
+            ..Self::new(budget)
         }
     }
 
@@ -117,9 +130,10 @@ impl HybridPoll {
     ) -> bool {
         let start = Instant::now();
         self.started = None;
-        if let SpinBudget::Duration(lead) = self.budget {
+        if let SpinBudget::Duration(budget) = self.budget {
             let expected = self.expected();
-            if expected > lead.saturating_mul(2) {
+            let lead = self.lead.unwrap_or(budget).min(budget);
+            if expected > budget.saturating_mul(2) {
                 if ready(t) {
                     self.learn(start.elapsed());
                     return true;
@@ -344,6 +358,13 @@ mod tests {
         assert_eq!(dozed, [e.saturating_sub(lead)]);
         // Work found right after the doze: expect a little less next time.
         assert!(h.expected() < e);
+        // With a shorter lead, the doze ends that much before the expected end instead.
+        let short = Duration::from_micros(30);
+        let mut h = HybridPoll::with_lead(SpinBudget::Duration(lead), short);
+        h.mean_ns = e.as_nanos() as u64;
+        let mut dozed = Vec::new();
+        assert!(!h.poll_on(&mut dozed, |_| false, |dozed, d| dozed.push(d)));
+        assert_eq!(dozed, [e.saturating_sub(short)]);
     }
 
     #[test]
