@@ -797,10 +797,12 @@ fn receive(inner: &Inner, mut r: Box<dyn Sock>) -> Result<()> {
                     reply.handle
                 )));
             };
-            let into = match &p.into {
+            // Taken out of the entry (not copied): only this thread writes into it, and the
+            // mark says that it does.
+            let into = match p.into.take() {
                 Some(iov) if reply.error == 0 => {
                     p.receiving = true;
-                    Some(iov.0.clone())
+                    Some(iov)
                 }
                 _ => None,
             };
@@ -819,7 +821,7 @@ fn receive(inner: &Inner, mut r: Box<dyn Sock>) -> Result<()> {
                     // SAFETY: the caller of `submit_read_into` vouched that this memory is
                     // writable until the request's outcome is returned, which cannot happen
                     // while it is marked `receiving`; the iovecs add up to `length`.
-                    let got = unsafe { transfer_all(r.as_fd(), &mut iov, Dir::Read) };
+                    let got = unsafe { transfer_all(r.as_fd(), &mut iov.0, Dir::Read) };
                     if let Err(e) = got {
                         let mut s = inner.state();
                         if let Some(p) = s.pending.get_mut(&reply.handle) {

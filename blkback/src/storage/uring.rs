@@ -338,7 +338,7 @@ impl Storage for IoUringStorage {
 
     /// A memory-backed file is copied inline, op after op.
     fn serial(&self) -> bool {
-        self.file.memory_backed
+        self.copies_inline()
     }
 
     fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
