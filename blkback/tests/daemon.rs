@@ -4,7 +4,7 @@
 
 use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -17,15 +17,11 @@ use xenpv_ring::blkif::*;
 use xenpv_ring::{FrontRing, RingMemory, RingProtocol};
 use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
 
-const T: Duration = Duration::from_secs(20);
+mod support;
 
-struct Backend(Child);
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::Backend;
+
+const T: Duration = Duration::from_secs(20);
 
 /// Waits until `n` responses have arrived on `ring` (final check, then spin-then-block on the
 /// event channel and unmask), and returns them in arrival order.
@@ -381,14 +377,7 @@ fn setup() -> Setup {
 /// [`setup`], letting `configure` add arguments and environment to the daemon's command line
 /// (it gets the test's temporary directory).
 fn setup_with<R>(configure: impl FnOnce(&std::path::Path, &mut Command) -> R) -> (Setup, R) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("xp");
-    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
-        state_dir: Some(root.clone()),
-        ..Default::default()
-    })
-    .unwrap();
-    daemon.create_domain(Some(1), Some("g1")).unwrap();
+    let (dir, root, daemon) = support::local_platform([1]);
     let image = dir.path().join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let dom0 = Client::connect_local(&root, 0).unwrap();
