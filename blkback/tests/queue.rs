@@ -18,7 +18,7 @@ use xenpv_grant::local::{Broker, BrokerConfig, LocalGrants};
 use xenpv_grant::VolatileSlice;
 use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, GrantShare, MapCache, SharedPages};
 use xenpv_ring::blkif::*;
-use xenpv_ring::{BackRing, FrontRing};
+use xenpv_ring::{BackRing, FrontRing, RingMemory};
 
 const FRONT: DomId = 1;
 const BACK: DomId = 0;
@@ -101,6 +101,26 @@ fn limits() -> Limits {
         discard_granularity: 4096,
         max_indirect_segments: 256,
     }
+}
+
+/// A queue serving `back` for the frontend `FRONT`, mapping grants through a cache of `cache`
+/// entries, with the test limits and statistics of its own.
+fn queue<M: RingMemory, G: GrantMap>(
+    back: BackRing<Blkif, M>,
+    grants: G,
+    cache: usize,
+    persistent: bool,
+    storage: Arc<dyn Storage>,
+) -> Queue<Blkif, M, G> {
+    Queue::new(
+        back,
+        FRONT,
+        MapCache::new(grants, cache),
+        persistent,
+        storage,
+        limits(),
+        Arc::new(Stats::default()),
+    )
 }
 
 fn image_bytes(s: &Setup, off: u64, len: usize) -> Vec<u8> {
@@ -385,15 +405,7 @@ fn deep(kind: Kind, persistent: bool, pipelined: bool) {
     let (ring_page, ring_map, data) = shared_ring(&s, 32);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 64),
-        persistent,
-        storage,
-        limits(),
-        Arc::new(Stats::default()),
-    );
+    let mut q = queue(back, &s.back, 64, persistent, storage);
     let mem = data.volatile();
     let g = data.grefs().to_vec();
     let sector = |i: u64| 1024 + i * 16;
@@ -498,15 +510,7 @@ fn frontend_moving_req_prod_impossibly_is_a_protocol_error() {
         .map(&[(FRONT, ring_page.grefs()[0])], Access::Writable)
         .unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 8),
-        false,
-        storage,
-        limits(),
-        Arc::new(Stats::default()),
-    );
+    let mut q = queue(back, &s.back, 8, false, storage);
     ring_page.volatile().write_u32(0, 1000).unwrap(); // req_prod far beyond a 32-slot ring
     assert!(matches!(
         q.service(),
@@ -640,15 +644,7 @@ fn a_slow_read_does_not_hold_back_later_requests() {
     let (ring_page, ring_map, data) = shared_ring(&s, 8);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 64),
-        false,
-        storage,
-        limits(),
-        Arc::new(Stats::default()),
-    );
+    let mut q = queue(back, &s.back, 64, false, storage);
     assert!(q.pipelined());
     let mem = data.volatile();
     let g = data.grefs().to_vec();
@@ -836,17 +832,7 @@ fn a_full_ring_flows_past_a_held_read_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
     let journal = Journal::create(&path, &journal_identity(ring_page.grefs()[0])).unwrap();
-    let new_queue = |back, storage| {
-        Queue::new(
-            back,
-            FRONT,
-            MapCache::new(&s.back, 64),
-            false,
-            storage,
-            limits(),
-            Arc::new(Stats::default()),
-        )
-    };
+    let new_queue = |back, storage| queue(back, &s.back, 64, false, storage);
     let mut q = new_queue(
         BackRing::<Blkif, _>::new(&ring_map).unwrap(),
         storage.clone(),
@@ -953,14 +939,12 @@ fn a_queue_stops_max_age_indexes_past_a_stuck_request() {
     let (ring_page, ring_map, data) = shared_ring(&s, 32);
     let mem = data.volatile();
     let page = |i: usize| read_page(mem, i);
-    let mut q = Queue::new(
+    let mut q = queue(
         BackRing::<Blkif, _>::new(&ring_map).unwrap(),
-        FRONT,
-        MapCache::new(&s.back, 64),
+        &s.back,
+        64,
         false,
         storage,
-        limits(),
-        Arc::new(Stats::default()),
     )
     .with_max_age(40);
     let mut f = Reader::new(
@@ -1004,15 +988,7 @@ fn polling_leaves_the_frontends_notifications_off_until_the_final_check() {
     let (ring_page, ring_map, data) = shared_ring(&s, 1);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 8),
-        false,
-        storage,
-        limits(),
-        Arc::new(Stats::default()),
-    );
+    let mut q = queue(back, &s.back, 8, false, storage);
     assert!(!q.pipelined());
     let gref = data.grefs()[0];
     let read = |front: &mut FrontRing<Blkif, _>, id: u64| {
@@ -1070,15 +1046,7 @@ fn a_serial_storage_publishes_and_notifies_chunk_by_chunk() {
         let (ring_page, ring_map, data) = shared_ring(&s, 11);
         let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
         let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-        let mut q = Queue::new(
-            back,
-            FRONT,
-            MapCache::new(&s.back, 64),
-            true,
-            storage,
-            limits(),
-            Arc::new(Stats::default()),
-        );
+        let mut q = queue(back, &s.back, 64, true, storage);
         let g = data.grefs().to_vec();
         for id in 0..8u64 {
             let mut r = BlkifRequest::new(OP_READ, 0, id, id * 88);
