@@ -146,8 +146,39 @@ fn latency(side: &serde_json::Value, pct: &str) -> f64 {
     ns / 1000.0
 }
 
+/// Set by SIGTERM, SIGINT or SIGHUP: the bench stops at the next run and unwinds, which stops
+/// every process it started and removes its test files (the default action, dying at once,
+/// would leave the local platform, the drivers and qemu-nbd running and a test file of
+/// `--size-mib` in `/dev/shm`).
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+fn catch_signals() -> Result<()> {
+    let flag = STOP.get_or_init(Default::default);
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, flag.clone()).map_err(|e| step("handling signals", e))?;
+    }
+    Ok(())
+}
+
+/// An error once a signal asked the bench to stop.
+fn check_stop() -> Result<()> {
+    match STOP.get() {
+        Some(f) if f.load(std::sync::atomic::Ordering::SeqCst) => Err(step(
+            "xenpv bench",
+            "stopped by a signal (the processes it started were stopped, its test files removed)",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Runs fio and returns its measure (the job's read or write side, whichever did I/O).
 fn fio(args: &[String]) -> Result<Measure> {
+    check_stop()?;
     let out = Command::new("fio")
         .args(args)
         .arg("--output-format=json")
@@ -425,6 +456,7 @@ impl LoadGen {
 
     fn run(&mut self, line: &str) -> Result<serde_json::Value> {
         use std::io::Write;
+        check_stop()?;
         writeln!(self.stdin, "{line}")
             .and_then(|()| self.stdin.flush())
             .map_err(|e| step("xenpv-blkfront --load", e))?;
@@ -448,6 +480,7 @@ impl LoadGen {
 
 /// Runs the disk benchmark.
 pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
+    catch_signals()?;
     let me = std::env::current_exe().map_err(|e| step("locating xenpv", e))?;
     let bin_dir = opts
         .bin_dir
@@ -509,8 +542,9 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
             opts.size_mib,
             file.display()
         ));
-        fill(&file, opts.size_mib)?;
         let _cleanup = Cleanup(file.clone());
+        fill(&file, opts.size_mib)?;
+        check_stop()?;
         let tmpfs = is_tmpfs(dir);
         let vdev = format!("xvd{}", (b'a' + 2 * i as u8) as char);
         let direct_vdev = format!("xvd{}", (b'b' + 2 * i as u8) as char);

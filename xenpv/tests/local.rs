@@ -289,3 +289,101 @@ fn bench_only_names_the_workloads() {
         "{e}"
     );
 }
+
+/// The processes whose parent is `pid` (from `/proc/*/stat`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(pid) {
+            kids.extend(e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()));
+        }
+    }
+    kids
+}
+
+/// SIGTERM to `xenpv bench` alone stops it at its next run: it exits with an error that says
+/// so, every process it started (the local platform, the drivers, qemu-nbd) is stopped and its
+/// test file is removed. (The default action would have left them all behind.) Needs the
+/// workspace's binaries next to `xenpv`, as `cargo test --workspace` builds them.
+#[test]
+fn bench_stops_cleanly_on_sigterm() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_xenpv"));
+    let bins = exe.parent().unwrap();
+    for b in ["xenpv-blkback", "xenpv-blkfront"] {
+        assert!(
+            bins.join(b).exists(),
+            "{b} is not built next to xenpv: run `cargo test --workspace`"
+        );
+    }
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let mut bench = Command::new(exe)
+        .args(["bench", "disk", "--dirs"])
+        .arg(dir.path())
+        .args(["--size-mib", "16", "--runtime", "1", "--rounds", "50"])
+        .args(["--only", "randread QD1", "--json"])
+        .arg(dir.path().join("out.json"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(bench.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("the bench never reached its first round: {seen:?}"));
+        let first = l.contains("round 1/50");
+        seen.push(l);
+        if first {
+            break;
+        }
+    }
+    let kids = children_of(bench.id());
+    assert!(kids.len() >= 3, "the bench's processes: {kids:?}");
+    // SAFETY: kill(2) on the pid of our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(bench.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = bench.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench did not stop within 60 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped by a signal")),
+        "{rest:?}"
+    );
+    for k in kids {
+        assert!(
+            !Path::new(&format!("/proc/{k}")).exists(),
+            "process {k} the bench started outlived it"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".img"))
+        .collect();
+    assert!(left.is_empty(), "test files left behind: {left:?}");
+}
