@@ -149,7 +149,8 @@ fn latency(side: &serde_json::Value, pct: &str) -> f64 {
 /// Set by SIGTERM, SIGINT or SIGHUP: the bench stops at the next run and unwinds, which stops
 /// every process it started and removes its test files (the default action, dying at once,
 /// would leave the local platform, the drivers and qemu-nbd running and a test file of
-/// `--size-mib` in `/dev/shm`).
+/// `--size-mib` in `/dev/shm`). A second signal, for a bench stuck on its way out, ends it at
+/// once (exit status 1), as the default action would have.
 static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
     std::sync::OnceLock::new();
 
@@ -160,7 +161,10 @@ fn catch_signals() -> Result<()> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ] {
-        signal_hook::flag::register(sig, flag.clone()).map_err(|e| step("handling signals", e))?;
+        // The shutdown first: it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, flag.clone())
+            .and_then(|_| signal_hook::flag::register(sig, flag.clone()))
+            .map_err(|e| step("handling signals", e))?;
     }
     Ok(())
 }
