@@ -444,4 +444,22 @@ fn a_pipeline_dozes_until_a_completion() {
     assert!(done[0].1.is_ok());
     drop(op);
     assert!(buf.iter().all(|&b| b == 7));
+    // A completion that needs no I/O (a read past the end, refused at once) is available as
+    // soon as the op starts: the doze returns without sleeping.
+    let op = Op::Read {
+        offset: 1 << 16,
+        bufs: vec![slice(&mut buf)],
+    };
+    // SAFETY: as above; a refused op never touches `buf`.
+    unsafe { pipe.start(2, &op) };
+    let t = std::time::Instant::now();
+    pipe.doze(std::time::Duration::from_secs(10));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "the doze slept with a completion available"
+    );
+    done.clear();
+    assert_eq!(pipe.reap(&mut done), 1);
+    assert_eq!(done[0].0, 2);
+    assert!(done[0].1.is_err());
 }

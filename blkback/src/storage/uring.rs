@@ -622,9 +622,13 @@ impl Pipeline for UringPipeline {
     }
 
     fn doze(&mut self, d: std::time::Duration) {
+        self.submit();
+        if !self.ready.is_empty() {
+            // Completions (refused or run inline) are available already.
+            return;
+        }
         let waiting = self.slots.len() - self.free.len();
-        if !self.ready.is_empty() || waiting == 0 || !self.ring.params().is_feature_ext_arg() {
-            self.submit();
+        if waiting == 0 || !self.ring.params().is_feature_ext_arg() {
             xenpv_evtchn::precise_sleep(d);
             return;
         }
