@@ -317,7 +317,8 @@ where
     ///
     /// Requests are taken in chunks (at most [`MAX_BATCH_REQUESTS`] requests or
     /// [`MAX_BATCH_PAGES`] mapped pages); the transfers of a chunk go to the storage as batches
-    /// ([`Storage::submit`]) so that an asynchronous engine has them all in flight at once.
+    /// ([`Storage::submit`]) so that an asynchronous engine has them all in flight at once, or,
+    /// to a serial storage ([`Storage::serial`]), op by op in ring order ([`Storage::run`]).
     /// Ops that conflict ([`Op::conflicts`]: overlapping writes, flushes, barriers) go to
     /// separate batches, in ring order, so the outcome is that of serving the requests one by
     /// one. Responses of a chunk are produced in ring order once it completes (each marked
@@ -867,6 +868,25 @@ where
     fn execute(&self, chunk: &[Prepared<G::Mapping>]) -> Vec<i16> {
         let storage = self.storage.as_ref();
         let mut failed: Vec<Option<Failure>> = chunk.iter().map(|_| None).collect();
+        if storage.serial() {
+            // Op after op in ring order, each done before the next starts: what batches of
+            // non-conflicting ops amount to, without building them.
+            for (i, p) in chunk.iter().enumerate() {
+                if p.outcome.is_err() {
+                    continue;
+                }
+                for step in &p.steps {
+                    let r = step
+                        .op()
+                        .and_then(|op| storage.run(&op).map_err(Failure::Io));
+                    if let Err(e) = r {
+                        failed[i] = Some(e);
+                        break;
+                    }
+                }
+            }
+            return self.statuses(chunk, failed);
+        }
         let mut batch: Vec<Op<'_>> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
         let run =
@@ -906,7 +926,12 @@ where
             }
         }
         run(&mut batch, &mut owners, &mut failed);
+        self.statuses(chunk, failed)
+    }
 
+    /// The response status of each request of `chunk` (counted in the statistics), given the
+    /// first failure of each.
+    fn statuses(&self, chunk: &[Prepared<G::Mapping>], failed: Vec<Option<Failure>>) -> Vec<i16> {
         chunk
             .iter()
             .zip(failed)

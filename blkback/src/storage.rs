@@ -254,14 +254,19 @@ pub trait Storage: Send + Sync {
     ///
     /// The default runs the ops one by one with the single-op methods.
     fn submit(&self, ops: &[Op<'_>]) -> Vec<io::Result<()>> {
-        ops.iter()
-            .map(|op| match op {
-                Op::Read { offset, bufs } => self.read_into(*offset, bufs),
-                Op::Write { offset, bufs } => self.write_from(*offset, bufs),
-                Op::Flush => self.flush(),
-                Op::Discard { offset, len } => self.discard(*offset, *len),
-            })
-            .collect()
+        ops.iter().map(|op| self.run(op)).collect()
+    }
+
+    /// Runs one op to completion: [`submit`](Self::submit) of a batch of one, without its
+    /// allocations where the engine can. For the serial engines ([`serial`](Self::serial)),
+    /// which the caller drives op by op.
+    fn run(&self, op: &Op<'_>) -> io::Result<()> {
+        match op {
+            Op::Read { offset, bufs } => self.read_into(*offset, bufs),
+            Op::Write { offset, bufs } => self.write_from(*offset, bufs),
+            Op::Flush => self.flush(),
+            Op::Discard { offset, len } => self.discard(*offset, *len),
+        }
     }
 
     /// A [`Pipeline`] for one queue thread, if this engine can keep ops in flight across
@@ -502,12 +507,19 @@ impl FileStorage {
     /// Opens `path`; its size must be a multiple of `sector_size`.
     pub fn open(path: &Path, opts: FileOptions, sector_size: u32) -> Result<Self, Error> {
         let name = path.display().to_string();
-        let mut o = OpenOptions::new();
-        o.read(true).write(!opts.read_only);
-        if opts.direct {
-            o.custom_flags(libc::O_DIRECT);
+        let open = |flags: libc::c_int| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!opts.read_only);
+            o.custom_flags(flags | if opts.direct { libc::O_DIRECT } else { 0 });
+            o.open(path)
+        };
+        // Reads need not touch the image's access time (it costs a check per read); only the
+        // file's owner (or CAP_FOWNER) may ask that, so without the right, open it plainly.
+        let file = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            r => r,
         }
-        let file = o.open(path).map_err(|source| Error::Open {
+        .map_err(|source| Error::Open {
             path: name.clone(),
             source,
         })?;
@@ -564,12 +576,15 @@ fn memory_backed(file: &File) -> bool {
 
 /// The iovecs of `bufs`, in order.
 pub(crate) fn iovecs(bufs: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
-    bufs.iter()
-        .map(|b| libc::iovec {
-            iov_base: b.as_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect()
+    bufs.iter().map(iovec).collect()
+}
+
+/// The iovec of `b`.
+fn iovec(b: &VolatileSlice<'_>) -> libc::iovec {
+    libc::iovec {
+        iov_base: b.as_ptr().cast(),
+        iov_len: b.len(),
+    }
 }
 
 /// Drops the first `n` bytes from `iov[*first..]`, advancing `first` past used-up entries.
@@ -611,8 +626,25 @@ pub(crate) fn transfer(
     write: bool,
     done: usize,
 ) -> io::Result<()> {
+    // Most requests have a few segments: their iovecs fit on the stack.
+    const ON_STACK: usize = 16;
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let mut stack = [empty; ON_STACK];
+    let mut heap;
+    let iov: &mut [libc::iovec] = if bufs.len() <= ON_STACK {
+        for (v, b) in stack.iter_mut().zip(bufs) {
+            *v = iovec(b);
+        }
+        &mut stack[..bufs.len()]
+    } else {
+        heap = iovecs(bufs);
+        &mut heap
+    };
     // SAFETY: the iovecs point into `bufs`, valid for their lengths while they are borrowed.
-    unsafe { transfer_iov(fd, offset, iovecs(bufs), write, done) }
+    unsafe { transfer_iov(fd, offset, iov, write, done) }
 }
 
 /// [`transfer`] on iovecs.
@@ -623,13 +655,13 @@ pub(crate) fn transfer(
 pub(crate) unsafe fn transfer_iov(
     fd: i32,
     offset: u64,
-    mut iov: Vec<libc::iovec>,
+    iov: &mut [libc::iovec],
     write: bool,
     mut done: usize,
 ) -> io::Result<()> {
     let total: usize = iov.iter().map(|v| v.iov_len).sum();
     let mut first = 0usize;
-    advance(&mut iov, &mut first, done);
+    advance(iov, &mut first, done);
     while done < total {
         let pos = offset
             .checked_add(done as u64)
@@ -661,7 +693,7 @@ pub(crate) unsafe fn transfer_iov(
         }
         let n = n as usize;
         done += n;
-        advance(&mut iov, &mut first, n);
+        advance(iov, &mut first, n);
     }
     Ok(())
 }

@@ -324,6 +324,14 @@ impl Storage for IoUringStorage {
 
     crate::storage::single_ops_via_submit!();
 
+    /// A file in memory is copied inline (no batch needed); any other op goes on a ring.
+    fn run(&self, op: &Op<'_>) -> io::Result<()> {
+        match self.precheck(op) {
+            Some(r) => r,
+            None => crate::storage::only(self.submit(std::slice::from_ref(op))),
+        }
+    }
+
     fn can_discard(&self) -> bool {
         self.file.can_discard()
     }
@@ -505,7 +513,7 @@ impl UringPipeline {
                 }
                 // SAFETY: the iovecs describe the buffers of an op whose completion has not
                 // been returned yet, which the caller of `start` keeps valid until then.
-                unsafe { transfer_iov(fd, offset, slot.iov.clone(), write, done) }
+                unsafe { transfer_iov(fd, offset, &mut slot.iov.clone(), write, done) }
             }
             Kind::Flush if retry => self.file.file.sync_data(),
             Kind::Discard { offset, len } if retry => {
