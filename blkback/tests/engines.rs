@@ -463,3 +463,67 @@ fn a_pipeline_dozes_until_a_completion() {
     assert_eq!(done[0].0, 2);
     assert!(done[0].1.is_err());
 }
+
+/// The test's child process, run as `nobody`, opens this image (see below).
+const NOATIME_CHILD: &str = "XENPV_TEST_NOATIME_IMAGE";
+
+/// Images are opened `O_NOATIME`, which only their owner (or CAP_FOWNER) may ask: an image
+/// owned by someone else must still open, and serve. A child process run as `nobody` (with
+/// `setpriv`) opens a root-owned, world-readable image read-only and reads it; without the
+/// fallback its open fails with EPERM. Needs root (CI runs as root).
+#[test]
+fn an_image_owned_by_another_user_opens_without_noatime() {
+    if let Some(path) = std::env::var_os(NOATIME_CHILD) {
+        // The child: as nobody.
+        let s = FileStorage::open(
+            std::path::Path::new(&path),
+            FileOptions {
+                read_only: true,
+                direct: false,
+            },
+            512,
+        )
+        .expect("open an image owned by another user");
+        let mut buf = vec![0u8; 1024];
+        s.read_into(512, &[slice(&mut buf)]).expect("read it");
+        assert!(buf[..512].iter().all(|&b| b == 1 ^ 0x5A));
+        assert!(buf[512..].iter().all(|&b| b == 2 ^ 0x5A));
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: running a child as another user needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = dir.path().join("disk.img");
+    let pattern: Vec<u8> = (0..8192u64).map(|i| (i / 512) as u8 ^ 0x5A).collect();
+    std::fs::write(&img, &pattern).unwrap();
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A copy of this test binary that nobody may run, wherever the checkout is (/root is not
+    // open to others).
+    let exe = dir.path().join("engines-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "an_image_owned_by_another_user_opens_without_noatime",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(NOATIME_CHILD, &img)
+        .output()
+        .expect("run setpriv (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+}
