@@ -180,10 +180,28 @@ fn check_stop() -> Result<()> {
     }
 }
 
+/// Has the kernel kill `cmd`'s process (SIGKILL) when the bench dies, whichever way: the
+/// guards stop every child on the way out, but a second signal ends the bench at once and a
+/// crash or SIGKILL skips them. (The bench starts its children from its main thread, which
+/// lives as long as it does: the parent-death signal follows the thread that forked.)
+fn dies_with_bench(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the prctl
+    // system call, which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Runs fio and returns its measure (the job's read or write side, whichever did I/O).
 fn fio(args: &[String]) -> Result<Measure> {
     check_stop()?;
-    let out = Command::new("fio")
+    let out = dies_with_bench(&mut Command::new("fio"))
         .args(args)
         .arg("--output-format=json")
         .output()
@@ -236,6 +254,10 @@ const RAMP_S: u64 = 1;
 fn common_args(w: &Workload, size_mib: u64, runtime: u64) -> Vec<String> {
     vec![
         "--name=xenpv-bench".into(),
+        // The job as a thread of fio's one process, not a forked process: the kernel then
+        // kills all of it with the bench ([`dies_with_bench`] is not inherited by a fork; a job
+        // process whose fio died waits forever). usr_cpu/sys_cpu are the job's either way.
+        "--thread".into(),
         format!("--rw={}", w.rw),
         format!("--bs={}", w.bs),
         format!("--iodepth={}", w.qd),
@@ -322,7 +344,7 @@ impl Drop for Proc {
 /// Starts `cmd` and waits for a stdout line containing `ready` (the rest of stdout is drained
 /// on a thread).
 fn start(mut cmd: Command, name: &'static str, ready: &str) -> Result<Proc> {
-    let mut child = cmd
+    let mut child = dies_with_bench(&mut cmd)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -429,7 +451,7 @@ struct LoadGen {
 
 impl LoadGen {
     fn start(mut cmd: Command) -> Result<LoadGen> {
-        let mut child = cmd
+        let mut child = dies_with_bench(&mut cmd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -523,7 +545,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         back.args(["--spin-us", &us.to_string()]);
     }
     let blkback = {
-        let child = back
+        let child = dies_with_bench(&mut back)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -712,7 +734,7 @@ fn start_qemu_nbd(file: &Path, sock: &Path, tmpfs: bool, engine: &str) -> Result
     } else {
         "threads"
     };
-    let child = Command::new("qemu-nbd")
+    let child = dies_with_bench(&mut Command::new("qemu-nbd"))
         .args(["--persistent", "--shared=0", "-f", "raw", "--aio", aio])
         .arg(if tmpfs {
             "--cache=writeback"

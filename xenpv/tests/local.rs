@@ -363,6 +363,33 @@ fn sigterm(pid: u32) {
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
 }
 
+/// The processes among `kids`, or whose command line names something in `dir`, still alive
+/// after waiting up to `limit` for them to go.
+fn outliving(dir: &Path, kids: &[u32], limit: Duration) -> Vec<u32> {
+    let dir = dir.to_string_lossy().into_owned();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut left = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // A zombie has an empty command line: gone, as far as this is concerned.
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if cmdline.is_empty() {
+                continue;
+            }
+            if kids.contains(&pid) || String::from_utf8_lossy(&cmdline).contains(&dir) {
+                left.push(pid);
+            }
+        }
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits for `bench` to exit, at most `limit`.
 fn exit_within(bench: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + limit;
@@ -420,10 +447,14 @@ fn a_second_signal_ends_the_bench_at_once() {
     std::thread::sleep(Duration::from_millis(200));
     sigterm(bench.id());
     let status = exit_within(&mut bench, Duration::from_secs(3));
-    for &k in &kids {
+    // Nothing it started outlives it: the kernel kills its children with it (the fio run of
+    // the moment included, which the guards had no time to stop).
+    let left = outliving(dir.path(), &kids, Duration::from_secs(3));
+    for &k in &left {
         // SAFETY: as in `sigterm`; a pid that has gone by now is answered with ESRCH.
-        unsafe { libc::kill(k as i32, libc::SIGTERM) };
+        unsafe { libc::kill(k as i32, libc::SIGKILL) };
     }
+    assert!(left.is_empty(), "processes outlived the bench: {left:?}");
     assert_eq!(status.code(), Some(1));
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(
