@@ -324,12 +324,16 @@ impl Storage for IoUringStorage {
 
     crate::storage::single_ops_via_submit!();
 
-    /// A file in memory is copied inline (no batch needed); any other op goes on a ring.
+    /// A file in memory is copied inline (no batch needed); any other op goes on a ring,
+    /// checked once.
     fn run(&self, op: &Op<'_>) -> io::Result<()> {
-        match self.precheck(op) {
-            Some(r) => r,
-            None => crate::storage::only(self.submit(std::slice::from_ref(op))),
+        if let Some(r) = self.precheck(op) {
+            return r;
         }
+        let mut result = [None];
+        self.on_ring(std::slice::from_ref(op), &[0], &mut result);
+        let [r] = result;
+        lost_if_none(r)
     }
 
     fn can_discard(&self) -> bool {
@@ -373,26 +377,37 @@ impl Storage for IoUringStorage {
                 None => queued.push(i),
             }
         }
-        if !queued.is_empty() {
-            match self.take_ring() {
-                Ok(mut ring) => {
-                    if self.run_ring(&mut ring, ops, &queued, &mut results) {
-                        self.put_ring(ring);
-                    }
+        self.on_ring(ops, &queued, &mut results);
+        results.into_iter().map(lost_if_none).collect()
+    }
+}
+
+impl IoUringStorage {
+    /// Runs the `queued` ops (prechecked) on a ring of the pool, or with psync if no ring can
+    /// be had; each gets its result in `results`.
+    fn on_ring(&self, ops: &[Op<'_>], queued: &[usize], results: &mut [Option<io::Result<()>>]) {
+        if queued.is_empty() {
+            return;
+        }
+        match self.take_ring() {
+            Ok(mut ring) => {
+                if self.run_ring(&mut ring, ops, queued, results) {
+                    self.put_ring(ring);
                 }
-                Err(e) => {
-                    tracing::warn!("cannot create an io_uring for this queue: {e}; using psync");
-                    for &i in &queued {
-                        results[i] = Some(self.sync_op(&ops[i]));
-                    }
+            }
+            Err(e) => {
+                tracing::warn!("cannot create an io_uring for this queue: {e}; using psync");
+                for &i in queued {
+                    results[i] = Some(self.sync_op(&ops[i]));
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(io::Error::other("io_uring op lost its completion"))))
-            .collect()
     }
+}
+
+/// An op's result, or the error of an op whose completion never came.
+fn lost_if_none(r: Option<io::Result<()>>) -> io::Result<()> {
+    r.unwrap_or_else(|| Err(io::Error::other("io_uring op lost its completion")))
 }
 
 /// Submission queue entries of a pipeline's ring; ops in flight are bounded below this.
