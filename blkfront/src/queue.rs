@@ -318,80 +318,75 @@ where
         Ok(())
     }
 
-    /// Consumes every response (validating each), then, with `arm`, final-checks (re-arms
-    /// `rsp_event`). A bad response is a protocol error: nothing of the request it names is
-    /// touched. Without `arm` the backend does not notify us of more responses until
-    /// [`final_check`](Self::final_check): for a caller that polls in between.
-    pub(crate) fn process(&mut self, g: &G, out: &mut Finished, arm: bool) -> Result<()> {
+    /// Consumes up to `limit` responses (validating each), arming nothing: the backend does
+    /// not notify us of more until [`final_check`](Self::final_check), for a caller that polls
+    /// in between. A bad response is a protocol error: nothing of the request it names is
+    /// touched. A caller that completes what it got before taking more lets the requests its
+    /// callbacks issue reach the backend while later responses wait: the backend's storage
+    /// gets work again after one response, not after a whole burst.
+    pub(crate) fn process(&mut self, g: &G, out: &mut Finished, limit: usize) -> Result<()> {
         let Some(rs) = self.ring.as_mut() else {
             return Ok(());
         };
-        loop {
-            while let Some(rsp) = rs
+        while out.len() < limit {
+            let Some(rsp) = rs
                 .ring
                 .next_response()
                 .map_err(|e| Error::Protocol(e.to_string()))?
-            {
-                let id = rsp.id;
-                let slot = usize::try_from(id)
-                    .ok()
-                    .and_then(|i| rs.slots.get_mut(i))
-                    .ok_or_else(|| Error::Protocol(format!("response with unknown id {id}")))?;
-                let Some(inf) = slot.as_ref() else {
-                    return Err(Error::Protocol(format!(
-                        "response for id {id}, which is not outstanding (duplicate?)"
-                    )));
-                };
-                if rsp.operation != inf.op && rsp.operation != inf.alt_op {
-                    return Err(Error::Protocol(format!(
-                        "response for id {id} has operation {}, the request was {}",
-                        rsp.operation, inf.op
-                    )));
-                }
-                let status = rsp.status;
-                if !matches!(status, RSP_OKAY | RSP_ERROR | RSP_EOPNOTSUPP) {
-                    return Err(Error::Protocol(format!(
-                        "response for id {id} has unknown status {status}"
-                    )));
-                }
-                let inf = slot
-                    .take()
-                    .ok_or_else(|| Error::Protocol("slot vanished".into()))?;
-                rs.free_ids.push(id as u32);
-                let result = if status == RSP_OKAY {
-                    rs.collect(&inf);
-                    Ok(Vec::new())
-                } else {
-                    if status == RSP_EOPNOTSUPP {
-                        match inf.chunk.kind {
-                            Kind::Flush => {
-                                rs.feat.flush = false;
-                                rs.feat.barrier = false
-                            }
-                            Kind::Discard => rs.feat.discard = false,
-                            _ => {}
-                        }
-                    }
-                    Err(Error::Io { op: inf.op, status })
-                };
-                let Inflight {
-                    chunk,
-                    data,
-                    indirect,
-                    ..
-                } = inf;
-                rs.release(g, data);
-                rs.release(g, indirect);
-                out.push((chunk, result));
-            }
-            if !arm
-                || !rs
-                    .ring
-                    .final_check_for_responses()
-                    .map_err(|e| Error::Protocol(e.to_string()))?
-            {
+            else {
                 break;
+            };
+            let id = rsp.id;
+            let slot = usize::try_from(id)
+                .ok()
+                .and_then(|i| rs.slots.get_mut(i))
+                .ok_or_else(|| Error::Protocol(format!("response with unknown id {id}")))?;
+            let Some(inf) = slot.as_ref() else {
+                return Err(Error::Protocol(format!(
+                    "response for id {id}, which is not outstanding (duplicate?)"
+                )));
+            };
+            if rsp.operation != inf.op && rsp.operation != inf.alt_op {
+                return Err(Error::Protocol(format!(
+                    "response for id {id} has operation {}, the request was {}",
+                    rsp.operation, inf.op
+                )));
             }
+            let status = rsp.status;
+            if !matches!(status, RSP_OKAY | RSP_ERROR | RSP_EOPNOTSUPP) {
+                return Err(Error::Protocol(format!(
+                    "response for id {id} has unknown status {status}"
+                )));
+            }
+            let inf = slot
+                .take()
+                .ok_or_else(|| Error::Protocol("slot vanished".into()))?;
+            rs.free_ids.push(id as u32);
+            let result = if status == RSP_OKAY {
+                rs.collect(&inf);
+                Ok(Vec::new())
+            } else {
+                if status == RSP_EOPNOTSUPP {
+                    match inf.chunk.kind {
+                        Kind::Flush => {
+                            rs.feat.flush = false;
+                            rs.feat.barrier = false
+                        }
+                        Kind::Discard => rs.feat.discard = false,
+                        _ => {}
+                    }
+                }
+                Err(Error::Io { op: inf.op, status })
+            };
+            let Inflight {
+                chunk,
+                data,
+                indirect,
+                ..
+            } = inf;
+            rs.release(g, data);
+            rs.release(g, indirect);
+            out.push((chunk, result));
         }
         Ok(())
     }

@@ -1,0 +1,143 @@
+//! A burst of responses is completed as it is consumed: the callbacks of the first responses
+//! run, and the requests they issue reach the ring, before the rest of the burst is taken. A
+//! backend whose disk answers a whole queue at once then gets work again after a response or
+//! two, not after the frontend has copied out the whole burst.
+//!
+//! The test plays the backend: it answers 8 reads with one push of 8 responses and looks at the
+//! request the first completion's callback issues. Request ids are handed out last-freed
+//! first, so that request carries the id of the last response consumed before the callback
+//! ran: one of the first responses, not the last of the burst.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use xenpv_blkfront::{Op, Options};
+use xenpv_evtchn::EventChannel;
+use xenpv_grant::local::LocalGrants;
+use xenpv_grant::{Access, GrantMap};
+use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_READ, RSP_OKAY};
+use xenpv_ring::BackRing;
+use xenpv_xenstore::{xenbus, XenbusState, XsOps};
+
+const BURST: usize = 8;
+
+#[test]
+fn a_burst_of_responses_is_completed_as_it_is_consumed() {
+    let env = env(1 << 20);
+    let root = env.root.clone();
+    let (fe, be) = (env.fe.clone(), env.be.clone());
+    let backend = std::thread::spawn(move || {
+        let xs = xenpv_xenstore::Client::connect_local(&root, 0).unwrap();
+        let grants = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
+        let ev = xenpv_evtchn::local::LocalEvtchn::connect(root.join("dom0/evtchn.sock")).unwrap();
+        xenbus::switch_state(&xs, &be, XenbusState::InitWait).unwrap();
+        xenbus::wait_for_peer_state(
+            &xs,
+            &fe,
+            |s| s == XenbusState::Initialised,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let read = |k: &str| -> u32 {
+            xs.read_string(&format!("{fe}/{k}"))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (gref, port) = (read("ring-ref"), read("event-channel"));
+        let map = grants.map(&[(1, gref)], Access::Writable).unwrap();
+        let local = ev.bind_interdomain(1, port).unwrap();
+        xs.write_str(&format!("{be}/sectors"), "2048").unwrap();
+        xs.write_str(&format!("{be}/info"), "0").unwrap();
+        xs.write_str(&format!("{be}/sector-size"), "512").unwrap();
+        xenbus::switch_state(&xs, &be, XenbusState::Connected).unwrap();
+        let mut ring = BackRing::<Blkif, _>::new(&map).unwrap();
+        let next = |ring: &mut BackRing<Blkif, _>, want: usize| {
+            let mut reqs = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while reqs.len() < want && std::time::Instant::now() < deadline {
+                match ring.next_request().unwrap() {
+                    Some(r) => reqs.push(r),
+                    None => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            reqs
+        };
+        let reqs = next(&mut ring, BURST);
+        assert_eq!(reqs.len(), BURST, "the frontend's reads");
+        // The data pages are left as they are: the reads' contents do not matter here.
+        for r in &reqs {
+            assert_eq!(r.operation, OP_READ);
+            ring.produce(BlkifResponse::new(r.id, OP_READ, RSP_OKAY))
+                .unwrap();
+        }
+        ring.push_responses_no_check();
+        ev.notify(local).unwrap();
+        let ids: Vec<u64> = reqs.iter().map(|r| r.id).collect();
+        let follow = next(&mut ring, 1);
+        assert_eq!(follow.len(), 1, "the request of the first callback");
+        // Answer it too, so that the frontend closes cleanly.
+        ring.produce(BlkifResponse::new(follow[0].id, OP_READ, RSP_OKAY))
+            .unwrap();
+        ring.push_responses_no_check();
+        ev.notify(local).unwrap();
+        let _ = xenbus::wait_for_peer_state(
+            &xs,
+            &fe,
+            |s| s == XenbusState::Closing || s == XenbusState::Closed,
+            Duration::from_secs(10),
+        );
+        let _ = xenbus::switch_state(&xs, &be, XenbusState::Closed);
+        drop(map);
+        (ids, follow[0].id)
+    });
+    let dev = std::sync::Arc::new(connect(
+        &env,
+        Options {
+            persistent: false,
+            ..Options::default()
+        },
+    ));
+    let (tx, rx) = mpsc::channel();
+    for i in 0..BURST as u64 {
+        let (d, tx) = (dev.clone(), tx.clone());
+        dev.submit(
+            Op::Read {
+                offset: i * 4096,
+                len: 4096,
+            },
+            Box::new(move |r| {
+                assert!(r.is_ok(), "read {i}: {r:?}");
+                if i == 0 {
+                    // The first completion issues one more read, as a closed-loop client does.
+                    let tx2 = tx.clone();
+                    d.submit(
+                        Op::Read {
+                            offset: 64 * 4096,
+                            len: 4096,
+                        },
+                        Box::new(move |r| {
+                            let _ = tx2.send(r.is_ok());
+                        }),
+                    );
+                }
+                let _ = tx.send(r.is_ok());
+            }),
+        );
+    }
+    for _ in 0..=BURST {
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+    let dev = std::sync::Arc::into_inner(dev).expect("callbacks are done");
+    dev.close().unwrap();
+    let (ids, follow) = backend.join().unwrap();
+    let at = ids.iter().position(|&id| id == follow);
+    assert!(
+        matches!(at, Some(p) if p < BURST / 2),
+        "the first callback's request took id {follow} (freed by response {at:?} of {ids:?}): \
+         the callback ran only after most of the burst was consumed"
+    );
+}
