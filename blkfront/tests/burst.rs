@@ -16,11 +16,9 @@ use std::time::Duration;
 use common::*;
 use xenpv_blkfront::{Op, Options};
 use xenpv_evtchn::EventChannel;
-use xenpv_grant::local::LocalGrants;
-use xenpv_grant::{Access, GrantMap};
 use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_READ, RSP_OKAY};
 use xenpv_ring::BackRing;
-use xenpv_xenstore::{xenbus, XenbusState, XsOps};
+use xenpv_xenstore::{xenbus, XenbusState};
 
 const BURST: usize = 8;
 
@@ -30,30 +28,12 @@ fn a_burst_of_responses_is_completed_as_it_is_consumed() {
     let root = env.root.clone();
     let (fe, be) = (env.fe.clone(), env.be.clone());
     let backend = std::thread::spawn(move || {
-        let xs = xenpv_xenstore::Client::connect_local(&root, 0).unwrap();
-        let grants = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
-        let ev = xenpv_evtchn::local::LocalEvtchn::connect(root.join("dom0/evtchn.sock")).unwrap();
-        xenbus::switch_state(&xs, &be, XenbusState::InitWait).unwrap();
-        xenbus::wait_for_peer_state(
-            &xs,
-            &fe,
-            |s| s == XenbusState::Initialised,
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        let read = |k: &str| -> u32 {
-            xs.read_string(&format!("{fe}/{k}"))
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let (gref, port) = (read("ring-ref"), read("event-channel"));
-        let map = grants.map(&[(1, gref)], Access::Writable).unwrap();
-        let local = ev.bind_interdomain(1, port).unwrap();
-        xs.write_str(&format!("{be}/sectors"), "2048").unwrap();
-        xs.write_str(&format!("{be}/info"), "0").unwrap();
-        xs.write_str(&format!("{be}/sector-size"), "512").unwrap();
-        xenbus::switch_state(&xs, &be, XenbusState::Connected).unwrap();
+        let Scripted {
+            xs,
+            ev,
+            port: local,
+            map,
+        } = scripted_backend(&root, &fe, &be);
         let mut ring = BackRing::<Blkif, _>::new(&map).unwrap();
         let next = |ring: &mut BackRing<Blkif, _>, want: usize| {
             let mut reqs = Vec::new();

@@ -9,8 +9,7 @@ use std::time::Duration;
 use common::*;
 use xenpv_blkfront::{Error, Op, Options};
 use xenpv_evtchn::EventChannel;
-use xenpv_grant::local::LocalGrants;
-use xenpv_grant::{Access, GrantMap, GrantMemory};
+use xenpv_grant::GrantMemory;
 use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_READ, OP_WRITE, RSP_OKAY};
 use xenpv_ring::BackRing;
 use xenpv_xenstore::{xenbus, XenbusState, XsOps};
@@ -32,33 +31,12 @@ fn run(evil: Evil) {
     let root = env.root.clone();
     let (fe, be) = (env.fe.clone(), env.be.clone());
     let backend = std::thread::spawn(move || {
-        let xs = xenpv_xenstore::Client::connect_local(&root, 0).unwrap();
-        let grants = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
-        let ev = xenpv_evtchn::local::LocalEvtchn::connect(root.join("dom0/evtchn.sock")).unwrap();
-        xenbus::switch_state(&xs, &be, XenbusState::InitWait).unwrap();
-        xenbus::wait_for_peer_state(
-            &xs,
-            &fe,
-            |s| s == XenbusState::Initialised,
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        let gref: u32 = xs
-            .read_string(&format!("{fe}/ring-ref"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let port: u32 = xs
-            .read_string(&format!("{fe}/event-channel"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let map = grants.map(&[(1, gref)], Access::Writable).unwrap();
-        let local = ev.bind_interdomain(1, port).unwrap();
-        xs.write_str(&format!("{be}/sectors"), "2048").unwrap();
-        xs.write_str(&format!("{be}/info"), "0").unwrap();
-        xs.write_str(&format!("{be}/sector-size"), "512").unwrap();
-        xenbus::switch_state(&xs, &be, XenbusState::Connected).unwrap();
+        let Scripted {
+            xs,
+            ev,
+            port: local,
+            map,
+        } = scripted_backend(&root, &fe, &be);
         let mut ring = BackRing::<Blkif, _>::new(&map).unwrap();
         // Wait for both requests.
         let mut reqs = Vec::new();

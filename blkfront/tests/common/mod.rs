@@ -219,3 +219,48 @@ impl Export {
         assert!(status.success(), "xenpv-blkfront exited with {status}");
     }
 }
+
+/// A backend played by a test: what it holds once the frontend is connected to it.
+pub struct Scripted {
+    pub xs: Client,
+    pub ev: LocalEvtchn,
+    /// Our end of the frontend's event channel.
+    pub port: xenpv_evtchn::Port,
+    /// The frontend's ring page, mapped writable.
+    pub map: xenpv_grant::local::LocalMapping,
+}
+
+/// Plays dom0's side of the handshake for a 1 MiB disk of 512-byte sectors: InitWait, waits
+/// for the frontend's Initialised, maps its one-page ring, binds its event channel, writes the
+/// disk's properties and switches to Connected. The caller then reads and writes the ring raw.
+pub fn scripted_backend(root: &Path, fe: &str, be: &str) -> Scripted {
+    use std::time::Duration;
+    use xenpv_evtchn::EventChannel;
+    use xenpv_grant::{Access, GrantMap};
+    use xenpv_xenstore::{xenbus, XenbusState, XsOps};
+    let xs = Client::connect_local(root, 0).unwrap();
+    let grants = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
+    let ev = LocalEvtchn::connect(root.join("dom0/evtchn.sock")).unwrap();
+    xenbus::switch_state(&xs, be, XenbusState::InitWait).unwrap();
+    xenbus::wait_for_peer_state(
+        &xs,
+        fe,
+        |s| s == XenbusState::Initialised,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let read = |k: &str| -> u32 {
+        xs.read_string(&format!("{fe}/{k}"))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (gref, port) = (read("ring-ref"), read("event-channel"));
+    let map = grants.map(&[(1, gref)], Access::Writable).unwrap();
+    let port = ev.bind_interdomain(1, port).unwrap();
+    xs.write_str(&format!("{be}/sectors"), "2048").unwrap();
+    xs.write_str(&format!("{be}/info"), "0").unwrap();
+    xs.write_str(&format!("{be}/sector-size"), "512").unwrap();
+    xenbus::switch_state(&xs, be, XenbusState::Connected).unwrap();
+    Scripted { xs, ev, port, map }
+}
