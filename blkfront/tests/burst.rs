@@ -18,23 +18,14 @@ use xenpv_blkfront::{Op, Options};
 use xenpv_evtchn::EventChannel;
 use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_READ, RSP_OKAY};
 use xenpv_ring::BackRing;
-use xenpv_xenstore::{xenbus, XenbusState};
 
 const BURST: usize = 8;
 
 #[test]
 fn a_burst_of_responses_is_completed_as_it_is_consumed() {
     let env = env(1 << 20);
-    let root = env.root.clone();
-    let (fe, be) = (env.fe.clone(), env.be.clone());
-    let backend = std::thread::spawn(move || {
-        let Scripted {
-            xs,
-            ev,
-            port: local,
-            map,
-        } = scripted_backend(&root, &fe, &be);
-        let mut ring = BackRing::<Blkif, _>::new(&map).unwrap();
+    let backend = spawn_scripted(&env, |s| {
+        let mut ring = BackRing::<Blkif, _>::new(&s.map).unwrap();
         let next = |ring: &mut BackRing<Blkif, _>, want: usize| {
             let mut reqs = Vec::new();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -55,7 +46,7 @@ fn a_burst_of_responses_is_completed_as_it_is_consumed() {
                 .unwrap();
         }
         ring.push_responses_no_check();
-        ev.notify(local).unwrap();
+        s.ev.notify(s.port).unwrap();
         let ids: Vec<u64> = reqs.iter().map(|r| r.id).collect();
         let follow = next(&mut ring, 1);
         assert_eq!(follow.len(), 1, "the request of the first callback");
@@ -63,15 +54,7 @@ fn a_burst_of_responses_is_completed_as_it_is_consumed() {
         ring.produce(BlkifResponse::new(follow[0].id, OP_READ, RSP_OKAY))
             .unwrap();
         ring.push_responses_no_check();
-        ev.notify(local).unwrap();
-        let _ = xenbus::wait_for_peer_state(
-            &xs,
-            &fe,
-            |s| s == XenbusState::Closing || s == XenbusState::Closed,
-            Duration::from_secs(10),
-        );
-        let _ = xenbus::switch_state(&xs, &be, XenbusState::Closed);
-        drop(map);
+        s.ev.notify(s.port).unwrap();
         (ids, follow[0].id)
     });
     let dev = std::sync::Arc::new(connect(

@@ -28,16 +28,8 @@ fn run(evil: Evil) {
         _ => 0,
     };
     let env = env(1 << 20);
-    let root = env.root.clone();
-    let (fe, be) = (env.fe.clone(), env.be.clone());
-    let backend = std::thread::spawn(move || {
-        let Scripted {
-            xs,
-            ev,
-            port: local,
-            map,
-        } = scripted_backend(&root, &fe, &be);
-        let mut ring = BackRing::<Blkif, _>::new(&map).unwrap();
+    let backend = spawn_scripted(&env, move |s| {
+        let mut ring = BackRing::<Blkif, _>::new(&s.map).unwrap();
         // Wait for both requests.
         let mut reqs = Vec::new();
         while reqs.len() < 2 {
@@ -71,21 +63,13 @@ fn run(evil: Evil) {
             }
             Evil::ImpossibleRspProd => {
                 // rsp_prod (offset 8 of the shared header) far beyond the requests published.
-                map.volatile().write_u32(8, 1000).unwrap();
+                s.map.volatile().write_u32(8, 1000).unwrap();
             }
         }
         if !matches!(evil, Evil::ImpossibleRspProd) {
             ring.push_responses_no_check();
         }
-        let _ = ev.notify(local);
-        // Keep the mapping until the frontend has given up, as a hostile peer would.
-        let _ = xenbus::wait_for_peer_state(
-            &xs,
-            &fe,
-            |s| s == XenbusState::Closing || s == XenbusState::Closed,
-            Duration::from_secs(10),
-        );
-        drop(map);
+        let _ = s.ev.notify(s.port);
     });
     let dev = connect(
         &env,

@@ -223,6 +223,8 @@ impl Export {
 /// A backend played by a test: what it holds once the frontend is connected to it.
 pub struct Scripted {
     pub xs: Client,
+    pub fe: String,
+    pub be: String,
     pub ev: LocalEvtchn,
     /// Our end of the frontend's event channel.
     pub port: xenpv_evtchn::Port,
@@ -262,5 +264,37 @@ pub fn scripted_backend(root: &Path, fe: &str, be: &str) -> Scripted {
     xs.write_str(&format!("{be}/info"), "0").unwrap();
     xs.write_str(&format!("{be}/sector-size"), "512").unwrap();
     xenbus::switch_state(&xs, be, XenbusState::Connected).unwrap();
-    Scripted { xs, ev, port, map }
+    Scripted {
+        xs,
+        fe: fe.to_string(),
+        be: be.to_string(),
+        ev,
+        port,
+        map,
+    }
+}
+
+/// Runs `script` as the backend of `env`'s disk on a thread, after [`scripted_backend`]'s
+/// handshake. Afterwards it keeps the ring mapped until the frontend is Closing or Closed (as a
+/// hostile peer would), then switches to Closed; the thread returns what `script` returned.
+pub fn spawn_scripted<T: Send + 'static>(
+    env: &Env,
+    script: impl FnOnce(&Scripted) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::time::Duration;
+    use xenpv_xenstore::{xenbus, XenbusState};
+    let root = env.root.clone();
+    let (fe, be) = (env.fe.clone(), env.be.clone());
+    std::thread::spawn(move || {
+        let s = scripted_backend(&root, &fe, &be);
+        let out = script(&s);
+        let _ = xenbus::wait_for_peer_state(
+            &s.xs,
+            &s.fe,
+            |st| st == XenbusState::Closing || st == XenbusState::Closed,
+            Duration::from_secs(10),
+        );
+        let _ = xenbus::switch_state(&s.xs, &s.be, XenbusState::Closed);
+        out
+    })
 }
