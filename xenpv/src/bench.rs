@@ -58,6 +58,9 @@ pub struct Options {
     pub front_spin_us: Option<u64>,
     /// Run only the workloads whose name contains this.
     pub only: Option<String>,
+    /// Measure only fio on the file and the no-NBD path (no NBD export, no qemu-nbd, no
+    /// pinned runs): for quick experiments on the drivers themselves.
+    pub direct_only: bool,
 }
 
 /// One fio workload.
@@ -385,8 +388,11 @@ fn progress(msg: &str) {
 pub struct DirResult {
     /// The directory.
     pub dir: PathBuf,
-    /// (workload, fio on the file, fio through blkfront→blkback, fio through qemu-nbd).
+    /// (workload, fio on the file, fio through blkfront→blkback, fio through qemu-nbd); the last
+    /// two are zero when `nbd` is false.
     pub rows: Vec<(Workload, Measure, Measure, Measure)>,
+    /// Whether the NBD paths were measured (not with `Options::direct_only`).
+    pub nbd: bool,
     /// Per workload (same order as `rows`): the load generator on blkfront's API → blkback,
     /// no NBD.
     pub direct: Vec<Direct>,
@@ -602,13 +608,21 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
             "connecting blkfront to {vdev} ({})",
             if tmpfs { "tmpfs" } else { "disk" }
         ));
-        let blkfront = start(front, "xenpv-blkfront", "ready")?;
+        let blkfront = if opts.direct_only {
+            None
+        } else {
+            Some(start(front, "xenpv-blkfront", "ready")?)
+        };
         let gen_cmd = blkfront_cmd(&direct_vdev, &["--load".as_ref()]);
         let mut loadgen = LoadGen::start(gen_cmd)?;
         // A second baseline with the same NBD hop as ours: qemu-nbd serving the same file, so
         // that the cost of our drivers can be told apart from the cost of NBD itself.
         let qsock = work.path().join(format!("{vdev}.qemu-nbd"));
-        let _qemu_nbd = start_qemu_nbd(&file, &qsock, tmpfs, &opts.engine)?;
+        let _qemu_nbd = if opts.direct_only {
+            None
+        } else {
+            Some(start_qemu_nbd(&file, &qsock, tmpfs, &opts.engine)?)
+        };
         let direct = if tmpfs { "--direct=0" } else { "--direct=1" };
         let mut rows = Vec::new();
         let mut directs = Vec::new();
@@ -642,21 +656,23 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 a.push(format!("--ioengine={}", opts.engine));
                 a.push(direct.into());
                 base.push(fio(&a)?);
-                let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                a.push("--ioengine=nbd".into());
-                a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
-                let before = snapshot(&nodes.backend_path);
-                let mut m = fio(&a)?;
-                let (cpu, ntf) = since(before, &nodes.backend_path);
-                // blkback's CPU is measured over fio's ramp (1 s) too: count its I/Os as well.
-                let ios = (m.iops * (opts.runtime + RAMP_S) as f64).max(1.0);
-                m.cpu_us_per_io = cpu / ios * 1e6;
-                m.notify_per_io = ntf / ios;
-                ours.push(m);
-                let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                a.push("--ioengine=nbd".into());
-                a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
-                nbd.push(fio(&a)?);
+                if !opts.direct_only {
+                    let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                    a.push("--ioengine=nbd".into());
+                    a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
+                    let before = snapshot(&nodes.backend_path);
+                    let mut m = fio(&a)?;
+                    let (cpu, ntf) = since(before, &nodes.backend_path);
+                    // blkback's CPU is measured over fio's ramp (1 s) too: count its I/Os as well.
+                    let ios = (m.iops * (opts.runtime + RAMP_S) as f64).max(1.0);
+                    m.cpu_us_per_io = cpu / ios * 1e6;
+                    m.notify_per_io = ntf / ios;
+                    ours.push(m);
+                    let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                    a.push("--ioengine=nbd".into());
+                    a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
+                    nbd.push(fio(&a)?);
+                }
                 // The driver pair without NBD: the load generator on the second disk.
                 let run_direct = |loadgen: &mut LoadGen| -> Result<Direct> {
                     let before = snapshot(&direct_nodes.backend_path);
@@ -684,7 +700,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                     })
                 };
                 nonbd.push(run_direct(&mut loadgen)?);
-                if cpus >= 2 && placed(&w) {
+                if cpus >= 2 && placed(&w) && !opts.direct_only {
                     let (back_pid, gen_pid) = (blkback.0.id(), loadgen._proc.0.id());
                     pin(back_pid, "1")?;
                     pin(gen_pid, "0")?;
@@ -718,6 +734,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         results.push(DirResult {
             dir: dir.clone(),
             rows,
+            nbd: !opts.direct_only,
             direct: directs,
         });
     }
@@ -815,47 +832,49 @@ fn fill(file: &Path, size_mib: u64) -> Result<()> {
 /// Prints the results as a table with the ratios against the goals of perf-baselines.md.
 pub fn print(results: &[DirResult], engine: &str) {
     for r in results {
-        println!();
-        println!(
-            "{} (engine {engine}; base = fio on the file; ours = fio nbd -> xenpv-blkfront -> xenpv-blkback -> file; qnbd = fio nbd -> qemu-nbd -> file)",
-            r.dir.display()
-        );
-        println!(
-            "{:<18} {:>9} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>7}",
-            "workload",
-            "base IOPS",
-            "ours IOPS",
-            "qnbd IOPS",
-            "o/base",
-            "o/qnbd",
-            "base MB/s",
-            "ours MB/s",
-            "base p50",
-            "ours p50",
-            "ours p99",
-            "cpu/io",
-            "cpu/b",
-            "ntf/io"
-        );
-        for (w, b, o, q) in &r.rows {
-            let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+        if r.nbd {
+            println!();
             println!(
-                "{:<18} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2} {:>9.1} {:>9.1} {:>8.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>7.3}",
-                w.name,
-                b.iops,
-                o.iops,
-                q.iops,
-                ratio(o.iops, b.iops),
-                ratio(o.iops, q.iops),
-                b.mbps,
-                o.mbps,
-                b.p50_us,
-                o.p50_us,
-                o.p99_us,
-                o.cpu_us_per_io,
-                ratio(o.cpu_us_per_io, b.cpu_us_per_io),
-                o.notify_per_io
+                "{} (engine {engine}; base = fio on the file; ours = fio nbd -> xenpv-blkfront -> xenpv-blkback -> file; qnbd = fio nbd -> qemu-nbd -> file)",
+                r.dir.display()
             );
+            println!(
+                "{:<18} {:>9} {:>9} {:>9} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>7}",
+                "workload",
+                "base IOPS",
+                "ours IOPS",
+                "qnbd IOPS",
+                "o/base",
+                "o/qnbd",
+                "base MB/s",
+                "ours MB/s",
+                "base p50",
+                "ours p50",
+                "ours p99",
+                "cpu/io",
+                "cpu/b",
+                "ntf/io"
+            );
+            for (w, b, o, q) in &r.rows {
+                let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+                println!(
+                    "{:<18} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2} {:>9.1} {:>9.1} {:>8.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>7.3}",
+                    w.name,
+                    b.iops,
+                    o.iops,
+                    q.iops,
+                    ratio(o.iops, b.iops),
+                    ratio(o.iops, q.iops),
+                    b.mbps,
+                    o.mbps,
+                    b.p50_us,
+                    o.p50_us,
+                    o.p99_us,
+                    o.cpu_us_per_io,
+                    ratio(o.cpu_us_per_io, b.cpu_us_per_io),
+                    o.notify_per_io
+                );
+            }
         }
         println!();
         println!(
@@ -957,10 +976,11 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
             "dir": r.dir.display().to_string(),
             "workloads": r.rows.iter().zip(r.direct.iter().map(Some).chain(std::iter::repeat(None))).map(|((w, b, o, q), d)| serde_json::json!({
                 "name": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.qd,
-                "baseline": m(b), "ours": m(o), "qemu_nbd": m(q),
-                "iops_ratio": ratio(o.iops, b.iops),
-                "iops_ratio_vs_qemu_nbd": ratio(o.iops, q.iops),
-                "backend_cpu_ratio": ratio(o.cpu_us_per_io, b.cpu_us_per_io),
+                "baseline": m(b),
+                "ours": r.nbd.then(|| m(o)), "qemu_nbd": r.nbd.then(|| m(q)),
+                "iops_ratio": r.nbd.then(|| ratio(o.iops, b.iops)),
+                "iops_ratio_vs_qemu_nbd": r.nbd.then(|| ratio(o.iops, q.iops)),
+                "backend_cpu_ratio": r.nbd.then(|| ratio(o.cpu_us_per_io, b.cpu_us_per_io)),
                 "direct": d.map(|d| serde_json::json!({
                     "measure": m(&d.m),
                     "front_cpu_us_per_io": d.front_cpu_us_per_io,

@@ -87,6 +87,10 @@ enum Command {
         /// Run only the workloads whose name contains this (e.g. `QD32`, `randread QD1`).
         #[arg(long)]
         only: Option<String>,
+        /// Measure only fio on the file and the no-NBD driver path (no NBD export, no qemu-nbd,
+        /// no pinned runs): a quicker run for experiments on the drivers.
+        #[arg(long)]
+        direct_only: bool,
     },
     /// Run the local platform (hypervisor + xenstored for processes) until SIGTERM/SIGINT.
     Local {
@@ -204,6 +208,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         back_spin_us,
         front_spin_us,
         only,
+        direct_only,
     } = &cli.command
     else {
         return Ok(());
@@ -225,6 +230,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         back_spin_us: back_spin_us.or(*spin_us),
         front_spin_us: front_spin_us.or(*spin_us),
         only: only.clone(),
+        direct_only: *direct_only,
     };
     if let Some(o) = only {
         if !xenpv::bench::WORKLOADS
