@@ -1010,6 +1010,10 @@ const DOZE_LEAD: Duration = Duration::from_micros(15);
 /// flight, and answered as their I/O completes. Between rounds it polls the ring and the
 /// storage's completions for the spin budget; then, with requests in flight, it sleeps on the
 /// event channel and the completions together ([`Queue::wait`]), with none on the event channel.
+/// When every slot of the ring holds a request not answered ([`Queue::ring_exhausted`]), only
+/// the storage can end the wait: it sleeps at once, as fio does on its completions. `xenpv
+/// bench`, /tmp randread QD32 (3 interleaved pairs): blkback's CPU per I/O 7.06, 7.45, 6.72 µs
+/// polling, 6.26, 6.43, 6.15 µs asleep, at 0.94, 0.86, 0.98 against 0.93, 0.86, 0.92 of fio.
 fn pipeline_loop<P, M, G, E>(
     q: &mut Queue<P, M, G>,
     evtchn: &E,
@@ -1052,7 +1056,10 @@ where
         // With I/O in flight, the first part of a long wait is spent blocked on the storage's
         // completions (with a timeout), so that one coming early wakes the thread at once.
         let found = p.progressed
-            || if q.in_flight() > 0 {
+            || if q.in_flight() > 0 && q.ring_exhausted() {
+                // Only the storage can end this wait: block on it at once.
+                false
+            } else if q.in_flight() > 0 {
                 busy.poll_on(q, |q| q.work_waiting(), |q, d| q.doze(d))
             } else {
                 idle.poll(|| q.work_waiting())

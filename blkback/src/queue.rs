@@ -503,6 +503,13 @@ where
         self.ring.final_check_for_requests()
     }
 
+    /// Whether the frontend cannot send another request before one is answered: every slot of
+    /// the ring holds a request consumed and not answered. A wait with I/O in flight is then a
+    /// wait for the storage alone, which blocking on its completions serves as fast as polling.
+    pub fn ring_exhausted(&self) -> bool {
+        self.ring.req_cons().wrapping_sub(self.ring.rsp_prod_pvt()) >= self.ring.size()
+    }
+
     /// Blocks until some I/O completes or, with `wake` (the event channel's fd), the frontend
     /// sent an event; the completions are handled at the next [`pump`](Self::pump). Returns
     /// whether `wake` fired. Returns at once without a pipeline or with nothing to wait for.
@@ -1334,6 +1341,36 @@ mod tests {
                 (100, RSP_EOPNOTSUPP)
             ]
         );
+    }
+
+    /// The ring is exhausted exactly while every one of its slots holds a request taken and
+    /// not answered: the frontend can then send nothing before a response.
+    #[test]
+    fn the_ring_is_exhausted_while_every_slot_awaits_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::create(&dir.path().join("j"), &identity()).unwrap();
+        let pages = SharedPages::new(0);
+        let mut front = FrontRing::<Blkif, _>::init(pages.clone()).unwrap();
+        let mut q = queue(BackRing::new(pages.clone()).unwrap(), &journal);
+        assert!(!q.ring_exhausted());
+        for i in 0..31 {
+            front.produce(unknown(i)).unwrap();
+        }
+        let _ = front.push_requests();
+        assert_eq!(q.take().unwrap(), 31);
+        assert!(
+            !q.ring_exhausted(),
+            "one slot is still free to the frontend"
+        );
+        front.produce(unknown(31)).unwrap();
+        let _ = front.push_requests();
+        assert_eq!(q.take().unwrap(), 1);
+        assert!(q.ring_exhausted());
+        // One request still "in flight", the others answered: room for 31 more.
+        let first = q.order[0] as usize;
+        q.flights[first].as_mut().unwrap().running = true;
+        assert!(q.answer_done().unwrap());
+        assert!(!q.ring_exhausted());
     }
 
     /// A resumed queue first clears what the dead instance left in its slots besides the
