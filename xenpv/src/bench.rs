@@ -1059,4 +1059,19 @@ mod tests {
         assert_eq!(latency(&old, "50.000000"), 41.0);
         assert_eq!(latency(&old, "99.000000"), 0.0);
     }
+
+    /// utime and stime (fields 14 and 15, in ticks of 1/100 s) are found after a thread name
+    /// that holds spaces and parentheses.
+    #[test]
+    fn cpu_seconds_are_read_after_the_thread_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let stat = dir.path().join("stat");
+        std::fs::write(
+            &stat,
+            "4242 (iou-wrk (x) 1) S 4240 4240 1 0 -1 4194368 0 0 0 0 250 125 0 0 20 0 1 0\n",
+        )
+        .unwrap();
+        assert_eq!(stat_cpu_seconds(&stat), 3.75);
+        assert_eq!(stat_cpu_seconds(&dir.path().join("gone")), 0.0);
+    }
 }
