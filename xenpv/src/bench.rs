@@ -876,6 +876,15 @@ fn fill(file: &Path, size_mib: u64) -> Result<()> {
         .map_err(|e| step(format!("syncing {}", file.display()), e))
 }
 
+/// `x / y`, or 0 when there is no `y` to divide by (a path not measured).
+fn ratio(x: f64, y: f64) -> f64 {
+    if y > 0.0 {
+        x / y
+    } else {
+        0.0
+    }
+}
+
 /// Prints the results as a table with the ratios against the goals of perf-baselines.md.
 pub fn print(results: &[DirResult], engine: &str) {
     for r in results {
@@ -903,7 +912,6 @@ pub fn print(results: &[DirResult], engine: &str) {
                 "ntf/io"
             );
             for (w, b, o, q) in &r.rows {
-                let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
                 println!(
                     "{:<18} {:>9.0} {:>9.0} {:>9.0} {:>6.2} {:>7.2} {:>9.1} {:>9.1} {:>8.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>7.3}",
                     w.name,
@@ -946,7 +954,6 @@ pub fn print(results: &[DirResult], engine: &str) {
             "ntf/io"
         );
         for ((w, b, o, _), d) in r.rows.iter().zip(&r.direct) {
-            let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
             let m = &d.m;
             println!(
                 "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>9.1} {:>8.1}u {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>6.2}u {:>7.3}",
@@ -1016,7 +1023,6 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
             "cpu_us_per_io": x.cpu_us_per_io, "notify_per_io": x.notify_per_io,
         })
     };
-    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
     serde_json::json!({
         "engine": engine,
         "dirs": results.iter().map(|r| serde_json::json!({
