@@ -38,6 +38,10 @@ const YIELD_AFTER_WAITS: Duration = Duration::from_micros(50);
 /// not only after the first (see `Dev::run_queue`).
 const YIELD_OFTEN_AFTER_WAITS: Duration = Duration::from_micros(150);
 
+/// A queue whose waits last this long does not poll for responses but sleeps on its event
+/// channel at once (see `Dev::run_queue`).
+const BLOCK_AFTER_WAITS: Duration = Duration::from_micros(150);
+
 /// See `YIELD_OFTEN_AFTER_WAITS`.
 const YIELD_EVERY: u32 = 4;
 
@@ -765,11 +769,21 @@ where
                 }
             };
             // Hybrid polling: with requests in flight, poll `rsp_prod` with `rsp_event` unarmed
-            // (the backend does not notify meanwhile; when responses take long, the poller
-            // sleeps through most of the wait first); then arm it and, if still nothing came,
-            // sleep on the event channel.
+            // (the backend does not notify meanwhile); then arm it and, if still nothing came,
+            // sleep on the event channel. After a device's long waits (`BLOCK_AFTER_WAITS`),
+            // no polling at all: sleep on the event channel at once, and the backend notifies
+            // once per burst. Polling through such waits (a timer doze, then a spin) kept this
+            // thread on the backend's CPU, or woke it after the burst had come (a trace: 82% of
+            // bursts, by 63 µs at the median). `xenpv bench`, /tmp randread QD32, 9
+            // interleaved pairs: 0.86-0.94 of fio (mean 0.90) against 0.79-0.90 (0.84), this
+            // thread's CPU per I/O 1.2-1.7 µs against 2.3-3.0, blkback's 6.9 against 6.4 µs
+            // (it now wakes this thread); randwrite QD32 0.88-0.96 against 0.84-0.95.
             let r = r.and_then(|()| {
-                if lock(q).in_flight() > 0 && poller.poll(|| lock(q).responses_waiting()) {
+                let busy = lock(q).in_flight() > 0;
+                if busy
+                    && !poller.blocks_beyond(BLOCK_AFTER_WAITS)
+                    && poller.poll(|| lock(q).responses_waiting())
+                {
                     return Ok(true);
                 }
                 lock(q).final_check()

@@ -156,8 +156,20 @@ impl HybridPoll {
         found
     }
 
-    /// Work came after [`poll`](Self::poll) gave up and the caller slept: learns how long the
-    /// whole wait was.
+    /// Whether waits have grown so long (`threshold` or more on average) that the caller should
+    /// not poll at all but block on its event channel at once. If so, the wait is timed from
+    /// now and learnt at the next [`woken`](Self::woken), as after a poll that gave up: waits
+    /// that turn short again bring polling back.
+    pub fn blocks_beyond(&mut self, threshold: Duration) -> bool {
+        if self.expected() < threshold {
+            return false;
+        }
+        self.started = Some(Instant::now());
+        true
+    }
+
+    /// Work came after [`poll`](Self::poll) gave up (or [`blocks_beyond`](Self::blocks_beyond)
+    /// said to block) and the caller slept: learns how long the whole wait was.
     pub fn woken(&mut self) {
         if let Some(start) = self.started.take() {
             self.learn(start.elapsed());
@@ -311,6 +323,33 @@ mod tests {
             }
         }
         h
+    }
+
+    #[test]
+    fn hybrid_says_to_block_after_long_waits_and_learns_the_blocked_waits() {
+        let threshold = Duration::from_micros(150);
+        let mut fresh = HybridPoll::new(SpinBudget::Duration(Duration::from_micros(50)));
+        assert!(!fresh.blocks_beyond(threshold));
+        let mut h = trained(Duration::from_micros(200));
+        assert!(
+            h.blocks_beyond(threshold),
+            "expected wait {:?}",
+            h.expected()
+        );
+        // The blocked waits are timed and learnt: when they turn short, polling comes back.
+        let mut blocked = 1;
+        while h.blocks_beyond(threshold) {
+            h.woken();
+            blocked += 1;
+            assert!(
+                blocked < 100,
+                "still blocking, expected wait {:?}",
+                h.expected()
+            );
+        }
+        h.woken();
+        assert!(blocked > 2, "{blocked}");
+        assert!(h.expected() < threshold);
     }
 
     #[test]
