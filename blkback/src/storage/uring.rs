@@ -609,17 +609,33 @@ impl Pipeline for UringPipeline {
                 Vec::new(),
             ),
         };
-        let entry = match op {
-            Op::Read { offset, .. } => {
+        // One buffer (a 4 KiB request, say): a plain read or write, which the kernel need not
+        // import an iovec array for (as fio's io_uring engine does).
+        let entry = match (op, iov.as_slice()) {
+            (Op::Read { offset, .. }, [one]) if one.iov_len <= u32::MAX as usize => {
+                opcode::Read::new(fd, one.iov_base.cast::<u8>(), one.iov_len as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            (Op::Write { offset, .. }, [one]) if one.iov_len <= u32::MAX as usize => {
+                opcode::Write::new(
+                    fd,
+                    one.iov_base.cast::<u8>().cast_const(),
+                    one.iov_len as u32,
+                )
+                .offset(*offset)
+                .build()
+            }
+            (Op::Read { offset, .. }, _) => {
                 { opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32).offset(*offset) }.build()
             }
-            Op::Write { offset, .. } => {
+            (Op::Write { offset, .. }, _) => {
                 { opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32).offset(*offset) }.build()
             }
-            Op::Flush => opcode::Fsync::new(fd)
+            (Op::Flush, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            Op::Discard { offset, len } => opcode::Fallocate::new(fd, *len)
+            (Op::Discard { offset, len }, _) => opcode::Fallocate::new(fd, *len)
                 .offset(*offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
@@ -627,10 +643,10 @@ impl Pipeline for UringPipeline {
         .user_data(i as u64);
         // The iovecs' heap buffer does not move when the Vec is moved into the slot.
         self.slots[i] = Some(Slot { tag, kind, iov });
-        // SAFETY: the SQE points at the slot's iovecs (at most IOV_MAX of them, `precheck`),
-        // freed only after the completion is reaped, and at the op's buffers, which the caller
-        // keeps valid until the completion is returned (this function's contract). The fd is
-        // owned by `self.file`, which the pipeline holds.
+        // SAFETY: the SQE points at the op's buffers, directly or through the slot's iovecs (at
+        // most IOV_MAX of them, `precheck`; freed only after the completion is reaped). The
+        // caller keeps the buffers valid until the completion is returned (this function's
+        // contract). The fd is owned by `self.file`, which the pipeline holds.
         if !unsafe { self.push(&entry) } {
             self.slots[i] = None;
             self.free.push(i);
