@@ -184,9 +184,10 @@ pub struct Options {
     /// Granted data pages kept per queue with persistent grants.
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
-    /// long before it sleeps on its event channel (and, when responses take longer, sleeps
-    /// through most of the wait first: [`xenpv_evtchn::HybridPoll`]). 50 µs by default;
-    /// [`SpinBudget::None`] is purely event-driven.
+    /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its
+    /// waits average 150 µs or more (a device's, not memory's), it does not poll at all but
+    /// sleeps on the event channel at once. 50 µs by default; [`SpinBudget::None`] is purely
+    /// event-driven.
     pub spin: SpinBudget,
     /// How long to wait for each backend state change while negotiating.
     pub timeout: Duration,
