@@ -99,25 +99,23 @@ impl<'a> VolatileSlice<'a> {
 
     /// Copies `buf.len()` bytes at `offset` into `buf`.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.read_with(offset, buf, bulk_copy)
+    }
+
+    /// Copies `buf.len()` bytes at `offset` into `buf` with `copy` ([`bulk_copy`] for bytes,
+    /// [`volatile_copy`] for structures).
+    fn read_with(&self, offset: usize, buf: &mut [u8], copy: CopyFn) -> Result<()> {
         let src = self.check(offset, buf.len())?;
         // SAFETY: `src` is valid for `buf.len()` reads (checked); `buf` is private memory.
-        unsafe { bulk_copy(src, buf.as_mut_ptr(), buf.len(), true) };
+        unsafe { copy(src, buf.as_mut_ptr(), buf.len(), true) };
         Ok(())
     }
 
-    /// [`read`](Self::read) with volatile accesses whatever the length: for structures.
-    fn read_volatile(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        let src = self.check(offset, buf.len())?;
-        // SAFETY: `src` is valid for `buf.len()` reads (checked); `buf` is private memory.
-        unsafe { volatile_copy(src, buf.as_mut_ptr(), buf.len(), true) };
-        Ok(())
-    }
-
-    /// [`write`](Self::write) with volatile accesses whatever the length: for structures.
-    fn write_volatile(&self, offset: usize, buf: &[u8]) -> Result<()> {
+    /// Copies `buf` to `offset` with `copy` (as [`read_with`](Self::read_with)).
+    fn write_with(&self, offset: usize, buf: &[u8], copy: CopyFn) -> Result<()> {
         let dst = self.check_write(offset, buf.len())?;
         // SAFETY: `dst` is valid for `buf.len()` writes (checked); `buf` is private memory.
-        unsafe { volatile_copy(buf.as_ptr(), dst, buf.len(), false) };
+        unsafe { copy(buf.as_ptr(), dst, buf.len(), false) };
         Ok(())
     }
 
@@ -138,10 +136,7 @@ impl<'a> VolatileSlice<'a> {
 
     /// Copies `buf` to `offset`.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        let dst = self.check_write(offset, buf.len())?;
-        // SAFETY: `dst` is valid for `buf.len()` writes (checked); `buf` is private memory.
-        unsafe { bulk_copy(buf.as_ptr(), dst, buf.len(), false) };
-        Ok(())
+        self.write_with(offset, buf, bulk_copy)
     }
 
     /// Sets `len` bytes at `offset` to `byte`.
@@ -185,7 +180,7 @@ impl<'a> VolatileSlice<'a> {
         let bytes = unsafe {
             core::slice::from_raw_parts_mut((&mut v as *mut T).cast::<u8>(), size_of::<T>())
         };
-        self.read_volatile(offset, bytes)?;
+        self.read_with(offset, bytes, volatile_copy)?;
         Ok(v)
     }
 
@@ -195,21 +190,24 @@ impl<'a> VolatileSlice<'a> {
         let bytes = unsafe {
             core::slice::from_raw_parts((&value as *const T).cast::<u8>(), size_of::<T>())
         };
-        self.write_volatile(offset, bytes)
+        self.write_with(offset, bytes, volatile_copy)
     }
 
     /// Reads a little-endian `u32` at `offset`.
     pub fn read_u32(&self, offset: usize) -> Result<u32> {
         let mut b = [0u8; 4];
-        self.read_volatile(offset, &mut b)?;
+        self.read_with(offset, &mut b, volatile_copy)?;
         Ok(u32::from_le_bytes(b))
     }
 
     /// Writes a little-endian `u32` at `offset`.
     pub fn write_u32(&self, offset: usize, v: u32) -> Result<()> {
-        self.write_volatile(offset, &v.to_le_bytes())
+        self.write_with(offset, &v.to_le_bytes(), volatile_copy)
     }
 }
+
+/// A copy between shared memory and a private buffer: `(src, dst, len, shared_is_src)`.
+type CopyFn = unsafe fn(*const u8, *mut u8, usize, bool);
 
 /// Copies `len` bytes: with [`volatile_copy`] up to 8 bytes, with `memcpy` beyond (see
 /// [`VolatileSlice`]).
