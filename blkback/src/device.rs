@@ -36,7 +36,8 @@ pub struct Config {
     pub direct_io: bool,
     /// Hybrid polling budget of a queue thread: it polls the ring (and its completions) this
     /// long before it sleeps on its event channel, after sleeping through most of a wait that
-    /// usually lasts longer ([`xenpv_evtchn::HybridPoll`]). 50 µs by default
+    /// usually lasts longer ([`xenpv_evtchn::HybridPoll`]); it does not poll while the
+    /// machine's CPUs are oversubscribed ([`xenpv_evtchn::cpu_contended`]). 50 µs by default
     /// ([`SpinBudget::default`]); [`SpinBudget::None`] is purely event-driven.
     pub spin: SpinBudget,
     /// Engine for image files and block devices (NBD URIs in `params` always use NBD).

@@ -34,7 +34,8 @@ struct Args {
     /// Rewrite per-device statistics into this file every second.
     #[arg(long)]
     status_file: Option<PathBuf>,
-    /// Poll for this many microseconds before sleeping on an event channel (overrides the file).
+    /// Poll for this many microseconds before sleeping on an event channel (overrides the file;
+    /// no polling while more threads are ready to run than there are CPUs).
     #[arg(long)]
     spin_us: Option<u64>,
     /// Most queues a frontend may use (overrides the file).

@@ -186,7 +186,8 @@ pub struct Options {
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its
     /// waits average 150 µs or more (a device's, not memory's), it does not poll at all but
-    /// sleeps on the event channel at once. 50 µs by default; [`SpinBudget::None`] is purely
+    /// sleeps on the event channel at once; nor while the machine's CPUs are oversubscribed
+    /// ([`xenpv_evtchn::cpu_contended`]). 50 µs by default; [`SpinBudget::None`] is purely
     /// event-driven.
     pub spin: SpinBudget,
     /// How long to wait for each backend state change while negotiating.

@@ -59,7 +59,8 @@ struct Args {
     no_indirect: bool,
     /// Hybrid polling: how long (µs) a queue thread with requests in flight polls the ring
     /// before sleeping on the event channel (not at all once its waits average 150 µs or
-    /// more); 0 never polls (default: 50).
+    /// more, nor while more threads are ready to run than there are CPUs); 0 never polls
+    /// (default: 50).
     #[arg(long)]
     spin_us: Option<u64>,
 }

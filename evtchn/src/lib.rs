@@ -10,7 +10,8 @@
 //! * [`spin_then_wait`] polls for pending ports for a bounded spin budget before blocking, since
 //!   a cross-core wake-up costs tens of microseconds; [`spin_until`] polls shared memory (a
 //!   ring index) instead, which lets a driver leave its peer's notifications unarmed while it
-//!   polls.
+//!   polls; [`HybridPoll`] learns how long waits last and does not poll while
+//!   [`cpu_contended`] says that threads are waiting for CPUs.
 //!
 //! Semantics shared by both providers (those of `/dev/xen/evtchn`):
 //! * a port that fired is reported once by [`EventChannel::pending`] and stays masked until
@@ -20,6 +21,7 @@
 
 mod error;
 pub mod local;
+mod pressure;
 mod spin;
 mod sys;
 pub mod xen;
@@ -28,6 +30,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 pub use error::{Error, Result};
+pub use pressure::cpu_contended;
 pub use spin::{precise_sleep, spin_then_wait, spin_until, HybridPoll, SpinBudget, Woken};
 
 /// An event-channel port (`evtchn_port_t`): a small integer, per domain.

@@ -78,6 +78,14 @@ pub(crate) fn set_timer_slack(ns: u64) {
     let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
 }
 
+/// How many CPUs this machine has online (`sysconf(_SC_NPROCESSORS_ONLN)`), whatever this
+/// thread's affinity; `None` if unknown.
+pub(crate) fn online_cpus() -> Option<u64> {
+    // SAFETY: sysconf takes an integer and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u64::try_from(n).ok().filter(|&n| n > 0)
+}
+
 /// An epoll instance.
 #[derive(Debug)]
 pub(crate) struct Epoll(OwnedFd);
