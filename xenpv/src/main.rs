@@ -258,7 +258,12 @@ fn bench(cli: &Cli) -> Result<(), String> {
     } else {
         format!("blkback {back}; blkfront {front}")
     };
-    println!("polling: {polling}");
+    let gated = if opts.back_spin_us == Some(0) && opts.front_spin_us == Some(0) {
+        ""
+    } else {
+        " (no polling while more threads are ready to run than there are CPUs)"
+    };
+    println!("polling: {polling}{gated}");
     let mut report = xenpv::bench::to_json(&results, engine);
     report["polling"] = serde_json::Value::from(polling);
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
