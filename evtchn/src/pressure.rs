@@ -12,8 +12,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How often the count is read while pollers ask.
@@ -81,8 +81,12 @@ struct Sampler {
 }
 
 static SAMPLER: Mutex<Option<Sampler>> = Mutex::new(None);
-/// The last decision, for threads that find another one reading.
+/// The last decision, read without the lock between readings.
 static CONTENDED: AtomicBool = AtomicBool::new(false);
+/// When the next reading is due, in ns since [`EPOCH`]: until then callers take the lock-free
+/// path (every poll of every queue thread asks).
+static DUE_NS: AtomicU64 = AtomicU64::new(0);
+static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 #[cfg(test)]
 thread_local! {
@@ -98,13 +102,23 @@ fn read_runnable(file: &File) -> Option<u64> {
 }
 
 /// Whether more threads have lately been ready to run than this machine has CPUs (see the
-/// module docs), so that polling should give way to sleeping. Cheap: a lock and a clock read;
-/// a read of `/proc/loadavg` (about a microsecond) every millisecond at most, by one caller.
-/// If the file cannot be read, always `false`.
+/// module docs), so that polling should give way to sleeping. Cheap: two atomic loads and a
+/// clock read; a read of `/proc/loadavg` (about a microsecond) every millisecond at most, by
+/// one caller. If the file cannot be read, always `false`.
 pub fn cpu_contended() -> bool {
+    contended_at(Instant::now())
+}
+
+/// [`cpu_contended`] for a caller that has just read the clock.
+pub(crate) fn contended_at(now: Instant) -> bool {
     #[cfg(test)]
     if let Some(forced) = FORCE.with(std::cell::Cell::get) {
         return forced;
+    }
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let ns = |t: Instant| u64::try_from(t.saturating_duration_since(epoch).as_nanos()).ok();
+    if ns(now).map_or(true, |n| n < DUE_NS.load(Ordering::Relaxed)) {
+        return CONTENDED.load(Ordering::Relaxed);
     }
     let mut guard = match SAMPLER.try_lock() {
         Ok(g) => g,
@@ -115,21 +129,24 @@ pub fn cpu_contended() -> bool {
         file: File::open("/proc/loadavg").ok(),
         gauge: Gauge::new(crate::sys::online_cpus().unwrap_or(1)),
     });
-    let Some(file) = &s.file else {
-        return false;
-    };
-    let now = Instant::now();
     if !s.gauge.due(now) {
+        // Another caller took the reading since this one looked.
         return s.gauge.contended();
     }
-    let contended = match read_runnable(file) {
-        Some(n) => s.gauge.sample(now, n),
+    let reading = s.file.as_ref().and_then(read_runnable);
+    let (contended, due) = match reading {
+        Some(n) => (
+            s.gauge.sample(now, n),
+            s.gauge.next.and_then(ns).unwrap_or(u64::MAX),
+        ),
+        // No such file, or it stopped making sense: never contended, never asked again.
         None => {
             s.file = None;
-            false
+            (false, u64::MAX)
         }
     };
     CONTENDED.store(contended, Ordering::Relaxed);
+    DUE_NS.store(due, Ordering::Relaxed);
     contended
 }
 

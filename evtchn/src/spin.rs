@@ -132,7 +132,7 @@ impl HybridPoll {
     ) -> bool {
         let start = Instant::now();
         self.started = None;
-        if self.budget != SpinBudget::None && crate::pressure::cpu_contended() {
+        if self.budget != SpinBudget::None && crate::pressure::contended_at(start) {
             // Threads are waiting for CPUs: polling would take their time. One look, then
             // the caller sleeps. `xenpv bench`, /dev/shm randread QD32 through the NBD export
             // (fio, the export's threads, blkfront and blkback on 2 vCPUs): 98-118k IOPS
