@@ -339,17 +339,10 @@ fn stat_cpu_seconds(path: &Path) -> f64 {
 
 /// The backend's notification counter for a device, from its status file.
 fn notifications(status: &Path, device: &str) -> f64 {
-    let Ok(s) = std::fs::read_to_string(status) else {
-        return 0.0;
-    };
-    s.lines()
-        .find(|l| l.starts_with(device))
-        .and_then(|l| {
-            l.split_whitespace()
-                .find_map(|kv| kv.strip_prefix("notifications="))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    crate::status::Status::read(status)
+        .ok()
+        .and_then(|s| s.device(device).and_then(|e| e.get("notifications")))
+        .map_or(0.0, |n| n as f64)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

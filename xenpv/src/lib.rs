@@ -7,4 +7,5 @@ pub mod bench;
 pub mod layout;
 pub mod platform;
 pub mod spec;
+pub mod status;
 pub mod toolstack;

@@ -47,8 +47,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// List PV devices and their states.
-    List,
+    /// List PV devices and their states, with each disk's statistics from blkback's status file.
+    List {
+        /// xenpv-blkback's status file (its `--status-file`); by default the packaged
+        /// configuration's, /run/xenpv-blkback/status, when it exists.
+        #[arg(long)]
+        status_file: Option<PathBuf>,
+    },
     /// Benchmark a disk served end to end on the local platform against fio on the same file.
     Bench {
         /// What to benchmark (only `disk` so far).
@@ -299,7 +304,27 @@ fn run(cli: &Cli) -> Result<(), String> {
             toolstack::detach(&xs, *domid, device, Duration::from_secs(*timeout), *force)
                 .map_err(err)?;
         }
-        Command::List => {
+        Command::List { status_file } => {
+            // Statistics are an addition: without a status file the states are still listed.
+            let status = match status_file {
+                Some(p) => Some(xenpv::status::Status::read(p).map_err(|e| e.to_string())?),
+                None => {
+                    let p = std::path::Path::new(xenpv::status::DEFAULT_PATH);
+                    p.exists()
+                        .then(|| xenpv::status::Status::read(p))
+                        .transpose()
+                        .map_err(|e| e.to_string())?
+                }
+            };
+            if let Some(age) = status.as_ref().and_then(|s| s.age) {
+                if age > STALE_STATUS {
+                    eprintln!(
+                        "xenpv: blkback's status file was last written {} s ago (it is rewritten \
+                         every second): is xenpv-blkback running? The statistics below are old.",
+                        age.as_secs()
+                    );
+                }
+            }
             println!(
                 "{:<6} {:<4} {:<10} {:<7} {:<13} {:<13} detail",
                 "domid", "kind", "devid", "backend", "be-state", "fe-state"
@@ -315,6 +340,17 @@ fn run(cli: &Cli) -> Result<(), String> {
                     format!("{:?}", d.frontend_state),
                     d.detail
                 );
+                let path = xenpv::layout::backend_path(d.kind, d.backend, d.domid, d.devid);
+                match status.as_ref().and_then(|s| s.device(&path)) {
+                    Some(xenpv::status::Entry::Counters(c)) => {
+                        let kv: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        println!("{:<6} {}", "", kv.join(" "));
+                    }
+                    Some(xenpv::status::Entry::Starting) => {
+                        println!("{:<6} (blkback: not connected yet)", "");
+                    }
+                    None => {}
+                }
             }
         }
         // Served above, before connecting to xenstore.
@@ -322,6 +358,9 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A status file older than this (the daemon rewrites it every second) is reported as stale.
+const STALE_STATUS: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

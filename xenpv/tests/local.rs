@@ -462,3 +462,127 @@ fn a_second_signal_ends_the_bench_at_once() {
         "the bench stopped the slow way: {rest:?}"
     );
 }
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `xenpv list` shows each disk's statistics from blkback's status file: a disk served by
+/// xenpv-blkback to xenpv-blkfront (both as processes, the load generator writing, then reading),
+/// and the error that names the fix when the file is not there.
+#[test]
+fn list_shows_the_disks_statistics_from_blkbacks_status_file() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_xenpv"));
+    let bins = exe.parent().unwrap();
+    for b in ["xenpv-blkback", "xenpv-blkfront"] {
+        assert!(
+            bins.join(b).exists(),
+            "{b} is not built next to xenpv: run `cargo test --workspace`"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    std::fs::create_dir(&root).unwrap();
+    let local = Local::start(&root);
+    assert_eq!(ok(local.xenpv(&["domain", "create"])).trim(), "1");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let spec = format!("target={},vdev=xvda,access=rw", image.display());
+    ok(local.xenpv(&["attach-disk", "1", &spec]));
+    let status = dir.path().join("blkback.status");
+    let _back = Killed(
+        Command::new(bins.join("xenpv-blkback"))
+            .args(["--platform", "local", "--state-dir"])
+            .arg(&root)
+            .arg("--status-file")
+            .arg(&status)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // 4 KiB random writes then reads, at QD4 for half a second each, without ramp.
+    let mut front = Killed(
+        Command::new(bins.join("xenpv-blkfront"))
+            .args(["--platform", "local", "--state-dir"])
+            .arg(&root)
+            .args(["--domid", "1", "--device", "xvda", "--load"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Its stdin stays open until the end: at its end the frontend closes the disk.
+    let mut stdin = front.0.stdin.take().unwrap();
+    std::io::Write::write_all(
+        &mut stdin,
+        b"randwrite 4096 4 0 0.5\nrandread 4096 4 0 0.5\n",
+    )
+    .unwrap();
+    // A line saying it is ready, then one line of JSON per workload.
+    let mut out = BufReader::new(front.0.stdout.take().unwrap()).lines();
+    let mut results = Vec::new();
+    while results.len() < 2 {
+        match out.next() {
+            Some(Ok(l)) if l.starts_with('{') => {
+                assert!(l.contains("\"errors\":0"), "{l}");
+                results.push(l);
+            }
+            Some(Ok(_)) => {}
+            _ => panic!("the load generator stopped after {results:?}"),
+        }
+    }
+
+    // The daemon rewrites its status file every second.
+    let be = "/local/domain/0/backend/vbd/1/51712";
+    let end = std::time::Instant::now() + T;
+    let counters = loop {
+        let s = xenpv::status::Status::read(&status).ok();
+        let e = s.as_ref().and_then(|s| s.device(be)).cloned();
+        if let Some(e) = e.filter(|e| e.get("reads").unwrap_or(0) > 0) {
+            break e;
+        }
+        assert!(std::time::Instant::now() < end, "no reads in {status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (reads, writes) = (counters.get("reads"), counters.get("writes"));
+    assert!(writes.unwrap_or(0) > 0, "{counters:?}");
+
+    let list = ok(local.xenpv(&["list", "--status-file", status.to_str().unwrap()]));
+    let mut lines = list
+        .lines()
+        .skip_while(|l| !l.starts_with("1      vbd  51712"));
+    let row = lines
+        .next()
+        .unwrap_or_else(|| panic!("no row for xvda: {list}"));
+    assert!(row.contains("Connected"), "{list}");
+    let stats = lines.next().unwrap_or_default();
+    // At least what we read (the file may have been rewritten since, with more).
+    let shown = |k: &str| -> u64 {
+        stats
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k}= under the row: {list}"))
+    };
+    assert!(shown("reads") >= reads.unwrap(), "{list}");
+    assert!(shown("writes") >= writes.unwrap(), "{list}");
+    assert!(stats.contains("errors=0"), "{list}");
+
+    let e = failed(local.xenpv(&["list", "--status-file", "/nonexistent/status"]));
+    assert!(
+        e.contains("/nonexistent/status") && e.contains("xenpv-blkback running with --status-file"),
+        "{e}"
+    );
+    drop(stdin);
+}
