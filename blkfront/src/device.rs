@@ -14,7 +14,7 @@ use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
 use crate::queue::RingState;
 use crate::queue::{finish, ring_memory, Chunk, Features, Finished, Kind, Parent, QState};
-use crate::{Callback, Error, Op, Options, Platform, Result, Ticket};
+use crate::{Callback, Consume, Error, Op, Options, Platform, Result, Ticket};
 
 const CONNECTED: u8 = 0;
 const RECONNECTING: u8 = 1;
@@ -238,6 +238,17 @@ where
         self.dev.submit(op, done)
     }
 
+    /// Reads `len` bytes at `offset` without copying them out: `consume` reads each piece in
+    /// place, in the granted pages the backend wrote (see [`Consume`]), as its part of the read
+    /// is answered; then `done` runs as for [`Op::Read`], with an empty buffer on success. A
+    /// client that checks, hashes or forwards the data saves the copy into a buffer of its own
+    /// (and the buffer), as a reader with DMA into its own memory does. If `done` reports an
+    /// error, some pieces may have been consumed already and are not the disk's content.
+    pub fn submit_read_in_place(&self, offset: u64, len: usize, consume: Consume, done: Callback) {
+        self.dev
+            .submit_with(Op::Read { offset, len }, Some(consume), done)
+    }
+
     /// Submits `op` and returns a [`Ticket`] to wait on.
     pub fn submit_ticket(&self, op: Op) -> Ticket {
         let (t, cb) = Ticket::new();
@@ -361,6 +372,12 @@ where
     E: EventChannel + 'static,
 {
     fn submit(&self, op: Op, done: Callback) {
+        self.submit_with(op, None, done)
+    }
+
+    /// [`submit`](Self::submit); a read with `consume` is read in place (see
+    /// [`BlkFront::submit_read_in_place`]).
+    fn submit_with(&self, op: Op, consume: Option<Consume>, done: Callback) {
         SUBMITTED_HERE.set(SUBMITTED_HERE.get().wrapping_add(1));
         let phase = self.phase.load(Ordering::SeqCst);
         if phase == CLOSED || phase == BROKEN || self.closing.load(Ordering::SeqCst) {
@@ -401,7 +418,7 @@ where
             len,
             data,
             pos: 0,
-            parent: Parent::new(1, read_len, done),
+            parent: Parent::new(1, read_len, consume.filter(|_| kind == Kind::Read), done),
         };
         let nq = self.nq.load(Ordering::SeqCst).clamp(1, self.queues.len());
         let qi = self.rr.fetch_add(1, Ordering::Relaxed) % nq;

@@ -246,6 +246,15 @@ pub enum Op {
 /// A completion callback: the read data (empty for other operations) or the error.
 pub type Callback = Box<dyn FnOnce(Result<Vec<u8>>) + Send + 'static>;
 
+/// Reads the data of a read submitted with [`BlkFront::submit_read_in_place`] where the backend
+/// put it, in the granted pages, before they are reused: `(position in the read, bytes)`, one
+/// call per page or part of a page, in no particular order (the pieces of a large read may be
+/// answered out of order), each position once. The bytes are shared with the backend, which may
+/// still write them: read them through the [`xenpv_grant::VolatileSlice`], once, as untrusted
+/// data. It runs on a queue thread with the queue locked: it must be quick and must not submit
+/// to or close the device (that would wait for the lock it runs under).
+pub type Consume = Box<dyn FnMut(usize, &xenpv_grant::VolatileSlice<'_>) + Send + 'static>;
+
 /// The handle of one submitted operation.
 #[derive(Debug)]
 pub struct Ticket {

@@ -16,7 +16,7 @@ use xenpv_ring::blkif::{
 };
 use xenpv_ring::FrontRing;
 
-use crate::{Callback, Error, Result};
+use crate::{Callback, Consume, Error, Result};
 
 /// What a chunk asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,17 +39,31 @@ struct ParentState {
     buf: Vec<u8>,
     /// The length `buf` has once every chunk is in.
     read_len: usize,
+    /// A read in place: its data goes to this instead of `buf`.
+    consume: Option<Consume>,
     err: Option<Error>,
     done: Option<Callback>,
 }
 
 impl Parent {
-    pub(crate) fn new(chunks: usize, read_len: usize, done: Callback) -> Arc<Parent> {
+    /// `consume` (reads only) reads the data in place instead of collecting it in a buffer.
+    pub(crate) fn new(
+        chunks: usize,
+        read_len: usize,
+        consume: Option<Consume>,
+        done: Callback,
+    ) -> Arc<Parent> {
+        let buf = if consume.is_some() {
+            Vec::new()
+        } else {
+            Vec::with_capacity(read_len)
+        };
         Arc::new(Parent {
             remaining: AtomicUsize::new(chunks),
             state: Mutex::new(ParentState {
-                buf: Vec::with_capacity(read_len),
+                buf,
                 read_len,
+                consume,
                 err: None,
                 done: Some(done),
             }),
@@ -116,6 +130,8 @@ pub(crate) fn finish(chunk: Chunk, result: Result<Vec<u8>>) {
         let done = st.done.take();
         let r = match st.err.take() {
             Some(e) => Err(e),
+            // Read in place: the data was consumed, there is no buffer.
+            None if st.consume.is_some() => Ok(Vec::new()),
             None => {
                 // Every chunk put its bytes in place; this only guards the length.
                 let n = st.read_len;
@@ -507,6 +523,26 @@ where
         r.map_err(Error::from)
     }
 
+    /// The first `n` bytes of page `i` of `p`, where they are (`None` without pages).
+    fn page_slice<'a>(
+        &'a self,
+        p: &'a Pages<G::Shared>,
+        i: usize,
+        n: usize,
+    ) -> Result<Option<xenpv_grant::VolatileSlice<'a>>> {
+        let r = match p {
+            Pages::None => return Ok(None),
+            Pages::Pool(v) => {
+                let (c, pg) = v[i];
+                self.pool.chunks[c as usize]
+                    .volatile()
+                    .subslice(pg as usize * PAGE_SIZE, n)
+            }
+            Pages::Own(s) => s.volatile().subslice(i * PAGE_SIZE, n),
+        };
+        r.map(Some).map_err(Error::from)
+    }
+
     fn page_read(&self, p: &Pages<G::Shared>, i: usize, buf: &mut [u8]) -> Result<()> {
         let r = match p {
             Pages::None => return Ok(()),
@@ -538,6 +574,20 @@ where
         let Some(end) = start.checked_add(len).filter(|&e| e <= st.read_len) else {
             return;
         };
+        let st = &mut *st;
+        if let Some(consume) = st.consume.as_mut() {
+            for i in 0..len.div_ceil(PAGE_SIZE) {
+                let n = (len - i * PAGE_SIZE).min(PAGE_SIZE);
+                match self.page_slice(&inf.data, i, n) {
+                    Ok(Some(piece)) => consume(start + i * PAGE_SIZE, &piece),
+                    Ok(None) => {}
+                    Err(e) => {
+                        st.err.get_or_insert(e);
+                    }
+                }
+            }
+            return;
+        }
         if st.buf.len() < start {
             // An earlier chunk of this read is still in flight: leave room for it.
             st.buf.resize(start, 0);

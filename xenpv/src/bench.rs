@@ -5,7 +5,9 @@
 //!
 //! A second path measures the driver pair without NBD: `xenpv-blkfront --load` (a closed-loop
 //! load generator on the blkfront API, in its own process) on a second disk backed by the same
-//! file, with the same workloads, interleaved with the others.
+//! file, with the same workloads, interleaved with the others. Like fio, whose reads land in its
+//! buffers with no copy, the generator reads in place (`BlkFront::submit_read_in_place`): the
+//! data reaches its granted pages and is not copied out.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -926,7 +928,7 @@ pub fn print(results: &[DirResult], engine: &str) {
         }
         println!();
         println!(
-            "{} direct, no NBD (dir = xenpv-blkfront --load -> xenpv-blkback -> file, a second disk on the same file)",
+            "{} direct, no NBD (dir = xenpv-blkfront --load -> xenpv-blkback -> file, a second disk on the same file; reads in place, not copied out)",
             r.dir.display()
         );
         println!(
