@@ -490,17 +490,13 @@ where
     }
 
     fn page_write(&self, p: &Pages<G::Shared>, i: usize, off: usize, buf: &[u8]) -> Result<()> {
-        let r = match p {
-            Pages::None => return Ok(()),
-            Pages::Pool(v) => {
-                let (c, pg) = v[i];
-                self.pool.chunks[c as usize]
-                    .volatile()
-                    .write(pg as usize * PAGE_SIZE + off, buf)
-            }
-            Pages::Own(s) => s.volatile().write(i * PAGE_SIZE + off, buf),
-        };
-        r.map_err(Error::from)
+        let end = off
+            .checked_add(buf.len())
+            .ok_or_else(|| Error::Grant(format!("write of {} bytes at {off}", buf.len())))?;
+        match self.page_slice(p, i, end)? {
+            Some(s) => s.write(off, buf).map_err(Error::from),
+            None => Ok(()),
+        }
     }
 
     fn page_append(
@@ -510,17 +506,10 @@ where
         n: usize,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        let r = match p {
-            Pages::None => return Ok(()),
-            Pages::Pool(v) => {
-                let (c, pg) = v[i];
-                self.pool.chunks[c as usize]
-                    .volatile()
-                    .append_to(pg as usize * PAGE_SIZE, n, out)
-            }
-            Pages::Own(s) => s.volatile().append_to(i * PAGE_SIZE, n, out),
-        };
-        r.map_err(Error::from)
+        match self.page_slice(p, i, n)? {
+            Some(s) => s.append_to(0, n, out).map_err(Error::from),
+            None => Ok(()),
+        }
     }
 
     /// The first `n` bytes of page `i` of `p`, where they are (`None` without pages).
@@ -544,17 +533,10 @@ where
     }
 
     fn page_read(&self, p: &Pages<G::Shared>, i: usize, buf: &mut [u8]) -> Result<()> {
-        let r = match p {
-            Pages::None => return Ok(()),
-            Pages::Pool(v) => {
-                let (c, pg) = v[i];
-                self.pool.chunks[c as usize]
-                    .volatile()
-                    .read(pg as usize * PAGE_SIZE, buf)
-            }
-            Pages::Own(s) => s.volatile().read(i * PAGE_SIZE, buf),
-        };
-        r.map_err(Error::from)
+        match self.page_slice(p, i, buf.len())? {
+            Some(s) => s.read(0, buf).map_err(Error::from),
+            None => Ok(()),
+        }
     }
 
     /// Copies a successful read out of its pages straight into its place in the parent's

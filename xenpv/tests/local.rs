@@ -290,6 +290,18 @@ fn bench_only_names_the_workloads() {
     );
 }
 
+/// The directory of `xenpv`, where `cargo test --workspace` also builds the drivers' binaries.
+fn driver_bins() -> &'static Path {
+    let bins = Path::new(env!("CARGO_BIN_EXE_xenpv")).parent().unwrap();
+    for b in ["xenpv-blkback", "xenpv-blkfront"] {
+        assert!(
+            bins.join(b).exists(),
+            "{b} is not built next to xenpv: run `cargo test --workspace`"
+        );
+    }
+    bins
+}
+
 /// The processes whose parent is `pid` (from `/proc/*/stat`).
 fn children_of(pid: u32) -> Vec<u32> {
     let mut kids = Vec::new();
@@ -318,13 +330,7 @@ fn bench_at_first_round(
     runtime: &str,
 ) -> (Child, std::sync::mpsc::Receiver<String>, Vec<u32>) {
     let exe = Path::new(env!("CARGO_BIN_EXE_xenpv"));
-    let bins = exe.parent().unwrap();
-    for b in ["xenpv-blkback", "xenpv-blkfront"] {
-        assert!(
-            bins.join(b).exists(),
-            "{b} is not built next to xenpv: run `cargo test --workspace`"
-        );
-    }
+    driver_bins();
     let mut bench = Command::new(exe)
         .args(["bench", "disk", "--dirs"])
         .arg(dir)
@@ -478,14 +484,7 @@ impl Drop for Killed {
 /// and the error that names the fix when the file is not there.
 #[test]
 fn list_shows_the_disks_statistics_from_blkbacks_status_file() {
-    let exe = Path::new(env!("CARGO_BIN_EXE_xenpv"));
-    let bins = exe.parent().unwrap();
-    for b in ["xenpv-blkback", "xenpv-blkfront"] {
-        assert!(
-            bins.join(b).exists(),
-            "{b} is not built next to xenpv: run `cargo test --workspace`"
-        );
-    }
+    let bins = driver_bins();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("state");
     std::fs::create_dir(&root).unwrap();
