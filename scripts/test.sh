@@ -21,7 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get install -y "${missing[@]}" || { as_root apt-get update && as_root apt-get install -y "${missing[@]}"; } ||
     {
       # A machine whose qemu-utils came from elsewhere (a backport) cannot take the release's
-      # qemu-system-x86 beside it: install both at the release's version.
+      # qemu-system-x86 beside it: install both at the release's version. Any other failure
+      # stays a failure (no downgrade for it).
+      [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] || exit 1
       v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
       step "installing qemu-utils and qemu-system-x86 at the same version ($v)"
       as_root apt-get install -y --allow-downgrades "${missing[@]}" "qemu-utils=$v"

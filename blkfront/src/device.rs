@@ -376,7 +376,8 @@ where
     }
 
     /// [`submit`](Self::submit); a read with `consume` is read in place (see
-    /// [`BlkFront::submit_read_in_place`]).
+    /// [`BlkFront::submit_read_in_place`]). Other operations have no data to consume: only
+    /// reads' chunks reach `RingState::collect`, the one caller of `consume`.
     fn submit_with(&self, op: Op, consume: Option<Consume>, done: Callback) {
         SUBMITTED_HERE.set(SUBMITTED_HERE.get().wrapping_add(1));
         let phase = self.phase.load(Ordering::SeqCst);
@@ -418,7 +419,7 @@ where
             len,
             data,
             pos: 0,
-            parent: Parent::new(1, read_len, consume.filter(|_| kind == Kind::Read), done),
+            parent: Parent::new(1, read_len, consume, done),
         };
         let nq = self.nq.load(Ordering::SeqCst).clamp(1, self.queues.len());
         let qi = self.rr.fetch_add(1, Ordering::Relaxed) % nq;

@@ -306,16 +306,14 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         Command::List { status_file } => {
             // Statistics are an addition: without a status file the states are still listed.
-            let status = match status_file {
-                Some(p) => Some(xenpv::status::Status::read(p).map_err(|e| e.to_string())?),
-                None => {
-                    let p = std::path::Path::new(xenpv::status::DEFAULT_PATH);
-                    p.exists()
-                        .then(|| xenpv::status::Status::read(p))
-                        .transpose()
-                        .map_err(|e| e.to_string())?
-                }
-            };
+            let (status, warning) = xenpv::status::for_list(
+                status_file.as_deref(),
+                std::path::Path::new(xenpv::status::DEFAULT_PATH),
+            )
+            .map_err(|e| e.to_string())?;
+            if let Some(w) = warning {
+                eprintln!("xenpv: {w}");
+            }
             if let Some(age) = status.as_ref().and_then(|s| s.age) {
                 if age > STALE_STATUS {
                     eprintln!(

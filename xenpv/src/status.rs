@@ -91,6 +91,23 @@ impl Status {
     }
 }
 
+/// The statistics `xenpv list` shows: from `explicit` (the user's `--status-file`), whose
+/// failure is the command's; or else from `default` when it exists, whose failure is only a
+/// warning (returned), since the user asked for no statistics and the states still list.
+pub fn for_list(
+    explicit: Option<&Path>,
+    default: &Path,
+) -> Result<(Option<Status>, Option<String>), Error> {
+    match explicit {
+        Some(p) => Status::read(p).map(|s| (Some(s), None)),
+        None if !default.exists() => Ok((None, None)),
+        None => Ok(match Status::read(default) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(format!("{e}; listing without statistics"))),
+        }),
+    }
+}
+
 /// Parses the file's text; a bad line gives its 1-based number and what is wrong with it.
 pub fn parse(text: &str) -> Result<HashMap<String, Entry>, (usize, String)> {
     let mut out = HashMap::new();
@@ -157,6 +174,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--status-file"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_default_file_is_a_warning_and_a_bad_named_one_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad, none) = (
+            dir.path().join("good"),
+            dir.path().join("bad"),
+            dir.path().join("none"),
+        );
+        std::fs::write(&good, "/x reads=2\n").unwrap();
+        std::fs::write(&bad, "/x reads=two\n").unwrap();
+
+        let (s, w) = for_list(None, &good).unwrap();
+        assert_eq!(
+            s.unwrap().device("/x").and_then(|e| e.get("reads")),
+            Some(2)
+        );
+        assert!(w.is_none());
+        let (s, w) = for_list(None, &none).unwrap();
+        assert!(
+            s.is_none() && w.is_none(),
+            "no default file: no statistics, no warning"
+        );
+        let (s, w) = for_list(None, &bad).unwrap();
+        assert!(s.is_none());
+        let w = w.unwrap();
+        assert!(
+            w.contains("line 1") && w.contains("without statistics"),
+            "{w}"
+        );
+
+        assert!(matches!(
+            for_list(Some(&bad), &good),
+            Err(Error::Malformed { line: 1, .. })
+        ));
+        assert!(matches!(
+            for_list(Some(&none), &good),
+            Err(Error::Read { .. })
+        ));
     }
 
     #[test]
