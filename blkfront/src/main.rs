@@ -159,7 +159,7 @@ where
     }
     let dev = Arc::new(BlkFront::connect(p, dir, opts).map_err(|e| e.to_string())?);
     let Some(socket) = socket else {
-        return load(&dev, dir);
+        return load(&dev, dir, &term);
     };
     let _ = std::fs::remove_file(socket);
     let server = xenpv_nbd::Server::bind_unix(socket, Arc::new(NbdExport::new(dev.clone())))
@@ -201,8 +201,9 @@ where
     }
 }
 
-/// `--load`: workloads from stdin, one JSON line each on stdout.
-fn load<G, E>(dev: &Arc<BlkFront<G, E>>, dir: &str) -> Result<(), String>
+/// `--load`: workloads from stdin, one JSON line each on stdout, until stdin ends or `term`
+/// (SIGTERM/SIGINT) is set; a workload running then finishes first.
+fn load<G, E>(dev: &Arc<BlkFront<G, E>>, dir: &str, term: &AtomicBool) -> Result<(), String>
 where
     G: GrantShare + Send + Sync + 'static,
     G::Shared: SharedPages + Send + Sync + 'static,
@@ -216,8 +217,21 @@ where
         dev.size()
     );
     let _ = stdout.flush();
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| format!("stdin: {e}"))?;
+    // stdin is read on a thread of its own so that a signal is noticed while no line comes.
+    let (tx, lines) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while !term.load(Ordering::SeqCst) {
+        let line = match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => line.map_err(|e| format!("stdin: {e}"))?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         if line.trim().is_empty() {
             continue;
         }

@@ -481,7 +481,8 @@ impl Drop for Killed {
 
 /// `xenpv list` shows each disk's statistics from blkback's status file: a disk served by
 /// xenpv-blkback to xenpv-blkfront (both as processes, the load generator writing, then reading),
-/// and the error that names the fix when the file is not there.
+/// and the error that names the fix when the file is not there; then SIGTERM stops the load
+/// generator while it waits for a workload.
 #[test]
 fn list_shows_the_disks_statistics_from_blkbacks_status_file() {
     let bins = driver_bins();
@@ -583,5 +584,25 @@ fn list_shows_the_disks_statistics_from_blkbacks_status_file() {
         e.contains("/nonexistent/status") && e.contains("xenpv-blkback running with --status-file"),
         "{e}"
     );
+
+    // SIGTERM with stdin still open: the load generator closes the disk and exits cleanly.
+    let pid = front.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let end = std::time::Instant::now() + T;
+    let exit = loop {
+        if let Some(s) = front.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "xenpv-blkfront --load ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
     drop(stdin);
 }
