@@ -48,11 +48,29 @@ impl Gauge {
 
     /// Takes a reading of the runnable threads at `now`; returns whether the CPUs are
     /// oversubscribed.
+    ///
+    /// Each reading weighs as much as the readings it stands for: one taken a [`SAMPLE`] after
+    /// the last weighs 1/8, one taken after a gap (pollers asked nothing meanwhile) weighs one
+    /// eighth per `SAMPLE` of the gap, up to the whole average after `8 * SAMPLE`. Old
+    /// readings so fade with time, not with the number of readings: a sparse asker (a poller
+    /// whose waits are long) is not held to a count taken long ago.
     pub(crate) fn sample(&mut self, now: Instant, runnable: u64) -> bool {
         let x = runnable.saturating_mul(ONE);
+        let parts = 1u64 << SHIFT;
+        let k = match self.next {
+            // Readings' worth since the last one (which was `SAMPLE` before `next`).
+            Some(next) => {
+                let since = now.saturating_duration_since(next) + SAMPLE;
+                let n = since.as_nanos() / SAMPLE.as_nanos().max(1);
+                u64::try_from(n).unwrap_or(parts).clamp(1, parts)
+            }
+            None => parts,
+        };
         self.avg = Some(match self.avg {
             None => x,
-            Some(a) => a - (a >> SHIFT) + (x >> SHIFT),
+            Some(a) => {
+                (a - (a >> SHIFT).saturating_mul(k)).saturating_add((x >> SHIFT).saturating_mul(k))
+            }
         });
         self.next = Some(now + SAMPLE);
         self.contended()
@@ -203,6 +221,19 @@ mod tests {
             readings += 1;
             assert!(readings < 40);
         }
+        // After a gap, the new reading counts for the readings it stands for: 3 after 8 ms
+        // without one is contention at once, 1 after as long ends it at once.
+        t += ms(8);
+        assert!(g.sample(t, 3));
+        t += ms(20);
+        assert!(!g.sample(t, 1));
+        // Half a window's gap moves it half way: 1 and 3 in equal parts.
+        t += SAMPLE;
+        assert!(!g.sample(t, 1));
+        t += ms(4);
+        assert!(!g.sample(t, 3));
+        t += ms(8);
+        assert!(g.sample(t, 3));
         // Huge counts saturate rather than overflow.
         let mut g = Gauge::new(1);
         assert!(g.sample(t0, u64::MAX));
