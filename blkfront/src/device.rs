@@ -1,12 +1,12 @@
 //! The device: negotiation (pv-protocols.md §1.4–1.5), queue threads, the control thread that
 //! watches the backend and reconnects, and the public API.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xenpv_evtchn::{EventChannel, HybridPoll, Port};
+use xenpv_evtchn::{EventChannel, HybridPoll, Port, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
 use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST, VDISK_READONLY};
 use xenpv_ring::FrontRing;
@@ -41,6 +41,10 @@ const YIELD_OFTEN_AFTER_WAITS: Duration = Duration::from_micros(150);
 /// A queue whose waits last this long does not poll for responses but sleeps on its event
 /// channel at once (see `Dev::run_queue`).
 const BLOCK_AFTER_WAITS: Duration = Duration::from_micros(150);
+
+/// The longest a queue thread polls for a response in [`Options::poll`] mode before it sleeps
+/// on its event channel.
+pub const POLL_LIMIT: Duration = Duration::from_secs(1);
 
 /// See `YIELD_OFTEN_AFTER_WAITS`.
 const YIELD_EVERY: u32 = 4;
@@ -95,6 +99,10 @@ pub(crate) struct Dev<G: GrantShare, E> {
     rr: AtomicUsize,
     closing: AtomicBool,
     reconnects: AtomicUsize,
+    /// [`Options::poll`], as [`BlkFront::set_polling`] last set it.
+    polling: AtomicBool,
+    /// Times a queue thread slept on its event channel with requests in flight.
+    busy_sleeps: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -162,6 +170,7 @@ where
             be_id,
             handle,
             queues: (0..nq).map(|_| Mutex::new(QState::default())).collect(),
+            polling: AtomicBool::new(options.poll),
             opts: options,
             nq: AtomicUsize::new(1),
             phase: AtomicU8::new(RECONNECTING),
@@ -172,6 +181,7 @@ where
             rr: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             reconnects: AtomicUsize::new(0),
+            busy_sleeps: AtomicU64::new(0),
         });
         let span = tracing::info_span!("vbd", domid = dev.be_id, dev = %dev.fe);
         let _g = span.enter();
@@ -220,6 +230,23 @@ where
     /// How many times the device renegotiated after the backend left Connected.
     pub fn reconnects(&self) -> usize {
         self.dev.reconnects.load(Ordering::SeqCst)
+    }
+
+    /// Polls for responses while requests are in flight ([`Options::poll`]) or not (hybrid
+    /// polling): the queue threads take it up at their next wait.
+    pub fn set_polling(&self, poll: bool) {
+        self.dev.polling.store(poll, Ordering::Relaxed);
+    }
+
+    /// Whether queue threads poll while requests are in flight ([`set_polling`](Self::set_polling)).
+    pub fn polling(&self) -> bool {
+        self.dev.polling.load(Ordering::Relaxed)
+    }
+
+    /// How many times a queue thread slept on its event channel while it had requests in
+    /// flight (so that the backend had to notify it). Rare in [`Options::poll`] mode.
+    pub fn busy_sleeps(&self) -> u64 {
+        self.dev.busy_sleeps.load(Ordering::Relaxed)
     }
 
     /// The frontend directory.
@@ -735,8 +762,20 @@ where
         let _g = span.enter();
         let mut ports = Vec::new();
         let q = &self.queues[qi];
-        let mut poller = HybridPoll::new(self.opts.spin);
+        let budget = |polling: bool| {
+            if polling {
+                SpinBudget::Duration(POLL_LIMIT)
+            } else {
+                self.opts.spin
+            }
+        };
+        let mut polling = self.polling.load(Ordering::Relaxed);
+        let mut poller = HybridPoll::new(budget(polling));
         loop {
+            if polling != self.polling.load(Ordering::Relaxed) {
+                polling = !polling;
+                poller = HybridPoll::new(budget(polling));
+            }
             // After a wait the poller gave up on: how long it took.
             poller.woken();
             // Responses a few at a time, each few completed (their callbacks may issue more
@@ -807,11 +846,16 @@ where
             // (it now wakes this thread); randwrite QD32 0.88-0.96 against 0.84-0.95.
             // Polling only tries the queue's lock: a thread submitting (an NBD connection's)
             // holds it for a while and must not find it taken by the poller and sleep on it.
+            // In poll mode ([`Options::poll`]) polling goes on through long waits too; a stop
+            // ends it.
+            let busy = lock(q).in_flight() > 0;
             let r = r.and_then(|()| {
-                let busy = lock(q).in_flight() > 0;
                 if busy
-                    && !poller.blocks_beyond(BLOCK_AFTER_WAITS)
-                    && poller.poll(|| try_lock(q).is_some_and(|mut q| q.responses_waiting()))
+                    && (polling || !poller.blocks_beyond(BLOCK_AFTER_WAITS))
+                    && poller.poll(|| {
+                        (polling && stop.load(Ordering::Relaxed))
+                            || try_lock(q).is_some_and(|mut q| q.responses_waiting())
+                    })
                 {
                     return Ok(true);
                 }
@@ -839,6 +883,9 @@ where
             }
             if again {
                 continue;
+            }
+            if busy {
+                self.busy_sleeps.fetch_add(1, Ordering::Relaxed);
             }
             if let Err(e) = ev.wait(&mut ports, Some(Duration::from_millis(100))) {
                 tracing::warn!("event channel: {e}");

@@ -34,7 +34,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use device::{BlkFront, DiskInfo};
+pub use device::{BlkFront, DiskInfo, POLL_LIMIT};
 use xenpv_evtchn::SpinBudget;
 use xenpv_xenstore::Client;
 
@@ -190,6 +190,18 @@ pub struct Options {
     /// ([`xenpv_evtchn::cpu_contended`]). 50 µs by default; [`SpinBudget::None`] is purely
     /// event-driven.
     pub spin: SpinBudget,
+    /// Poll for responses while requests are in flight instead of sleeping on the event
+    /// channel (as fio's `hipri` and SPDK do): each queue thread with requests in flight polls
+    /// the ring, yielding to any thread ready to run on its CPU, until a response comes (at
+    /// most [`POLL_LIMIT`] per wait; then it arms its event and sleeps, so that a backend that
+    /// stopped answering costs no CPU). The backend need not notify, and a response is seen as
+    /// soon as it is published, whatever the CPU the queue thread is on: the highest IOPS
+    /// against a disk that answers in bursts, for a CPU that is busy whenever I/O is
+    /// outstanding. It does not poll while the machine's CPUs are oversubscribed
+    /// ([`xenpv_evtchn::cpu_contended`]). With nothing in flight it sleeps. `false` by
+    /// default (hybrid polling, [`spin`](Self::spin)); [`BlkFront::set_polling`] changes it
+    /// while connected.
+    pub poll: bool,
     /// How long to wait for each backend state change while negotiating.
     pub timeout: Duration,
     /// Renegotiate when the backend leaves Connected (a restarted backend that could not
@@ -208,6 +220,7 @@ impl Default for Options {
             max_indirect_segments: 256,
             pool_pages: 1024,
             spin: SpinBudget::default(),
+            poll: false,
             timeout: Duration::from_secs(30),
             reconnect: true,
         }

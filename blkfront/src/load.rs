@@ -20,7 +20,7 @@ use crate::{BlkFront, Op};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The workload description is malformed.
-    #[error("bad workload `{line}`: {why} (expected `RW BS QD RAMP_S RUNTIME_S`, RW one of randread, randwrite, read, write)")]
+    #[error("bad workload `{line}`: {why} (expected `RW BS QD RAMP_S RUNTIME_S [poll|hybrid]`, RW one of randread, randwrite, read, write)")]
     Parse {
         /// The description.
         line: String,
@@ -66,20 +66,32 @@ pub struct Workload {
     pub ramp: Duration,
     /// Measured time.
     pub runtime: Duration,
+    /// The device's polling mode for this run ([`BlkFront::set_polling`]; `poll` or `hybrid`
+    /// after the other fields), restored afterwards; `None` leaves it as it is.
+    pub poll: Option<bool>,
 }
 
 impl FromStr for Workload {
     type Err = Error;
 
-    /// `RW BS QD RAMP_S RUNTIME_S`, e.g. `randread 4096 32 1 5` (seconds may be fractional).
+    /// `RW BS QD RAMP_S RUNTIME_S [poll|hybrid]`, e.g. `randread 4096 32 1 5` (seconds may be
+    /// fractional).
     fn from_str(line: &str) -> Result<Self, Error> {
         let bad = |why| Error::Parse {
             line: line.to_string(),
             why,
         };
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [rw, bs, qd, ramp, runtime] = f.as_slice() else {
-            return Err(bad("five fields expected"));
+        let (rw, bs, qd, ramp, runtime, poll) = match f.as_slice() {
+            [rw, bs, qd, ramp, runtime] => (rw, bs, qd, ramp, runtime, None),
+            [rw, bs, qd, ramp, runtime, mode] => (rw, bs, qd, ramp, runtime, Some(*mode)),
+            _ => return Err(bad("five or six fields expected")),
+        };
+        let poll = match poll {
+            None => None,
+            Some("poll") => Some(true),
+            Some("hybrid") => Some(false),
+            Some(_) => return Err(bad("the sixth field must be poll or hybrid")),
         };
         let pattern = match *rw {
             "randread" => Pattern::RandRead,
@@ -108,6 +120,7 @@ impl FromStr for Workload {
             qd,
             ramp: secs(ramp).ok_or_else(|| bad("RAMP_S must be 0..=3600 seconds"))?,
             runtime: secs(runtime).ok_or_else(|| bad("RUNTIME_S must be 0..=3600 seconds"))?,
+            poll,
         })
     }
 }
@@ -134,13 +147,18 @@ pub struct Report {
     pub p99_us: f64,
     /// CPU time of this whole process (queue threads included) per operation, µs.
     pub cpu_us_per_io: f64,
+    /// Whether the device polled while requests were in flight ([`Options::poll`](crate::Options::poll)).
+    pub polling: bool,
+    /// Times a queue thread slept on its event channel with requests in flight, in the
+    /// measured time ([`BlkFront::busy_sleeps`]), per operation.
+    pub busy_sleeps_per_io: f64,
 }
 
 impl Report {
     /// One line of JSON.
     pub fn to_json(&self) -> String {
         format!(
-            "{{\"ios\":{},\"all_ios\":{},\"errors\":{},\"secs\":{:.6},\"iops\":{:.1},\"mbps\":{:.3},\"p50_us\":{:.3},\"p99_us\":{:.3},\"cpu_us_per_io\":{:.4}}}",
+            "{{\"ios\":{},\"all_ios\":{},\"errors\":{},\"secs\":{:.6},\"iops\":{:.1},\"mbps\":{:.3},\"p50_us\":{:.3},\"p99_us\":{:.3},\"cpu_us_per_io\":{:.4},\"polling\":{},\"busy_sleeps_per_io\":{:.5}}}",
             self.ios,
             self.all_ios,
             self.errors,
@@ -149,7 +167,9 @@ impl Report {
             self.mbps,
             self.p50_us,
             self.p99_us,
-            self.cpu_us_per_io
+            self.cpu_us_per_io,
+            self.polling,
+            self.busy_sleeps_per_io
         )
     }
 }
@@ -293,6 +313,10 @@ where
         .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
         | 1;
     let data: Vec<u8> = (0..w.bs).map(|i| (i as u8) ^ 0xa5).collect();
+    let mode_before = dev.polling();
+    if let Some(p) = w.poll {
+        dev.set_polling(p);
+    }
     let ctx = Arc::new(Ctx {
         dev: dev.clone(),
         w: *w,
@@ -312,6 +336,7 @@ where
     });
     let mut t0 = Instant::now();
     let mut cpu0 = cpu_seconds();
+    let mut sleeps0 = dev.busy_sleeps();
     for _ in 0..w.qd {
         ctx.issue();
     }
@@ -322,6 +347,7 @@ where
         st.measuring = true;
         t0 = Instant::now();
         cpu0 = cpu_seconds();
+        sleeps0 = dev.busy_sleeps();
     }
     std::thread::sleep(w.runtime);
     let (mut lat, errors) = {
@@ -331,6 +357,8 @@ where
     };
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    let sleeps = dev.busy_sleeps().saturating_sub(sleeps0);
+    let polling = dev.polling();
     ctx.stop.store(true, Ordering::SeqCst);
     let all_ios = {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -338,6 +366,7 @@ where
         while st.inflight > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                dev.set_polling(mode_before);
                 return Err(Error::Stuck(st.inflight));
             }
             st = ctx
@@ -348,6 +377,7 @@ where
         }
         st.all
     };
+    dev.set_polling(mode_before);
     lat.sort_unstable();
     let ios = lat.len() as u64;
     let secs = secs.max(1e-9);
@@ -361,6 +391,12 @@ where
         p50_us: percentile(&lat, 0.50),
         p99_us: percentile(&lat, 0.99),
         cpu_us_per_io: if ios > 0 { cpu / ios as f64 * 1e6 } else { 0.0 },
+        polling,
+        busy_sleeps_per_io: if ios > 0 {
+            sleeps as f64 / ios as f64
+        } else {
+            0.0
+        },
     })
 }
 
@@ -378,6 +414,11 @@ mod tests {
         let w: Workload = "read 1048576 8 0 0.5".parse().unwrap();
         assert_eq!(w.pattern, Pattern::Read);
         assert_eq!(w.runtime, Duration::from_millis(500));
+        assert_eq!(w.poll, None);
+        let w: Workload = "randread 4096 32 1 5 poll".parse().unwrap();
+        assert_eq!(w.poll, Some(true));
+        let w: Workload = "randread 4096 32 1 5 hybrid".parse().unwrap();
+        assert_eq!(w.poll, Some(false));
         for bad in [
             "",
             "randread 4096 32 1",
@@ -386,6 +427,8 @@ mod tests {
             "read 4096 0 1 1",
             "read 4096 1 -1 1",
             "read 4096 1 1 nan",
+            "read 4096 1 1 1 spin",
+            "read 4096 1 1 1 poll x",
         ] {
             assert!(bad.parse::<Workload>().is_err(), "{bad:?} accepted");
         }
