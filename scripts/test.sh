@@ -51,6 +51,7 @@ step "the main job, smoke run: xenpv bench disk (one workload, one round, 64 MiB
 target/debug/xenpv bench disk --dirs /tmp --size-mib 64 --runtime 1 --rounds 1 \
   --only "randread QD1" --json target/bench-smoke.json
 grep -q '"one_cpu"' target/bench-smoke.json || { echo "bench JSON lacks the placement runs" >&2; exit 1; }
+grep -q '"polling_frontend": {' target/bench-smoke.json || { echo "bench JSON lacks the polling-frontend runs" >&2; exit 1; }
 
 step "xenpv-ring builds for a bare-metal target (no_std, no allocation)"
 if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none; then

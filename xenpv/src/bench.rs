@@ -450,6 +450,18 @@ pub struct Direct {
     /// The same run with the processes pinned (4 KiB random reads only; `None` for the other
     /// workloads and on a one-CPU machine).
     pub placed: Option<Placed>,
+    /// The same run with the frontend in poll mode (`xenpv-blkfront --poll`: its queue thread
+    /// polls the ring while I/O is in flight); `None` when not measured.
+    pub polled: Option<Polled>,
+}
+
+/// The no-NBD path with a polling frontend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Polled {
+    /// IOPS, MB/s, latency, blkback's CPU and notifications per I/O.
+    pub m: Measure,
+    /// CPU of the load generator's process per I/O, µs (mostly polling).
+    pub front_cpu_us_per_io: f64,
 }
 
 /// The no-NBD path with the frontend and the backend pinned (reference/perf-baselines.md: always
@@ -683,7 +695,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         });
         for &w in selected {
             let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
-            let mut nonbd: Vec<Direct> = Vec::new();
+            let (mut nonbd, mut polls): (Vec<Direct>, Vec<Direct>) = (Vec::new(), Vec::new());
             let (mut apart, mut one) = (Vec::new(), Vec::new());
             for round in 0..opts.rounds {
                 progress(&format!(
@@ -716,10 +728,11 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                     nbd.push(fio(&a)?);
                 }
                 // The driver pair without NBD: the load generator on the second disk.
-                let run_direct = |loadgen: &mut LoadGen| -> Result<Direct> {
+                // `mode`: the frontend's, for this run (`hybrid` or `poll`).
+                let run_direct = |loadgen: &mut LoadGen, mode: &str| -> Result<Direct> {
                     let before = snapshot(&direct_nodes.backend_path);
                     let v = loadgen.run(&format!(
-                        "{} {} {} {RAMP_S} {}",
+                        "{} {} {} {RAMP_S} {} {mode}",
                         w.rw, w.bs, w.qd, opts.runtime
                     ))?;
                     let (cpu, ntf) = since(before, &direct_nodes.backend_path);
@@ -739,16 +752,18 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                         },
                         front_cpu_us_per_io: num("cpu_us_per_io"),
                         placed: None,
+                        polled: None,
                     })
                 };
-                nonbd.push(run_direct(&mut loadgen)?);
+                nonbd.push(run_direct(&mut loadgen, "hybrid")?);
+                polls.push(run_direct(&mut loadgen, "poll")?);
                 if cpus >= 2 && placed(&w) && !opts.direct_only {
                     let (back_pid, gen_pid) = (blkback.0.id(), loadgen._proc.0.id());
                     pin(back_pid, "1")?;
                     pin(gen_pid, "0")?;
-                    apart.push(run_direct(&mut loadgen)?.m);
+                    apart.push(run_direct(&mut loadgen, "hybrid")?.m);
                     pin(back_pid, "0")?;
-                    one.push(run_direct(&mut loadgen)?.m);
+                    one.push(run_direct(&mut loadgen, "hybrid")?.m);
                     pin(back_pid, &all_cpus)?;
                     pin(gen_pid, &all_cpus)?;
                 }
@@ -766,6 +781,12 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 placed: (!apart.is_empty()).then(|| Placed {
                     apart: median_measure(&apart),
                     one: median_measure(&one),
+                }),
+                polled: (!polls.is_empty()).then(|| Polled {
+                    m: median_measure(&polls.iter().map(|d| d.m).collect::<Vec<_>>()),
+                    front_cpu_us_per_io: median(
+                        polls.iter().map(|d| d.front_cpu_us_per_io).collect(),
+                    ),
                 }),
             });
         }
@@ -968,6 +989,47 @@ pub fn print(results: &[DirResult], engine: &str) {
                 m.notify_per_io
             );
         }
+        if r.direct.iter().any(|d| d.polled.is_some()) {
+            println!();
+            println!(
+                "{} direct, no NBD, polling frontend (poll = the same with xenpv-blkfront --poll: it polls the ring while I/O is in flight, as fio's hipri; its CPU is busy meanwhile)",
+                r.dir.display()
+            );
+            println!(
+                "{:<18} {:>9} {:>9} {:>6} {:>6} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>7}",
+                "workload",
+                "base IOPS",
+                "poll IOPS",
+                "p/base",
+                "p/dir",
+                "poll p50",
+                "+p50",
+                "poll p99",
+                "cpu/io",
+                "cpu/b",
+                "fcpu/io",
+                "ntf/io"
+            );
+            for ((w, b, ..), d) in r.rows.iter().zip(&r.direct) {
+                let Some(p) = &d.polled else { continue };
+                let m = &p.m;
+                println!(
+                    "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>7.2}u {:>7.3}",
+                    w.name,
+                    b.iops,
+                    m.iops,
+                    ratio(m.iops, b.iops),
+                    ratio(m.iops, d.m.iops),
+                    m.p50_us,
+                    m.p50_us - b.p50_us,
+                    m.p99_us,
+                    m.cpu_us_per_io,
+                    ratio(m.cpu_us_per_io, b.cpu_us_per_io),
+                    p.front_cpu_us_per_io,
+                    m.notify_per_io
+                );
+            }
+        }
         if r.direct.iter().any(|d| d.placed.is_some()) {
             println!();
             println!(
@@ -1006,7 +1068,7 @@ pub fn print(results: &[DirResult], engine: &str) {
         }
     }
     println!(
-        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's CPU per I/O in the baseline (its job thread and io_uring's workers for it; R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds,\nfrom submission to completion (fio's lat, not clat, which leaves out io_uring's submission).\nd/base (R6, R7, R9), d/ours: the no-NBD path's IOPS / fio on the file, / fio through NBD and our drivers;\n+p50 (R8): its median latency minus fio's; fcpu/io: the load generator's process (blkfront included) CPU per I/O."
+        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's CPU per I/O in the baseline (its job thread and io_uring's workers for it; R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds,\nfrom submission to completion (fio's lat, not clat, which leaves out io_uring's submission).\nd/base (R6, R7, R9), d/ours: the no-NBD path's IOPS / fio on the file, / fio through NBD and our drivers;\n+p50 (R8): its median latency minus fio's; fcpu/io: the load generator's process (blkfront included) CPU per I/O;\np/base, p/dir: the no-NBD path with a polling frontend, IOPS / fio on the file, / the same path with a hybrid one."
     );
 }
 
@@ -1038,6 +1100,13 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
                     "placement": d.placed.map(|p| serde_json::json!({
                         "apart": m(&p.apart),
                         "one_cpu": m(&p.one),
+                    })),
+                    "polling_frontend": d.polled.map(|p| serde_json::json!({
+                        "measure": m(&p.m),
+                        "front_cpu_us_per_io": p.front_cpu_us_per_io,
+                        "iops_ratio": ratio(p.m.iops, b.iops),
+                        "added_p50_us": p.m.p50_us - b.p50_us,
+                        "backend_cpu_ratio": ratio(p.m.cpu_us_per_io, b.cpu_us_per_io),
                     })),
                 })),
             })).collect::<Vec<_>>(),

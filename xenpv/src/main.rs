@@ -268,7 +268,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
     } else {
         " (no polling while more threads are ready to run than there are CPUs)"
     };
-    println!("polling: {polling}{gated}");
+    println!("polling: {polling}{gated}; the polling-frontend tables: blkfront polls while I/O is in flight (--poll, at most 1 s per wait)");
     let mut report = xenpv::bench::to_json(&results, engine);
     report["polling"] = serde_json::Value::from(polling);
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
