@@ -771,6 +771,10 @@ where
         };
         let mut polling = self.polling.load(Ordering::Relaxed);
         let mut poller = HybridPoll::new(budget(polling));
+        // Poll mode gave up on a wait (`POLL_LIMIT` without a response): sleep through the
+        // next waits too, until a response comes, so that a backend that stopped answering
+        // costs no CPU.
+        let mut gave_up = false;
         loop {
             if polling != self.polling.load(Ordering::Relaxed) {
                 polling = !polling;
@@ -813,6 +817,9 @@ where
                     let _ = ev.unmask(p);
                 }
                 let n = out.len();
+                if n > 0 {
+                    gave_up = false;
+                }
                 let before = SUBMITTED_HERE.get();
                 complete(out);
                 if r.is_err() || n < RESPONSE_BATCH {
@@ -851,13 +858,15 @@ where
             let busy = lock(q).in_flight() > 0;
             let r = r.and_then(|()| {
                 if busy
-                    && (polling || !poller.blocks_beyond(BLOCK_AFTER_WAITS))
-                    && poller.poll(|| {
+                    && (polling && !gave_up || !polling && !poller.blocks_beyond(BLOCK_AFTER_WAITS))
+                {
+                    if poller.poll(|| {
                         (polling && stop.load(Ordering::Relaxed))
                             || try_lock(q).is_some_and(|mut q| q.responses_waiting())
-                    })
-                {
-                    return Ok(true);
+                    }) {
+                        return Ok(true);
+                    }
+                    gave_up = polling && !stop.load(Ordering::Relaxed);
                 }
                 lock(q).final_check()
             });
