@@ -901,6 +901,51 @@ fn ratio(x: f64, y: f64) -> f64 {
     }
 }
 
+/// One table of the no-NBD path: per workload its name, the baseline, the measure, the IOPS
+/// of the path compared in the second ratio, and the load generator's CPU per I/O. `names`:
+/// the measure's column prefix and the two ratios' headings.
+fn direct_table(title: &str, names: [&str; 3], rows: &[(&str, &Measure, Measure, f64, f64)]) {
+    let [m, r1, r2] = names;
+    println!();
+    println!("{title}");
+    println!(
+        "{:<18} {:>9} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7}",
+        "workload",
+        "base IOPS",
+        format!("{m} IOPS"),
+        r1,
+        r2,
+        format!("{m} MB/s"),
+        "base p50",
+        format!("{m} p50"),
+        "+p50",
+        format!("{m} p99"),
+        "cpu/io",
+        "cpu/b",
+        "fcpu/io",
+        "ntf/io"
+    );
+    for (name, b, x, other, fcpu) in rows {
+        println!(
+            "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>9.1} {:>8.1}u {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>6.2}u {:>7.3}",
+            name,
+            b.iops,
+            x.iops,
+            ratio(x.iops, b.iops),
+            ratio(x.iops, *other),
+            x.mbps,
+            b.p50_us,
+            x.p50_us,
+            x.p50_us - b.p50_us,
+            x.p99_us,
+            x.cpu_us_per_io,
+            ratio(x.cpu_us_per_io, b.cpu_us_per_io),
+            fcpu,
+            x.notify_per_io
+        );
+    }
+}
+
 /// Prints the results as a table with the ratios against the goals of perf-baselines.md.
 pub fn print(results: &[DirResult], engine: &str) {
     for r in results {
@@ -947,88 +992,38 @@ pub fn print(results: &[DirResult], engine: &str) {
                 );
             }
         }
-        println!();
-        println!(
-            "{} direct, no NBD (dir = xenpv-blkfront --load -> xenpv-blkback -> file, a second disk on the same file; reads in place, not copied out)",
-            r.dir.display()
-        );
-        println!(
-            "{:<18} {:>9} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7}",
-            "workload",
-            "base IOPS",
-            "dir IOPS",
-            "d/base",
-            "d/ours",
-            "dir MB/s",
-            "base p50",
-            "dir p50",
-            "+p50",
-            "dir p99",
-            "cpu/io",
-            "cpu/b",
-            "fcpu/io",
-            "ntf/io"
-        );
-        for ((w, b, o, _), d) in r.rows.iter().zip(&r.direct) {
-            let m = &d.m;
-            println!(
-                "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>9.1} {:>8.1}u {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>6.2}u {:>7.3}",
-                w.name,
-                b.iops,
-                m.iops,
-                ratio(m.iops, b.iops),
-                ratio(m.iops, o.iops),
-                m.mbps,
-                b.p50_us,
-                m.p50_us,
-                m.p50_us - b.p50_us,
-                m.p99_us,
-                m.cpu_us_per_io,
-                ratio(m.cpu_us_per_io, b.cpu_us_per_io),
-                d.front_cpu_us_per_io,
-                m.notify_per_io
-            );
-        }
-        if r.direct.iter().any(|d| d.polled.is_some()) {
-            println!();
-            println!(
-                "{} direct, no NBD, polling frontend (poll = the same with xenpv-blkfront --poll: it polls the ring while I/O is in flight, as fio's hipri; its CPU is busy meanwhile)",
+        let rows: Vec<_> = r
+            .rows
+            .iter()
+            .zip(&r.direct)
+            .map(|((w, b, o, _), d)| (w.name, b, d.m, o.iops, d.front_cpu_us_per_io))
+            .collect();
+        direct_table(
+            &format!(
+                "{} direct, no NBD (dir = xenpv-blkfront --load -> xenpv-blkback -> file, a second disk on the same file; reads in place, not copied out)",
                 r.dir.display()
+            ),
+            ["dir", "d/base", "d/ours"],
+            &rows,
+        );
+        let polled: Vec<_> = r
+            .rows
+            .iter()
+            .zip(&r.direct)
+            .filter_map(|((w, b, ..), d)| {
+                let p = d.polled?;
+                Some((w.name, b, p.m, d.m.iops, p.front_cpu_us_per_io))
+            })
+            .collect();
+        if !polled.is_empty() {
+            direct_table(
+                &format!(
+                    "{} direct, no NBD, polling frontend (poll = the same with xenpv-blkfront --poll: it polls the ring while I/O is in flight, as fio's hipri; its CPU is busy meanwhile)",
+                    r.dir.display()
+                ),
+                ["poll", "p/base", "p/dir"],
+                &polled,
             );
-            println!(
-                "{:<18} {:>9} {:>9} {:>6} {:>6} {:>8} {:>9} {:>9} {:>8} {:>6} {:>8} {:>7}",
-                "workload",
-                "base IOPS",
-                "poll IOPS",
-                "p/base",
-                "p/dir",
-                "poll p50",
-                "+p50",
-                "poll p99",
-                "cpu/io",
-                "cpu/b",
-                "fcpu/io",
-                "ntf/io"
-            );
-            for ((w, b, ..), d) in r.rows.iter().zip(&r.direct) {
-                let Some(p) = &d.polled else { continue };
-                let m = &p.m;
-                println!(
-                    "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>7.2}u {:>7.3}",
-                    w.name,
-                    b.iops,
-                    m.iops,
-                    ratio(m.iops, b.iops),
-                    ratio(m.iops, d.m.iops),
-                    m.p50_us,
-                    m.p50_us - b.p50_us,
-                    m.p99_us,
-                    m.cpu_us_per_io,
-                    ratio(m.cpu_us_per_io, b.cpu_us_per_io),
-                    p.front_cpu_us_per_io,
-                    m.notify_per_io
-                );
-            }
         }
         if r.direct.iter().any(|d| d.placed.is_some()) {
             println!();
