@@ -857,9 +857,14 @@ where
             // ends it.
             let busy = lock(q).in_flight() > 0;
             let r = r.and_then(|()| {
-                if busy
-                    && (polling && !gave_up || !polling && !poller.blocks_beyond(BLOCK_AFTER_WAITS))
-                {
+                // `blocks_beyond` times the wait it answers for: ask it only with a wait ahead.
+                let may_poll = busy
+                    && if polling {
+                        !gave_up
+                    } else {
+                        !poller.blocks_beyond(BLOCK_AFTER_WAITS)
+                    };
+                if may_poll {
                     if poller.poll(|| {
                         (polling && stop.load(Ordering::Relaxed))
                             || try_lock(q).is_some_and(|mut q| q.responses_waiting())

@@ -194,8 +194,9 @@ pub struct Options {
     /// channel (as fio's `hipri` and SPDK do): each queue thread with requests in flight polls
     /// the ring, yielding to any thread ready to run on its CPU, until a response comes (at
     /// most [`POLL_LIMIT`] per wait; then it sleeps on its event channel through its waits
-    /// until a response comes, so that a backend that stopped answering costs no CPU). The backend need not notify, and a response is seen as
-    /// soon as it is published, whatever the CPU the queue thread is on: the highest IOPS
+    /// until a response comes, so that a backend that stopped answering costs no CPU). The
+    /// backend need not notify, and a response is seen as soon as it is published, whatever
+    /// the CPU the queue thread is on: the highest IOPS
     /// against a disk that answers in bursts, for a CPU that is busy whenever I/O is
     /// outstanding. It does not poll while the machine's CPUs are oversubscribed
     /// ([`xenpv_evtchn::cpu_contended`]). With nothing in flight it sleeps. `false` by

@@ -360,13 +360,14 @@ where
     let sleeps = dev.busy_sleeps().saturating_sub(sleeps0);
     let polling = dev.polling();
     ctx.stop.store(true, Ordering::SeqCst);
+    // The measured part is over: the device's own mode again, also for the drain.
+    dev.set_polling(mode_before);
     let all_ios = {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut st = lock(&ctx.state);
         while st.inflight > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                dev.set_polling(mode_before);
                 return Err(Error::Stuck(st.inflight));
             }
             st = ctx
@@ -377,7 +378,6 @@ where
         }
         st.all
     };
-    dev.set_polling(mode_before);
     lat.sort_unstable();
     let ios = lat.len() as u64;
     let secs = secs.max(1e-9);

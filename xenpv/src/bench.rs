@@ -452,16 +452,26 @@ pub struct Direct {
     pub placed: Option<Placed>,
     /// The same run with the frontend in poll mode (`xenpv-blkfront --poll`: its queue thread
     /// polls the ring while I/O is in flight); `None` when not measured.
-    pub polled: Option<Polled>,
+    pub polled: Option<Run>,
 }
 
-/// The no-NBD path with a polling frontend.
+/// A measure of the no-NBD path (one run, or the median of a workload's rounds).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Polled {
+pub struct Run {
     /// IOPS, MB/s, latency, blkback's CPU and notifications per I/O.
     pub m: Measure,
-    /// CPU of the load generator's process per I/O, µs (mostly polling).
+    /// CPU of the load generator's process per I/O, µs (mostly polling in poll mode).
     pub front_cpu_us_per_io: f64,
+}
+
+impl Run {
+    /// The medians of `runs`, each figure on its own.
+    fn median(runs: &[Run]) -> Run {
+        Run {
+            m: median_measure(&runs.iter().map(|r| r.m).collect::<Vec<_>>()),
+            front_cpu_us_per_io: median(runs.iter().map(|r| r.front_cpu_us_per_io).collect()),
+        }
+    }
 }
 
 /// The no-NBD path with the frontend and the backend pinned (reference/perf-baselines.md: always
@@ -695,7 +705,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
         });
         for &w in selected {
             let (mut base, mut ours, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut nonbd, mut polls): (Vec<Direct>, Vec<Direct>) = (Vec::new(), Vec::new());
+            let (mut nonbd, mut polls): (Vec<Run>, Vec<Run>) = (Vec::new(), Vec::new());
             let (mut apart, mut one) = (Vec::new(), Vec::new());
             for round in 0..opts.rounds {
                 progress(&format!(
@@ -729,7 +739,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 }
                 // The driver pair without NBD: the load generator on the second disk.
                 // `mode`: the frontend's, for this run (`hybrid` or `poll`).
-                let run_direct = |loadgen: &mut LoadGen, mode: &str| -> Result<Direct> {
+                let run_direct = |loadgen: &mut LoadGen, mode: &str| -> Result<Run> {
                     let before = snapshot(&direct_nodes.backend_path);
                     let v = loadgen.run(&format!(
                         "{} {} {} {RAMP_S} {} {mode}",
@@ -741,7 +751,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                     if all < 1.0 {
                         return Err(step("xenpv-blkfront --load", "it completed no I/O"));
                     }
-                    Ok(Direct {
+                    Ok(Run {
                         m: Measure {
                             iops: num("iops"),
                             mbps: num("mbps"),
@@ -751,8 +761,6 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                             notify_per_io: ntf / all,
                         },
                         front_cpu_us_per_io: num("cpu_us_per_io"),
-                        placed: None,
-                        polled: None,
                     })
                 };
                 nonbd.push(run_direct(&mut loadgen, "hybrid")?);
@@ -774,20 +782,15 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                 median_measure(&ours),
                 median_measure(&nbd),
             ));
-            let ms: Vec<Measure> = nonbd.iter().map(|d| d.m).collect();
+            let hybrid = Run::median(&nonbd);
             directs.push(Direct {
-                m: median_measure(&ms),
-                front_cpu_us_per_io: median(nonbd.iter().map(|d| d.front_cpu_us_per_io).collect()),
+                m: hybrid.m,
+                front_cpu_us_per_io: hybrid.front_cpu_us_per_io,
                 placed: (!apart.is_empty()).then(|| Placed {
                     apart: median_measure(&apart),
                     one: median_measure(&one),
                 }),
-                polled: (!polls.is_empty()).then(|| Polled {
-                    m: median_measure(&polls.iter().map(|d| d.m).collect::<Vec<_>>()),
-                    front_cpu_us_per_io: median(
-                        polls.iter().map(|d| d.front_cpu_us_per_io).collect(),
-                    ),
-                }),
+                polled: (!polls.is_empty()).then(|| Run::median(&polls)),
             });
         }
         drop(loadgen);
