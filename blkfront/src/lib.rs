@@ -181,7 +181,11 @@ pub struct Options {
     pub indirect: bool,
     /// Upper bound on segments per indirect request.
     pub max_indirect_segments: u32,
-    /// Granted data pages kept per queue with persistent grants.
+    /// Most pages a queue keeps granted with persistent grants (data and indirect pages, granted
+    /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
+    /// that find no free page wait for a response. 4096 by default (16 MiB): sixteen 1 MiB
+    /// reads, each 256 data pages and an indirect page (a 1024-page pool let only three of them
+    /// through at a time).
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its
@@ -219,7 +223,7 @@ impl Default for Options {
             persistent: true,
             indirect: true,
             max_indirect_segments: 256,
-            pool_pages: 1024,
+            pool_pages: 4096,
             spin: SpinBudget::default(),
             poll: false,
             timeout: Duration::from_secs(30),

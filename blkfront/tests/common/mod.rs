@@ -236,6 +236,13 @@ pub struct Scripted {
 /// for the frontend's Initialised, maps its one-page ring, binds its event channel, writes the
 /// disk's properties and switches to Connected. The caller then reads and writes the ring raw.
 pub fn scripted_backend(root: &Path, fe: &str, be: &str) -> Scripted {
+    scripted_backend_with(root, fe, be, &[])
+}
+
+/// [`scripted_backend`], first writing `keys` (relative to the backend's directory) before
+/// InitWait: features the frontend reads (`feature-persistent`,
+/// `feature-max-indirect-segments`), or disk properties that replace the 1 MiB disk's.
+pub fn scripted_backend_with(root: &Path, fe: &str, be: &str, keys: &[(&str, &str)]) -> Scripted {
     use std::time::Duration;
     use xenpv_evtchn::EventChannel;
     use xenpv_grant::{Access, GrantMap};
@@ -243,6 +250,9 @@ pub fn scripted_backend(root: &Path, fe: &str, be: &str) -> Scripted {
     let xs = Client::connect_local(root, 0).unwrap();
     let grants = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
     let ev = LocalEvtchn::connect(root.join("dom0/evtchn.sock")).unwrap();
+    for (k, v) in keys {
+        xs.write_str(&format!("{be}/{k}"), v).unwrap();
+    }
     xenbus::switch_state(&xs, be, XenbusState::InitWait).unwrap();
     xenbus::wait_for_peer_state(
         &xs,
@@ -260,9 +270,11 @@ pub fn scripted_backend(root: &Path, fe: &str, be: &str) -> Scripted {
     let (gref, port) = (read("ring-ref"), read("event-channel"));
     let map = grants.map(&[(1, gref)], Access::Writable).unwrap();
     let port = ev.bind_interdomain(1, port).unwrap();
-    xs.write_str(&format!("{be}/sectors"), "2048").unwrap();
-    xs.write_str(&format!("{be}/info"), "0").unwrap();
-    xs.write_str(&format!("{be}/sector-size"), "512").unwrap();
+    for (k, v) in [("sectors", "2048"), ("info", "0"), ("sector-size", "512")] {
+        if !keys.iter().any(|(key, _)| *key == k) {
+            xs.write_str(&format!("{be}/{k}"), v).unwrap();
+        }
+    }
     xenbus::switch_state(&xs, be, XenbusState::Connected).unwrap();
     Scripted {
         xs,
@@ -281,12 +293,26 @@ pub fn spawn_scripted<T: Send + 'static>(
     env: &Env,
     script: impl FnOnce(&Scripted) -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
+    spawn_scripted_with(env, &[], script)
+}
+
+/// [`spawn_scripted`] with [`scripted_backend_with`]'s `keys`.
+pub fn spawn_scripted_with<T: Send + 'static>(
+    env: &Env,
+    keys: &[(&str, &str)],
+    script: impl FnOnce(&Scripted) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let keys: Vec<(String, String)> = keys
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     use std::time::Duration;
     use xenpv_xenstore::{xenbus, XenbusState};
     let root = env.root.clone();
     let (fe, be) = (env.fe.clone(), env.be.clone());
     std::thread::spawn(move || {
-        let s = scripted_backend(&root, &fe, &be);
+        let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let s = scripted_backend_with(&root, &fe, &be, &keys);
         let out = script(&s);
         let _ = xenbus::wait_for_peer_state(
             &s.xs,
