@@ -31,7 +31,7 @@ pub struct Config {
     /// Offer `feature-persistent`.
     pub persistent: bool,
     /// Persistent mappings kept per queue (beyond it, one not used lately is unmapped). 4096 by
-    /// default: the pages of sixteen 1 MiB requests, what our frontend keeps granted per queue
+    /// default: the pages of fifteen 1 MiB requests, what our frontend keeps granted per queue
     /// at most; Linux's blkback keeps 1056.
     pub persistent_capacity: usize,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).

@@ -183,7 +183,7 @@ pub struct Options {
     pub max_indirect_segments: u32,
     /// Most pages a queue keeps granted with persistent grants (data and indirect pages, granted
     /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
-    /// that find no free page wait for a response. 4096 by default (16 MiB): sixteen 1 MiB
+    /// that find no free page wait for a response. 4096 by default (16 MiB): fifteen 1 MiB
     /// reads, each 256 data pages and an indirect page (a 1024-page pool let only three of them
     /// through at a time).
     pub pool_pages: usize,
