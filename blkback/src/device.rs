@@ -30,9 +30,8 @@ pub struct Config {
     pub max_queues: u32,
     /// Offer `feature-persistent`.
     pub persistent: bool,
-    /// Persistent mappings kept per queue (beyond it, one not used lately is unmapped). 4096 by
-    /// default: the pages of fifteen 1 MiB requests, what our frontend keeps granted per queue
-    /// at most; Linux's blkback keeps 1056.
+    /// Persistent mappings kept per queue (beyond it, one not used lately is unmapped). 1024 by
+    /// default, what our frontend keeps granted per queue at most; Linux's blkback keeps 1056.
     pub persistent_capacity: usize,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,
@@ -57,7 +56,7 @@ impl Default for Config {
             max_ring_page_order: 4,
             max_queues: 4,
             persistent: true,
-            persistent_capacity: 4096,
+            persistent_capacity: 1024,
             direct_io: false,
             spin: SpinBudget::default(),
             engine: Engine::default(),

@@ -183,9 +183,11 @@ pub struct Options {
     pub max_indirect_segments: u32,
     /// Most pages a queue keeps granted with persistent grants (data and indirect pages, granted
     /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
-    /// that find no free page wait for a response. 4096 by default (16 MiB): fifteen 1 MiB
-    /// reads, each 256 data pages and an indirect page (a 1024-page pool let only three of them
-    /// through at a time).
+    /// that find no free page wait for a response. 1024 by default (4 MiB): three 1 MiB
+    /// reads at a time, each 256 data pages and an indirect page. More is not faster on this
+    /// project's test machine: 1 MiB reads at QD8 on a virtio disk, 4096 pages (eight on the
+    /// ring, the disk's queue 10-14 deep) read 1205-1403 IOPS against 1385-1664 with 1024
+    /// (6 interleaved rounds); see docs/bench-disk.md.
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its
@@ -223,7 +225,7 @@ impl Default for Options {
             persistent: true,
             indirect: true,
             max_indirect_segments: 256,
-            pool_pages: 4096,
+            pool_pages: 1024,
             spin: SpinBudget::default(),
             poll: false,
             timeout: Duration::from_secs(30),
