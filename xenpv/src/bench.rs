@@ -1,7 +1,8 @@
 //! `xenpv bench disk`: a disk served end to end on the local platform — `xenpv local`,
 //! `xenpv-blkback` and `xenpv-blkfront` as separate processes, fio driving the frontend's NBD
 //! export — measured against fio on the very same file with the same engine, interleaved
-//! (baseline, ours, baseline, ours …), medians reported with their ratios.
+//! (baseline, ours, baseline, ours …, each round in an order rotated by one from the last's),
+//! medians reported with their ratios.
 //!
 //! A second path measures the driver pair without NBD: `xenpv-blkfront --load` (a closed-loop
 //! load generator on the blkfront API, in its own process) on a second disk backed by the same
@@ -484,6 +485,29 @@ pub struct Placed {
     pub one: Measure,
 }
 
+/// What each round of a workload measures, in the order of the first round.
+#[derive(Debug, Clone, Copy)]
+enum Contender {
+    /// fio on the file.
+    Base,
+    /// fio through the frontend's NBD export and our drivers.
+    Nbd,
+    /// fio through qemu-nbd on the file.
+    QemuNbd,
+    /// The load generator, its frontend hybrid.
+    Hybrid,
+    /// The load generator, its frontend polling.
+    Poll,
+}
+
+const CONTENDERS: [Contender; 5] = [
+    Contender::Base,
+    Contender::Nbd,
+    Contender::QemuNbd,
+    Contender::Hybrid,
+    Contender::Poll,
+];
+
 /// Whether a workload also runs with the processes pinned: the 4 KiB random reads, whose
 /// figures are bound by wake-ups (the larger and the write workloads are bound by the storage).
 fn placed(w: &Workload) -> bool {
@@ -715,28 +739,6 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                     round + 1,
                     opts.rounds
                 ));
-                let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                a.push(format!("--filename={}", file.display()));
-                a.push(format!("--ioengine={}", opts.engine));
-                a.push(direct.into());
-                base.push(fio(&a)?);
-                if !opts.direct_only {
-                    let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                    a.push("--ioengine=nbd".into());
-                    a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
-                    let before = snapshot(&nodes.backend_path);
-                    let mut m = fio(&a)?;
-                    let (cpu, ntf) = since(before, &nodes.backend_path);
-                    // blkback's CPU is measured over fio's ramp (1 s) too: count its I/Os as well.
-                    let ios = (m.iops * (opts.runtime + RAMP_S) as f64).max(1.0);
-                    m.cpu_us_per_io = cpu / ios * 1e6;
-                    m.notify_per_io = ntf / ios;
-                    ours.push(m);
-                    let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                    a.push("--ioengine=nbd".into());
-                    a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
-                    nbd.push(fio(&a)?);
-                }
                 // The driver pair without NBD: the load generator on the second disk.
                 // `mode`: the frontend's, for this run (`hybrid` or `poll`).
                 let run_direct = |loadgen: &mut LoadGen, mode: &str| -> Result<Run> {
@@ -763,8 +765,43 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                         front_cpu_us_per_io: num("cpu_us_per_io"),
                     })
                 };
-                nonbd.push(run_direct(&mut loadgen, "hybrid")?);
-                polls.push(run_direct(&mut loadgen, "poll")?);
+                // Each path in turn, the order rotated by one every round, so that a disk whose
+                // speed drifts within a round (the /tmp disk's swings) favours none of them.
+                for k in 0..CONTENDERS.len() {
+                    match CONTENDERS[(k + round) % CONTENDERS.len()] {
+                        Contender::Base => {
+                            let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                            a.push(format!("--filename={}", file.display()));
+                            a.push(format!("--ioengine={}", opts.engine));
+                            a.push(direct.into());
+                            base.push(fio(&a)?);
+                        }
+                        Contender::Nbd if opts.direct_only => {}
+                        Contender::Nbd => {
+                            let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                            a.push("--ioengine=nbd".into());
+                            a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
+                            let before = snapshot(&nodes.backend_path);
+                            let mut m = fio(&a)?;
+                            let (cpu, ntf) = since(before, &nodes.backend_path);
+                            // blkback's CPU is measured over fio's ramp (1 s) too: count its
+                            // I/Os as well.
+                            let ios = (m.iops * (opts.runtime + RAMP_S) as f64).max(1.0);
+                            m.cpu_us_per_io = cpu / ios * 1e6;
+                            m.notify_per_io = ntf / ios;
+                            ours.push(m);
+                        }
+                        Contender::QemuNbd if opts.direct_only => {}
+                        Contender::QemuNbd => {
+                            let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                            a.push("--ioengine=nbd".into());
+                            a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
+                            nbd.push(fio(&a)?);
+                        }
+                        Contender::Hybrid => nonbd.push(run_direct(&mut loadgen, "hybrid")?),
+                        Contender::Poll => polls.push(run_direct(&mut loadgen, "poll")?),
+                    }
+                }
                 if cpus >= 2 && placed(&w) && !opts.direct_only {
                     let (back_pid, gen_pid) = (blkback.0.id(), loadgen._proc.0.id());
                     pin(back_pid, "1")?;
