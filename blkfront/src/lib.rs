@@ -184,10 +184,8 @@ pub struct Options {
     /// Most pages a queue keeps granted with persistent grants (data and indirect pages, granted
     /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
     /// that find no free page wait for a response. 1024 by default (4 MiB): three 1 MiB
-    /// reads at a time, each 256 data pages and an indirect page. More is not faster on this
-    /// project's test machine: 1 MiB reads at QD8 on a virtio disk, 4096 pages (eight on the
-    /// ring, the disk's queue 10-14 deep) read 1205-1403 IOPS against 1385-1664 with 1024
-    /// (6 interleaved rounds); see docs/bench-disk.md.
+    /// reads at a time, each 256 data pages and an indirect page. 4096 pages (eight 1 MiB
+    /// reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9.
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its

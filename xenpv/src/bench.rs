@@ -765,8 +765,15 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                         front_cpu_us_per_io: num("cpu_us_per_io"),
                     })
                 };
-                // Each path in turn, the order rotated by one every round, so that a disk whose
-                // speed drifts within a round (the /tmp disk's swings) favours none of them.
+                // fio through an NBD export on `socket`.
+                let nbd_args = |socket: &Path| {
+                    let mut a = common_args(&w, opts.size_mib, opts.runtime);
+                    a.push("--ioengine=nbd".into());
+                    a.push(format!("--uri=nbd+unix:///?socket={}", socket.display()));
+                    a
+                };
+                // Each contender in turn, the order rotated by one every round, so that a disk
+                // whose speed drifts within a round (the /tmp disk's swings) favours none.
                 for k in 0..CONTENDERS.len() {
                     match CONTENDERS[(k + round) % CONTENDERS.len()] {
                         Contender::Base => {
@@ -778,11 +785,8 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                         }
                         Contender::Nbd if opts.direct_only => {}
                         Contender::Nbd => {
-                            let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                            a.push("--ioengine=nbd".into());
-                            a.push(format!("--uri=nbd+unix:///?socket={}", sock.display()));
                             let before = snapshot(&nodes.backend_path);
-                            let mut m = fio(&a)?;
+                            let mut m = fio(&nbd_args(&sock))?;
                             let (cpu, ntf) = since(before, &nodes.backend_path);
                             // blkback's CPU is measured over fio's ramp (1 s) too: count its
                             // I/Os as well.
@@ -792,12 +796,7 @@ pub fn run_disk(opts: &Options) -> Result<Vec<DirResult>> {
                             ours.push(m);
                         }
                         Contender::QemuNbd if opts.direct_only => {}
-                        Contender::QemuNbd => {
-                            let mut a = common_args(&w, opts.size_mib, opts.runtime);
-                            a.push("--ioengine=nbd".into());
-                            a.push(format!("--uri=nbd+unix:///?socket={}", qsock.display()));
-                            nbd.push(fio(&a)?);
-                        }
+                        Contender::QemuNbd => nbd.push(fio(&nbd_args(&qsock))?),
                         Contender::Hybrid => nonbd.push(run_direct(&mut loadgen, "hybrid")?),
                         Contender::Poll => polls.push(run_direct(&mut loadgen, "poll")?),
                     }

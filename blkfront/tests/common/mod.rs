@@ -299,19 +299,15 @@ pub fn spawn_scripted<T: Send + 'static>(
 /// [`spawn_scripted`] with [`scripted_backend_with`]'s `keys`.
 pub fn spawn_scripted_with<T: Send + 'static>(
     env: &Env,
-    keys: &[(&str, &str)],
+    keys: &[(&'static str, &'static str)],
     script: impl FnOnce(&Scripted) -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let keys: Vec<(String, String)> = keys
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
     use std::time::Duration;
     use xenpv_xenstore::{xenbus, XenbusState};
     let root = env.root.clone();
     let (fe, be) = (env.fe.clone(), env.be.clone());
+    let keys = keys.to_vec();
     std::thread::spawn(move || {
-        let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let s = scripted_backend_with(&root, &fe, &be, &keys);
         let out = script(&s);
         let _ = xenbus::wait_for_peer_state(
