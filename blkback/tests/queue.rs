@@ -42,6 +42,7 @@ fn setup_in(image_dir: &std::path::Path) -> Setup {
     let broker = Broker::new(BrokerConfig {
         grant_entries: 256,
         frames: 256,
+        huge_pages: false,
     });
     for d in [BACK, FRONT] {
         broker.create_domain(d).unwrap();

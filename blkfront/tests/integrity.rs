@@ -45,6 +45,9 @@ struct Case {
     off_in_backend: bool,
     queues: u32,
     ring_order: u32,
+    /// The guest's memory in 2 MiB pages, the image read and written with O_DIRECT: large
+    /// requests reach the disk as a few physically contiguous segments.
+    huge_pages: bool,
 }
 
 fn sha256_file(path: &Path) -> String {
@@ -103,13 +106,25 @@ fn matrix(case: Case) {
     } else {
         Backing::File
     };
-    let env = env_with(SIZE, backing, "");
+    let extra = if case.huge_pages {
+        "direct-io-safe,"
+    } else {
+        ""
+    };
+    let env = env_pages(
+        tempfile::tempdir().unwrap(),
+        SIZE,
+        backing,
+        extra,
+        case.huge_pages,
+    );
     let mut cfg = xenpv_blkback::device::Config {
         engine: if case.store == Store::Psync {
             Engine::Psync
         } else {
             Engine::IoUring
         },
+        direct_io: case.huge_pages,
         ..Default::default()
     };
     let mut args: Vec<String> = vec![
@@ -203,6 +218,25 @@ fn matrix_psync_defaults() {
         off_in_backend: false,
         queues: 1,
         ring_order: 0,
+        huge_pages: false,
+    });
+}
+
+#[test]
+fn matrix_io_uring_defaults_huge_pages_o_direct() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: huge-page guest memory needs root (a private tmpfs mount)");
+        return;
+    }
+    matrix(Case {
+        store: Store::IoUring,
+        persistent: ON,
+        indirect: ON,
+        off_in_backend: false,
+        queues: 1,
+        ring_order: 0,
+        huge_pages: true,
     });
 }
 
@@ -215,6 +249,7 @@ fn matrix_psync_2q_order2_no_persistent_backend() {
         off_in_backend: true,
         queues: 2,
         ring_order: 2,
+        huge_pages: false,
     });
 }
 
@@ -227,6 +262,7 @@ fn matrix_io_uring_2q_order2_no_persistent_no_indirect() {
         off_in_backend: false,
         queues: 2,
         ring_order: 2,
+        huge_pages: false,
     });
 }
 
@@ -239,6 +275,7 @@ fn matrix_io_uring_no_indirect_backend() {
         off_in_backend: true,
         queues: 1,
         ring_order: 0,
+        huge_pages: false,
     });
 }
 
@@ -251,6 +288,7 @@ fn matrix_nbd_2q() {
         off_in_backend: false,
         queues: 2,
         ring_order: 0,
+        huge_pages: false,
     });
 }
 
@@ -263,6 +301,7 @@ fn matrix_nbd_order2_no_persistent_no_indirect() {
         off_in_backend: true,
         queues: 1,
         ring_order: 2,
+        huge_pages: false,
     });
 }
 

@@ -145,23 +145,99 @@ pub(crate) fn memfd(name: &std::ffi::CStr, len: u64) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Gives the page at `offset` of `fd` back to the system: it reads as zero afterwards.
-pub(crate) fn zero_page(fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
+/// Zeroes the page at `offset` of `fd`. With `punch` it is given back to the system (a hole,
+/// which reads as zero); without, zeros are written over it, which keeps a huge page whole.
+pub(crate) fn zero_page(fd: BorrowedFd<'_>, offset: u64, punch: bool) -> Result<()> {
     let off = libc::off_t::try_from(offset).map_err(|_| Error::Protocol("offset too big"))?;
-    // SAFETY: plain system call on a descriptor we hold.
-    let r = unsafe {
-        libc::fallocate(
-            fd.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            PAGE_SIZE as libc::off_t,
+    if punch {
+        // SAFETY: plain system call on a descriptor we hold.
+        let r = unsafe {
+            libc::fallocate(
+                fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                PAGE_SIZE as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    pwrite_all(fd, &[0u8; PAGE_SIZE], offset)
+}
+
+// The new mount API (Linux 5.2), from <linux/mount.h>.
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+
+/// A new tmpfs that allocates in 2 MiB pages (`huge=always`), mounted nowhere: it lives as
+/// long as the returned descriptor (and the files opened in it). Needs `CAP_SYS_ADMIN`.
+pub(crate) fn huge_tmpfs() -> Result<OwnedFd> {
+    let raw = |r: libc::c_long, what: &'static str| -> Result<OwnedFd> {
+        let fd = RawFd::try_from(r).map_err(|_| Error::Protocol("descriptor out of range"))?;
+        if fd < 0 {
+            return Err(Error::os(what));
+        }
+        // SAFETY: the system call returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    // SAFETY: fsopen with a valid C string and flags; no memory of ours is written.
+    let fs = raw(
+        unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) },
+        "fsopen(tmpfs) for huge-page guest memory (it needs CAP_SYS_ADMIN)",
+    )?;
+    for (cmd, key, value, what) in [
+        (
+            FSCONFIG_SET_STRING,
+            c"huge".as_ptr(),
+            c"always".as_ptr(),
+            "fsconfig(huge=always) of the guest-memory tmpfs",
+        ),
+        (
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null(),
+            std::ptr::null(),
+            "fsconfig(create) of the guest-memory tmpfs",
+        ),
+    ] {
+        // SAFETY: fsconfig on our fs context with valid C strings (or nulls, as CMD_CREATE
+        // requires); nothing of ours is written.
+        if unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, key, value, 0) } < 0 {
+            return Err(Error::os(what));
+        }
+    }
+    // SAFETY: fsmount of our created fs context; it returns a new descriptor.
+    raw(
+        unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) },
+        "fsmount of the guest-memory tmpfs",
+    )
+}
+
+/// An unlinked file of `len` bytes in the file system whose root is `dir`, every byte of it
+/// allocated now (on a `huge=always` tmpfs: in 2 MiB pages, which later 4 KiB maps keep whole).
+pub(crate) fn tmpfile(dir: BorrowedFd<'_>, len: u64) -> Result<OwnedFd> {
+    // SAFETY: openat with a valid C string; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            0o600,
         )
     };
-    if r < 0 {
-        let zero = [0u8; PAGE_SIZE];
-        pwrite_all(fd, &zero, offset)?;
+    if fd < 0 {
+        return Err(Error::os("O_TMPFILE in the guest-memory tmpfs"));
     }
-    Ok(())
+    // SAFETY: fd is a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let l = libc::off_t::try_from(len).map_err(|_| Error::Protocol("guest memory too big"))?;
+    // SAFETY: plain system call on our descriptor.
+    if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, l) } < 0 {
+        return Err(Error::os("fallocate of guest memory"));
+    }
+    Ok(fd)
 }
 
 /// `pread` of exactly `buf.len()` bytes.

@@ -14,6 +14,7 @@ fn start(root: &Path) -> Daemon {
         grant: xenpv_grant::local::BrokerConfig {
             grant_entries: 64,
             frames: 64,
+            huge_pages: false,
         },
         ..Config::default()
     })

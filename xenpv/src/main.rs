@@ -96,12 +96,20 @@ enum Command {
         /// no pinned runs): a quicker run for experiments on the drivers.
         #[arg(long)]
         direct_only: bool,
+        /// Guest memory in 4 KiB pages (sparse memfds) instead of 2 MiB pages (which need
+        /// root; without it the bench falls back to 4 KiB and says so).
+        #[arg(long)]
+        small_pages: bool,
     },
     /// Run the local platform (hypervisor + xenstored for processes) until SIGTERM/SIGINT.
     Local {
         /// Stay in the foreground (the only mode; for systemd `Type=simple` and scripts).
         #[arg(long, default_value_t = true)]
         foreground: bool,
+        /// Back each domain's memory with 2 MiB pages, as Xen backs a guest's (a private
+        /// `huge=always` tmpfs; needs CAP_SYS_ADMIN). Default: sparse memfds of 4 KiB pages.
+        #[arg(long)]
+        huge_pages: bool,
     },
     /// Create, destroy or list domains of the local platform.
     #[command(subcommand)]
@@ -143,11 +151,25 @@ fn run_local(cli: &Cli) -> Result<(), String> {
         "xenstored and the hypervisor are already there",
     )?;
     let root = platform::state_dir(cli.state_dir.as_deref());
-    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
+    let huge_pages = matches!(
+        cli.command,
+        Command::Local {
+            huge_pages: true,
+            ..
+        }
+    );
+    let mut cfg = xenpv_local::Config {
         state_dir: Some(root.clone()),
         ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    cfg.grant.huge_pages = huge_pages;
+    let daemon = xenpv_local::Daemon::start(cfg).map_err(|e| {
+        if huge_pages {
+            format!("{e} (run as root for --huge-pages, or leave it out)")
+        } else {
+            e.to_string()
+        }
+    })?;
     daemon
         .run_until_signal(|d| {
             // Whoever started us may stop reading after the first line: no panic on EPIPE.
@@ -214,6 +236,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         front_spin_us,
         only,
         direct_only,
+        small_pages,
     } = &cli.command
     else {
         return Ok(());
@@ -236,6 +259,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         front_spin_us: front_spin_us.or(*spin_us),
         only: only.clone(),
         direct_only: *direct_only,
+        small_pages: *small_pages,
     };
     if let Some(o) = only {
         if !xenpv::bench::WORKLOADS
@@ -249,7 +273,8 @@ fn bench(cli: &Cli) -> Result<(), String> {
             ));
         }
     }
-    let results = xenpv::bench::run_disk(&opts).map_err(|e| e.to_string())?;
+    let run = xenpv::bench::run_disk(&opts).map_err(|e| e.to_string())?;
+    let results = run.dirs;
     xenpv::bench::print(&results, engine);
     // The notification mode the figures were measured in (reference/perf-baselines.md asks for it).
     let mode = |us: Option<u64>| match us {
@@ -269,8 +294,15 @@ fn bench(cli: &Cli) -> Result<(), String> {
         " (no polling while more threads are ready to run than there are CPUs)"
     };
     println!("polling: {polling}{gated}; the polling-frontend tables: blkfront polls while I/O is in flight (--poll, at most 1 s per wait)");
+    let pages = if run.huge_pages {
+        "2 MiB pages, as Xen allocates a guest's (xenpv local --huge-pages)"
+    } else {
+        "4 KiB pages (sparse memfds)"
+    };
+    println!("guest memory: {pages}");
     let mut report = xenpv::bench::to_json(&results, engine);
     report["polling"] = serde_json::Value::from(polling);
+    report["guest_pages_kib"] = serde_json::Value::from(if run.huge_pages { 2048 } else { 4 });
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(json, text).map_err(|e| format!("cannot write {}: {e}", json.display()))?;
     println!("\nresults written to {}", json.display());

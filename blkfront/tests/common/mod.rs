@@ -97,12 +97,24 @@ pub fn env_with(size: usize, backing: Backing, extra: &str) -> Env {
 
 /// Like [`env_with`], in the given directory.
 pub fn env_in(dir: tempfile::TempDir, size: usize, backing: Backing, extra: &str) -> Env {
+    env_pages(dir, size, backing, extra, false)
+}
+
+/// Like [`env_in`], with the guest's memory in 2 MiB pages (`huge_pages`; needs root).
+pub fn env_pages(
+    dir: tempfile::TempDir,
+    size: usize,
+    backing: Backing,
+    extra: &str,
+    huge_pages: bool,
+) -> Env {
     let root = dir.path().join("xenpv");
-    let daemon = xenpv_local::Daemon::start(xenpv_local::Config {
+    let mut cfg = xenpv_local::Config {
         state_dir: Some(root.clone()),
         ..Default::default()
-    })
-    .unwrap();
+    };
+    cfg.grant.huge_pages = huge_pages;
+    let daemon = xenpv_local::Daemon::start(cfg).unwrap();
     assert_eq!(daemon.create_domain(Some(1), Some("guest1")).unwrap(), 1);
     let img = dir.path().join("disk.img");
     std::fs::write(&img, pattern(1, size)).unwrap();
