@@ -424,11 +424,12 @@ fn start(mut cmd: Command, name: &'static str, ready: &str) -> Result<Proc> {
         }
     });
     let proc_ = Proc(child);
-    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-        step(
-            format!("starting {name}"),
-            "it did not become ready in 30 s",
-        )
+    rx.recv_timeout(Duration::from_secs(30)).map_err(|e| {
+        let why = match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => "it did not become ready in 30 s",
+            std::sync::mpsc::RecvTimeoutError::Disconnected => "it exited before it was ready",
+        };
+        step(format!("starting {name}"), why)
     })?;
     Ok(proc_)
 }

@@ -335,17 +335,17 @@ impl Broker {
         }
         let tb = DomainMem::table_bytes(cfg.grant_entries);
         let len = tb + u64::from(cfg.frames) * crate::PAGE_SIZE as u64;
-        let name = std::ffi::CString::new(format!("xenpv-grant-dom{domid}"))
-            .map_err(|_| Error::Protocol("memfd name"))?;
         let fd = if cfg.huge_pages {
-            if st.huge.is_none() {
-                st.huge = Some(sys::huge_tmpfs()?);
-            }
-            match &st.huge {
-                Some(dir) => sys::tmpfile(dir.as_fd(), len)?,
-                None => return Err(Error::Protocol("guest-memory tmpfs missing")),
-            }
+            let dir = match st.huge.take() {
+                Some(d) => d,
+                None => sys::huge_tmpfs()?,
+            };
+            let fd = sys::tmpfile(dir.as_fd(), len);
+            st.huge = Some(dir);
+            fd?
         } else {
+            let name = std::ffi::CString::new(format!("xenpv-grant-dom{domid}"))
+                .map_err(|_| Error::Protocol("memfd name"))?;
             sys::memfd(&name, len)?
         };
         let generation = st.next_generation;
