@@ -128,15 +128,29 @@ fn prot(writable: bool) -> libc::c_int {
     }
 }
 
+/// Takes ownership of `r`, what a system call that creates a descriptor returned; `what`
+/// names the call in the error when it failed (`r < 0`).
+///
+/// # Safety
+/// `r` is such a call's return value: when not negative, a new descriptor nothing else owns.
+unsafe fn new_fd(r: libc::c_long, what: &'static str) -> Result<OwnedFd> {
+    let fd = RawFd::try_from(r).map_err(|_| Error::Protocol("descriptor out of range"))?;
+    if fd < 0 {
+        return Err(Error::os(what));
+    }
+    // SAFETY: the caller's contract: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Creates a memfd of `len` bytes (sparse).
 pub(crate) fn memfd(name: &std::ffi::CStr, len: u64) -> Result<OwnedFd> {
-    // SAFETY: plain system call with a valid C string.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::os("memfd_create"));
-    }
-    // SAFETY: fd is a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: memfd_create with a valid C string returns a new descriptor or -1.
+    let fd = unsafe {
+        new_fd(
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC).into(),
+            "memfd_create",
+        )?
+    };
     let l = libc::off_t::try_from(len).map_err(|_| Error::Protocol("memfd too big"))?;
     // SAFETY: plain system call on our descriptor.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), l) } < 0 {
@@ -175,19 +189,14 @@ const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 /// A new tmpfs that allocates in 2 MiB pages (`huge=always`), mounted nowhere: it lives as
 /// long as the returned descriptor (and the files opened in it). Needs `CAP_SYS_ADMIN`.
 pub(crate) fn huge_tmpfs() -> Result<OwnedFd> {
-    let raw = |r: libc::c_long, what: &'static str| -> Result<OwnedFd> {
-        let fd = RawFd::try_from(r).map_err(|_| Error::Protocol("descriptor out of range"))?;
-        if fd < 0 {
-            return Err(Error::os(what));
-        }
-        // SAFETY: the system call returned a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // SAFETY: fsopen with a valid C string and flags writes no memory of ours and returns a
+    // new descriptor or -1.
+    let fs = unsafe {
+        new_fd(
+            libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC),
+            "fsopen(tmpfs) for huge-page guest memory (it needs CAP_SYS_ADMIN)",
+        )?
     };
-    // SAFETY: fsopen with a valid C string and flags; no memory of ours is written.
-    let fs = raw(
-        unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) },
-        "fsopen(tmpfs) for huge-page guest memory (it needs CAP_SYS_ADMIN)",
-    )?;
     for (cmd, key, value, what) in [
         (
             FSCONFIG_SET_STRING,
@@ -208,30 +217,31 @@ pub(crate) fn huge_tmpfs() -> Result<OwnedFd> {
             return Err(Error::os(what));
         }
     }
-    // SAFETY: fsmount of our created fs context; it returns a new descriptor.
-    raw(
-        unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) },
-        "fsmount of the guest-memory tmpfs",
-    )
+    // SAFETY: fsmount of our created fs context returns a new descriptor or -1.
+    unsafe {
+        new_fd(
+            libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0),
+            "fsmount of the guest-memory tmpfs",
+        )
+    }
 }
 
 /// An unlinked file of `len` bytes in the file system whose root is `dir`, every byte of it
 /// allocated now (on a `huge=always` tmpfs: in 2 MiB pages, which later 4 KiB maps keep whole).
 pub(crate) fn tmpfile(dir: BorrowedFd<'_>, len: u64) -> Result<OwnedFd> {
-    // SAFETY: openat with a valid C string; it returns a new descriptor or -1.
+    // SAFETY: openat with a valid C string returns a new descriptor or -1.
     let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
-            0o600,
-        )
+        new_fd(
+            libc::openat(
+                dir.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+            )
+            .into(),
+            "O_TMPFILE in the guest-memory tmpfs",
+        )?
     };
-    if fd < 0 {
-        return Err(Error::os("O_TMPFILE in the guest-memory tmpfs"));
-    }
-    // SAFETY: fd is a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let l = libc::off_t::try_from(len).map_err(|_| Error::Protocol("guest memory too big"))?;
     // SAFETY: plain system call on our descriptor.
     if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, l) } < 0 {

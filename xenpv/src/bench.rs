@@ -637,9 +637,10 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
     };
     // A guest's memory in 2 MiB pages, as Xen gives it: a 1 MiB request over consecutive frames
     // reaches the disk as a few segments (fio's own buffers are whatever 4 KiB pages it got).
-    let (_platform, huge_pages) = match opts.small_pages {
-        true => (local(false)?, false),
-        false => match local(true) {
+    let (_platform, huge_pages) = if opts.small_pages {
+        (local(false)?, false)
+    } else {
+        match local(true) {
             Ok(p) => (p, true),
             Err(e) => {
                 progress(&format!(
@@ -647,7 +648,7 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
                 ));
                 (local(false)?, false)
             }
-        },
+        }
     };
     let mut control =
         xenpv_local::control::Control::connect(&root).map_err(|e| step("local platform", e))?;

@@ -144,20 +144,13 @@ fn local_only(cli: &Cli, verb: &str, xen_way: &str) -> Result<(), String> {
     }
 }
 
-fn run_local(cli: &Cli) -> Result<(), String> {
+fn run_local(cli: &Cli, huge_pages: bool) -> Result<(), String> {
     local_only(
         cli,
         "local",
         "xenstored and the hypervisor are already there",
     )?;
     let root = platform::state_dir(cli.state_dir.as_deref());
-    let huge_pages = matches!(
-        cli.command,
-        Command::Local {
-            huge_pages: true,
-            ..
-        }
-    );
     let mut cfg = xenpv_local::Config {
         state_dir: Some(root.clone()),
         ..Default::default()
@@ -311,7 +304,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
 
 fn run(cli: &Cli) -> Result<(), String> {
     match &cli.command {
-        Command::Local { .. } => return run_local(cli),
+        Command::Local { huge_pages, .. } => return run_local(cli, *huge_pages),
         Command::Domain(cmd) => return run_domain(cli, cmd),
         Command::Bench { .. } => return bench(cli),
         _ => {}
