@@ -222,6 +222,63 @@ fn huge_page_memory_is_contiguous_allocated_lowest_first_and_zeroed() {
 }
 
 #[test]
+fn huge_page_file_reopened_by_its_proc_path_is_in_huge_pages() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: a tmpfs for huge pages, and reading frame numbers, need root");
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    const LEN: usize = 4 << 20;
+    let fd = xenpv_grant::local::huge_page_file(LEN as u64).unwrap();
+    // Another process (fio) opens it by this path: so does the test.
+    let path = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        LEN as u64,
+        "allocated to its length"
+    );
+    // SAFETY: a fresh shared mapping of a file we hold open, unmapped below; nothing else
+    // refers to that address range.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let base = p.cast::<u8>();
+    for i in 0..LEN / PAGE_SIZE {
+        // SAFETY: within the LEN-byte mapping made above.
+        unsafe { base.add(i * PAGE_SIZE).write_volatile(1) };
+    }
+    let pfns = pfns(base, LEN / PAGE_SIZE);
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(p, LEN) };
+    assert!(pfns[0] != 0, "frame numbers readable");
+    for half in pfns.chunks(512) {
+        assert_eq!(half[0] % 512, 0, "a 2 MiB page starts on a 2 MiB boundary");
+        for (i, w) in half.windows(2).enumerate() {
+            assert_eq!(
+                w[1],
+                w[0] + 1,
+                "4 KiB pages {i} and {} of a 2 MiB page",
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
 fn revoke_while_mapped_is_deferred_until_unmap() {
     let p = Platform::new();
     let (front, back) = (p.client(FRONT), p.client(BACK));

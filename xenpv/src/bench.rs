@@ -307,6 +307,18 @@ fn io_workers_cpu(pid: u32, seen: &mut std::collections::HashMap<String, f64>) {
     }
 }
 
+/// Bytes of I/O buffers fio needs for any of `workloads` (queue depth × block size), with
+/// 2 MiB more for its alignment, in whole 2 MiB pages.
+fn fio_buffer_bytes(workloads: &[Workload]) -> u64 {
+    const HUGE: u64 = 2 << 20;
+    let most = workloads
+        .iter()
+        .map(|w| u64::from(w.qd) * u64::from(w.bs))
+        .max()
+        .unwrap_or(0);
+    (most + HUGE).div_ceil(HUGE) * HUGE
+}
+
 /// Warm-up seconds of every run (fio's `ramp_time`, the load generator's ramp).
 const RAMP_S: u64 = 1;
 
@@ -636,7 +648,7 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
         start(c, "xenpv local", "XENSTORED_PATH")
     };
     // A guest's memory in 2 MiB pages, as Xen gives it: a 1 MiB request over consecutive frames
-    // reaches the disk as a few segments (fio's own buffers are whatever 4 KiB pages it got).
+    // reaches the disk as a few segments (and so do fio's buffers: `fio_mem` below).
     let (_platform, huge_pages) = if opts.small_pages {
         (local(false)?, false)
     } else {
@@ -649,6 +661,22 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
                 (local(false)?, false)
             }
         }
+    };
+    // fio's buffers (the baseline's) in the same kind of memory as the guest's: with 2 MiB
+    // pages, a 1 MiB read is one request to the disk for both sides, not one for ours and two
+    // for fio's scattered 4 KiB pages. fio maps the file by its /proc path
+    // (`--mem=mmapshared:PATH`: MAP_SHARED, no truncation, the file kept).
+    let fio_mem = if huge_pages {
+        let fd = xenpv_grant::local::huge_page_file(fio_buffer_bytes(&WORKLOADS))
+            .map_err(|e| step("fio's buffers in 2 MiB pages", e))?;
+        let arg = format!(
+            "--mem=mmapshared:/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        );
+        Some((fd, arg))
+    } else {
+        None
     };
     let mut control =
         xenpv_local::control::Control::connect(&root).map_err(|e| step("local platform", e))?;
@@ -813,6 +841,9 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
                             a.push(format!("--filename={}", file.display()));
                             a.push(format!("--ioengine={}", opts.engine));
                             a.push(direct.into());
+                            if let Some((_, mem)) = &fio_mem {
+                                a.push(mem.clone());
+                            }
                             base.push(fio(&a)?);
                         }
                         Contender::Nbd if opts.direct_only => {}
@@ -1197,6 +1228,14 @@ mod tests {
         let old = serde_json::json!({"clat_ns": {"percentile": {"50.000000": 41_000}}});
         assert_eq!(latency(&old, "50.000000"), 41.0);
         assert_eq!(latency(&old, "99.000000"), 0.0);
+    }
+
+    /// The 1 MiB QD8 workload needs 8 MiB of buffers, and fio aligns them within them.
+    #[test]
+    fn fio_buffers_hold_the_deepest_workload_in_whole_huge_pages() {
+        assert_eq!(fio_buffer_bytes(&WORKLOADS), 10 << 20);
+        assert_eq!(fio_buffer_bytes(&WORKLOADS[..1]), 4 << 20);
+        assert_eq!(fio_buffer_bytes(&[]), 2 << 20);
     }
 
     /// utime and stime (fields 14 and 15, in ticks of 1/100 s) are found after a thread name

@@ -288,14 +288,16 @@ fn bench(cli: &Cli) -> Result<(), String> {
     };
     println!("polling: {polling}{gated}; the polling-frontend tables: blkfront polls while I/O is in flight (--poll, at most 1 s per wait)");
     let pages = if run.huge_pages {
-        "2 MiB pages, as Xen allocates a guest's (xenpv local --huge-pages)"
+        "2 MiB pages, as Xen allocates a guest's (xenpv local --huge-pages); fio's buffers (base) too (--mem=mmapshared on a file in 2 MiB pages)"
     } else {
-        "4 KiB pages (sparse memfds)"
+        "4 KiB pages (sparse memfds); fio's buffers (base) too (its own, --mem=malloc)"
     };
     println!("guest memory: {pages}");
     let mut report = xenpv::bench::to_json(&results, engine);
     report["polling"] = serde_json::Value::from(polling);
-    report["guest_pages_kib"] = serde_json::Value::from(if run.huge_pages { 2048 } else { 4 });
+    let pages_kib = serde_json::Value::from(if run.huge_pages { 2048 } else { 4 });
+    report["guest_pages_kib"] = pages_kib.clone();
+    report["base_buffer_pages_kib"] = pages_kib;
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(json, text).map_err(|e| format!("cannot write {}: {e}", json.display()))?;
     println!("\nresults written to {}", json.display());

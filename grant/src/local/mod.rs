@@ -77,6 +77,17 @@ pub(crate) const MAX_PINS_PER_CONN: u32 = 1 << 18;
 /// Largest payload (in u32s) either side accepts: a copy-mode `PIN` reply.
 pub(crate) const MAX_PAYLOAD: u32 = 4 * crate::MAX_COPY_OPS as u32 + 16;
 
+/// A file of `len` bytes in 2 MiB pages, all allocated now, in a private `huge=always` tmpfs
+/// mounted nowhere: the memory of a [`BrokerConfig::huge_pages`] guest. For a baseline whose
+/// I/O buffers should be the same kind of memory as the guest's (`xenpv bench` hands it to fio
+/// as `--mem=mmapshared:/proc/PID/fd/N`): a 1 MiB transfer over 2 MiB pages reaches a disk as
+/// a few segments, over scattered 4 KiB pages as up to 256. Needs `CAP_SYS_ADMIN`.
+pub fn huge_page_file(len: u64) -> Result<OwnedFd> {
+    let dir = sys::huge_tmpfs()?;
+    // The open file keeps its tmpfs alive once `dir` is closed.
+    sys::tmpfile(dir.as_fd(), len)
+}
+
 /// The target word of a `PIN`/`UNPIN` entry.
 pub(crate) fn pin_target(domid: DomId, writable: bool) -> u32 {
     u32::from(domid) | if writable { PIN_WRITABLE } else { 0 }
