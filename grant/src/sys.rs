@@ -77,21 +77,35 @@ impl Region {
         offset: u64,
         writable: bool,
     ) -> Result<()> {
+        self.map_pages(page, 1, fd, offset, writable)
+    }
+
+    /// Maps `count` pages of this region from page `page` on onto `fd` from `offset` on (one
+    /// `mmap`, `MAP_FIXED`).
+    pub(crate) fn map_pages(
+        &self,
+        page: usize,
+        count: usize,
+        fd: RawFd,
+        offset: u64,
+        writable: bool,
+    ) -> Result<()> {
+        let bytes = count.saturating_mul(PAGE_SIZE);
         let at = page
             .checked_mul(PAGE_SIZE)
-            .filter(|&o| o.checked_add(PAGE_SIZE).is_some_and(|e| e <= self.len))
+            .filter(|&o| count > 0 && o.checked_add(bytes).is_some_and(|e| e <= self.len))
             .ok_or(Error::OutOfBounds {
                 offset: page.saturating_mul(PAGE_SIZE),
-                len: PAGE_SIZE,
+                len: bytes,
                 size: self.len,
             })?;
         let off = libc::off_t::try_from(offset).map_err(|_| Error::Protocol("offset too big"))?;
-        // SAFETY: the target page lies inside address space this region owns (checked), so
+        // SAFETY: the target pages lie inside address space this region owns (checked), so
         // MAP_FIXED replaces only our own reservation.
         let p = unsafe {
             libc::mmap(
                 self.ptr.as_ptr().add(at).cast(),
-                PAGE_SIZE,
+                bytes,
                 prot(writable),
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 fd,

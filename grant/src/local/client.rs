@@ -248,6 +248,38 @@ impl GrantMemory for LocalMapping {
     }
 }
 
+/// Consecutive frames of one domain's memory, mapped by consecutive pages of a mapping.
+struct Run {
+    /// Index of its first page in the mapping.
+    first: usize,
+    count: usize,
+    dom: Arc<DomainMem>,
+    /// Offset of its first frame in the domain's memory.
+    offset: u64,
+    /// Its first grant.
+    gref: GrantRef,
+}
+
+impl Run {
+    fn map(&self, m: &LocalMapping, refs: &[(DomId, GrantRef)], writable: bool) -> Result<()> {
+        m.region()
+            .map_pages(
+                self.first,
+                self.count,
+                self.dom.fd.as_raw_fd(),
+                self.offset,
+                writable,
+            )
+            .map_err(|_| Error::Map {
+                index: self.first,
+                domid: refs.get(self.first).map_or(0, |r| r.0),
+                gref: self.gref,
+                status: GrantStatus::GeneralError,
+                reason: "mmap of the frame failed",
+            })
+    }
+}
+
 impl GrantMap for LocalGrants {
     type Mapping = LocalMapping;
 
@@ -290,7 +322,10 @@ impl GrantMap for LocalGrants {
                 .collect(),
             client: self.inner.clone(),
         };
-        // From here on, an error drops `m`: it unmaps and unpins everything.
+        // From here on, an error drops `m`: it unmaps and unpins everything. Frames that
+        // follow each other in one domain's memory (a frontend's pages allocated together)
+        // are mapped in one `mmap` per run.
+        let mut run: Option<Run> = None;
         for (index, (&(domid, gref), e)) in refs.iter().zip(rsp.payload.chunks_exact(3)).enumerate()
         {
             let fail = |status, reason| Error::Map {
@@ -308,9 +343,26 @@ impl GrantMap for LocalGrants {
             if !dom.is_frame_offset(off) {
                 return Err(Error::Protocol("PIN answered an offset outside the domain"));
             }
-            m.region()
-                .map_page(index, dom.fd.as_raw_fd(), off, w)
-                .map_err(|_| fail(GrantStatus::GeneralError, "mmap of the frame failed"))?;
+            if let Some(r) = &mut run {
+                if Arc::ptr_eq(&r.dom, &dom)
+                    && r.offset.checked_add((r.count * PAGE_SIZE) as u64) == Some(off)
+                {
+                    r.count += 1;
+                    continue;
+                }
+            }
+            if let Some(r) = run.replace(Run {
+                first: index,
+                count: 1,
+                dom,
+                offset: off,
+                gref,
+            }) {
+                r.map(&m, refs, w)?;
+            }
+        }
+        if let Some(r) = run {
+            r.map(&m, refs, w)?;
         }
         Ok(m)
     }
