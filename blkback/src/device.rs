@@ -30,8 +30,10 @@ pub struct Config {
     pub max_queues: u32,
     /// Offer `feature-persistent`.
     pub persistent: bool,
-    /// Persistent mappings kept per queue (beyond it, one not used lately is unmapped). 1024 by
-    /// default, what our frontend keeps granted per queue at most; Linux's blkback keeps 1056.
+    /// Persistent mappings kept per queue (beyond it, one not used lately is unmapped; a
+    /// request whose pages find no room, all the cached ones being in use, is mapped whole for
+    /// its duration, as without persistent grants). 1024 by default, what our frontend keeps
+    /// granted per queue at most; Linux's blkback keeps 1056.
     pub persistent_capacity: usize,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,

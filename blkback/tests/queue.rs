@@ -500,6 +500,54 @@ fn full_ring_in_one_drain_nbd() {
     deep(Kind::Nbd, true, false);
 }
 
+/// A frontend with more pages in flight than the persistent-grant cache holds: a request the
+/// cache has no room for is mapped whole, in one call (one `PIN` and one `UNPIN` round trip),
+/// not one uncached page at a time (one each per page).
+#[test]
+fn requests_the_cache_has_no_room_for_are_mapped_whole_in_one_call() {
+    let s = setup();
+    let (storage, _server) = storage(&s, Kind::Psync);
+    let (ring_page, ring_map, data) = shared_ring(&s, 16);
+    let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+    let mut q = queue(back, &s.back, 4, true, storage);
+    let g = data.grefs().to_vec();
+    // Four reads of four pages, taken in one chunk: the first fills the cache and holds it.
+    for r in 0..4usize {
+        let mut req = BlkifRequest::new(OP_READ, 0, r as u64, 64 + r as u64 * 32);
+        req.nr_segments = 4;
+        for k in 0..4 {
+            req.seg[k] = BlkifRequestSegment::new(g[r * 4 + k], 0, 7);
+        }
+        front.produce(req).unwrap();
+    }
+    assert!(front.push_requests());
+    let before = s._broker.requests();
+    assert!(q.service().unwrap());
+    let asked = s._broker.requests() - before;
+    let mut ok = 0;
+    while let Some(rsp) = front.next_response().unwrap() {
+        assert_eq!(rsp.status, RSP_OKAY, "request {}", rsp.id);
+        ok += 1;
+    }
+    assert_eq!(ok, 4);
+    let mem = data.volatile();
+    for r in 0..4usize {
+        for k in 0..4 {
+            let at = (64 + r as u64 * 32) * 512 + k as u64 * 4096;
+            assert_eq!(
+                read_page(mem, r * 4 + k),
+                image_bytes(&s, at, 4096),
+                "{r}.{k}"
+            );
+        }
+    }
+    // 4 single-page maps for the first request, a map and an unmap for each of the others
+    // (page by page it was 4 + 2 × 12 = 28).
+    assert_eq!(asked, 4 + 2 * 3, "broker round trips");
+    q.release_mappings();
+}
+
 #[test]
 fn frontend_moving_req_prod_impossibly_is_a_protocol_error() {
     let s = setup();

@@ -125,15 +125,12 @@ impl<G: GrantMap> MapCache<G> {
     /// The mapping of one grant: from the cache, or mapped now (and cached). A cached read-only
     /// mapping asked for [`Access::Writable`] is mapped again writable.
     pub fn get(&mut self, domid: DomId, gref: GrantRef, access: Access) -> Result<Arc<G::Mapping>> {
+        if let Some(m) = self.lookup(domid, gref, access) {
+            return Ok(m);
+        }
         let k = key(domid, gref);
         if let Some(&i) = self.index.get(&k) {
-            let s = &mut self.slots[i];
-            if !access.is_writable() || s.mapping.access().is_writable() {
-                s.referenced = true;
-                self.stats.hits += 1;
-                return Ok(s.mapping.clone());
-            }
-            // Upgrade: map writable, replace in place.
+            // Cached read-only, wanted writable. Upgrade: map writable, replace in place.
             let m = Arc::new(self.grants.map(&[(domid, gref)], access)?);
             self.stats.misses += 1;
             let s = &mut self.slots[i];
@@ -169,6 +166,61 @@ impl<G: GrantMap> MapCache<G> {
             None => self.stats.uncached += 1,
         }
         Ok(m)
+    }
+
+    /// The cached mapping of one grant, if there is one good for `access` (a hit); maps
+    /// nothing.
+    fn lookup(&mut self, domid: DomId, gref: GrantRef, access: Access) -> Option<Arc<G::Mapping>> {
+        let &i = self.index.get(&key(domid, gref))?;
+        let s = &mut self.slots[i];
+        if access.is_writable() && !s.mapping.access().is_writable() {
+            return None;
+        }
+        s.referenced = true;
+        self.stats.hits += 1;
+        Some(s.mapping.clone())
+    }
+
+    /// The mappings of several grants (a request's pages), one per grant, through the cache
+    /// as [`get`](Self::get) does, or `None` when the misses among them could not all be
+    /// cached: more misses than free slots and slots not in use. The caller then maps the
+    /// grants together in one call, uncached (one broker round trip or one ioctl for the
+    /// request, rather than one per page when a peer's working set outgrows the cache);
+    /// nothing was mapped or evicted, and they count as [`uncached`](CacheStats::uncached).
+    pub fn get_all(
+        &mut self,
+        domid: DomId,
+        grefs: &[GrantRef],
+        access: Access,
+    ) -> Result<Option<Vec<Arc<G::Mapping>>>> {
+        let got: Vec<_> = grefs
+            .iter()
+            .map(|&g| self.lookup(domid, g, access))
+            .collect();
+        let misses = got.iter().filter(|m| m.is_none()).count();
+        if misses > self.room() {
+            self.stats.uncached += misses as u64;
+            return Ok(None);
+        }
+        got.into_iter()
+            .zip(grefs)
+            .map(|(m, &g)| match m {
+                Some(m) => Ok(m),
+                None => self.get(domid, g, access),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// How many more grants could be cached now: free slots, and slots whose mapping nobody
+    /// holds (evictable).
+    fn room(&self) -> usize {
+        let idle = self
+            .slots
+            .iter()
+            .filter(|s| Arc::strong_count(&s.mapping) == 1)
+            .count();
+        self.capacity.saturating_sub(self.slots.len()) + idle
     }
 
     /// Clock: the first slot not in use whose second chance is spent.

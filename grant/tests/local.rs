@@ -563,6 +563,95 @@ fn mapping_cache_hits_evicts_and_stays_bounded() {
     }
 }
 
+#[test]
+fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_room() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = front.share(BACK, 12, Access::Writable).unwrap();
+    for i in 0..12 {
+        s.volatile().write_u32(i * PAGE_SIZE, i as u32 + 1).unwrap();
+    }
+    let g = s.grefs();
+    let mut cache = MapCache::new(back, 6);
+    // Room for all: one mapping per page, cached.
+    let a = cache
+        .get_all(FRONT, &g[..4], Access::ReadOnly)
+        .unwrap()
+        .expect("room for 4 of 6");
+    for (i, m) in a.iter().enumerate() {
+        assert_eq!(m.volatile().read_u32(0).unwrap(), i as u32 + 1);
+    }
+    assert_eq!((cache.len(), cache.stats().misses), (4, 4));
+    // 2 hits and 2 misses: room for the misses (2 free slots).
+    let b = cache
+        .get_all(FRONT, &g[2..6], Access::ReadOnly)
+        .unwrap()
+        .expect("2 misses, 2 free slots");
+    assert_eq!(b[3].volatile().read_u32(0).unwrap(), 6);
+    assert_eq!(cache.len(), 6);
+    // All six in use: 3 misses have no room. Nothing is mapped, nothing evicted.
+    let asked = p.broker.requests();
+    assert!(cache
+        .get_all(FRONT, &g[6..9], Access::ReadOnly)
+        .unwrap()
+        .is_none());
+    assert_eq!(p.broker.requests(), asked, "nothing mapped");
+    assert_eq!(cache.stats().uncached, 3);
+    assert!(
+        (0..6).all(|i| cache.contains(FRONT, g[i])),
+        "nothing evicted"
+    );
+    // Once `a` is dropped, 2 of its slots are idle (2 and 3 are still held by `b`)...
+    drop(a);
+    assert!(cache
+        .get_all(FRONT, &g[6..9], Access::ReadOnly)
+        .unwrap()
+        .is_none());
+    // ...enough for two misses, which evict them.
+    let c = cache
+        .get_all(FRONT, &g[6..8], Access::ReadOnly)
+        .unwrap()
+        .expect("2 idle slots");
+    assert_eq!(c[1].volatile().read_u32(0).unwrap(), 8);
+    assert!(cache.len() <= 6);
+    assert_eq!(cache.stats().evictions, 2);
+    drop((b, c));
+    cache.clear();
+}
+
+#[test]
+fn a_mapping_of_frames_in_any_order_shows_each_grant_at_its_place() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = front.share(BACK, 8, Access::Writable).unwrap();
+    for i in 0..8 {
+        s.volatile()
+            .write_u32(i * PAGE_SIZE + 12, 0x100 + i as u32)
+            .unwrap();
+    }
+    let other = p.client(3);
+    let o = other.share(BACK, 2, Access::Writable).unwrap();
+    o.volatile().write_u32(12, 0x300).unwrap();
+    o.volatile().write_u32(PAGE_SIZE + 12, 0x301).unwrap();
+    // Runs of consecutive frames (3,4,5 and 0,1), broken by order, by a lone frame and by
+    // another domain's frames (which follow each other in that domain's memory).
+    let order = [3usize, 4, 5, 0, 1, 7, 6, 2];
+    let mut refs: Vec<_> = order.iter().map(|&i| (FRONT, s.grefs()[i])).collect();
+    refs.insert(3, (3, o.grefs()[0]));
+    refs.insert(4, (3, o.grefs()[1]));
+    let m = back.map(&refs, Access::ReadOnly).unwrap();
+    let want: Vec<u32> = order[..3]
+        .iter()
+        .map(|&i| 0x100 + i as u32)
+        .chain([0x300, 0x301])
+        .chain(order[3..].iter().map(|&i| 0x100 + i as u32))
+        .collect();
+    let got: Vec<u32> = (0..refs.len())
+        .map(|k| m.volatile().read_u32(k * PAGE_SIZE + 12).unwrap())
+        .collect();
+    assert_eq!(got, want);
+}
+
 /// The child half of `front_and_back_in_two_processes`; does nothing unless run as the child.
 #[test]
 fn child_role() {
