@@ -187,15 +187,20 @@ impl<G: GrantMap> MapCache<G> {
     /// grants together in one call, uncached (one broker round trip or one ioctl for the
     /// request, rather than one per page when a peer's working set outgrows the cache);
     /// nothing was mapped or evicted, and they count as [`uncached`](CacheStats::uncached).
-    pub fn get_all(
+    pub fn get_all<I>(
         &mut self,
         domid: DomId,
-        grefs: &[GrantRef],
+        grefs: I,
         access: Access,
-    ) -> Result<Option<Vec<Arc<G::Mapping>>>> {
+    ) -> Result<Option<Vec<Arc<G::Mapping>>>>
+    where
+        I: IntoIterator<Item = GrantRef>,
+        I::IntoIter: Clone,
+    {
+        let grefs = grefs.into_iter();
         let got: Vec<_> = grefs
-            .iter()
-            .map(|&g| self.lookup(domid, g, access))
+            .clone()
+            .map(|g| self.lookup(domid, g, access))
             .collect();
         let misses = got.iter().filter(|m| m.is_none()).count();
         // `room` scans the slots: only when something missed, not on every all-hit request.
@@ -205,7 +210,7 @@ impl<G: GrantMap> MapCache<G> {
         }
         got.into_iter()
             .zip(grefs)
-            .map(|(m, &g)| match m {
+            .map(|(m, g)| match m {
                 Some(m) => Ok(m),
                 None => self.get(domid, g, access),
             })

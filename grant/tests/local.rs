@@ -575,7 +575,7 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
     let mut cache = MapCache::new(back, 6);
     // Room for all: one mapping per page, cached.
     let a = cache
-        .get_all(FRONT, &g[..4], Access::ReadOnly)
+        .get_all(FRONT, g[..4].iter().copied(), Access::ReadOnly)
         .unwrap()
         .expect("room for 4 of 6");
     for (i, m) in a.iter().enumerate() {
@@ -584,7 +584,7 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
     assert_eq!((cache.len(), cache.stats().misses), (4, 4));
     // 2 hits and 2 misses: room for the misses (2 free slots).
     let b = cache
-        .get_all(FRONT, &g[2..6], Access::ReadOnly)
+        .get_all(FRONT, g[2..6].iter().copied(), Access::ReadOnly)
         .unwrap()
         .expect("2 misses, 2 free slots");
     assert_eq!(b[3].volatile().read_u32(0).unwrap(), 6);
@@ -592,7 +592,7 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
     // All six in use: 3 misses have no room. Nothing is mapped, nothing evicted.
     let asked = p.broker.requests();
     assert!(cache
-        .get_all(FRONT, &g[6..9], Access::ReadOnly)
+        .get_all(FRONT, g[6..9].iter().copied(), Access::ReadOnly)
         .unwrap()
         .is_none());
     assert_eq!(p.broker.requests(), asked, "nothing mapped");
@@ -604,12 +604,12 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
     // Once `a` is dropped, 2 of its slots are idle (2 and 3 are still held by `b`)...
     drop(a);
     assert!(cache
-        .get_all(FRONT, &g[6..9], Access::ReadOnly)
+        .get_all(FRONT, g[6..9].iter().copied(), Access::ReadOnly)
         .unwrap()
         .is_none());
     // ...enough for two misses, which evict them.
     let c = cache
-        .get_all(FRONT, &g[6..8], Access::ReadOnly)
+        .get_all(FRONT, g[6..8].iter().copied(), Access::ReadOnly)
         .unwrap()
         .expect("2 idle slots");
     assert_eq!(c[1].volatile().read_u32(0).unwrap(), 8);

@@ -256,12 +256,13 @@ struct Run {
     dom: Arc<DomainMem>,
     /// Offset of its first frame in the domain's memory.
     offset: u64,
-    /// Its first grant.
+    /// Its first grant, named in an error.
+    domid: DomId,
     gref: GrantRef,
 }
 
 impl Run {
-    fn map(&self, m: &LocalMapping, refs: &[(DomId, GrantRef)], writable: bool) -> Result<()> {
+    fn map(&self, m: &LocalMapping, writable: bool) -> Result<()> {
         m.region()
             .map_pages(
                 self.first,
@@ -272,7 +273,7 @@ impl Run {
             )
             .map_err(|_| Error::Map {
                 index: self.first,
-                domid: refs.get(self.first).map_or(0, |r| r.0),
+                domid: self.domid,
                 gref: self.gref,
                 status: GrantStatus::GeneralError,
                 reason: "mmap of the frame failed",
@@ -356,13 +357,14 @@ impl GrantMap for LocalGrants {
                 count: 1,
                 dom,
                 offset: off,
+                domid,
                 gref,
             }) {
-                r.map(&m, refs, w)?;
+                r.map(&m, w)?;
             }
         }
         if let Some(r) = run {
-            r.map(&m, refs, w)?;
+            r.map(&m, w)?;
         }
         Ok(m)
     }
