@@ -13,7 +13,9 @@ use xenpv_ring::FrontRing;
 use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
 use crate::queue::RingState;
-use crate::queue::{finish, ring_memory, Chunk, Features, Finished, Kind, Parent, QState};
+use crate::queue::{
+    finish, request_pages, ring_memory, Chunk, Features, Finished, Kind, Parent, QState,
+};
 use crate::{Callback, Consume, Error, Op, Options, Platform, Result, Ticket};
 
 const CONNECTED: u8 = 0;
@@ -715,7 +717,11 @@ where
             max_segments: max_segments as usize,
             handle: self.handle,
             backend: self.be_id,
-            pool_pages: self.opts.pool_pages,
+            // Never less than the largest request takes, which could otherwise never start.
+            pool_pages: self
+                .opts
+                .pool_pages
+                .max(request_pages(max_segments as usize)),
         };
         tracing::info!(?info, "backend connected");
         *lock(&self.info) = info;

@@ -185,7 +185,10 @@ pub struct Options {
     /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
     /// that find no free page wait for a response. 1024 by default (4 MiB): three 1 MiB
     /// reads at a time, each 256 data pages and an indirect page. 4096 pages (eight 1 MiB
-    /// reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9.
+    /// reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9. Never less than
+    /// the pages of one largest request (with 4096 segments, 4104), which could otherwise never
+    /// start. On Xen the pages count against gntalloc's `limit` (1024 by default, for all of
+    /// its users together; [`xenpv_grant::Error::GntallocLimit`] says how to raise it).
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its

@@ -57,6 +57,16 @@ struct Args {
     /// Do not use indirect descriptors.
     #[arg(long)]
     no_indirect: bool,
+    /// Most segments per indirect request (as Linux's `xen_blkfront.max_indirect_segments`),
+    /// 12 to 4096; the backend's `feature-max-indirect-segments` caps it.
+    #[arg(long, default_value_t = Options::default().max_indirect_segments)]
+    max_indirect_segments: u32,
+    /// Most pages each queue keeps granted with persistent grants, for requests in flight; at
+    /// least the pages of one largest request (257 for 256 segments). On Xen these count
+    /// against gntalloc's limit (/sys/module/xen_gntalloc/parameters/limit, 1024 by default,
+    /// for all users together).
+    #[arg(long, default_value_t = Options::default().pool_pages)]
+    pool_pages: usize,
     /// Hybrid polling: how long (µs) a queue thread with requests in flight polls the ring
     /// before sleeping on the event channel (not at all once its waits average 150 µs or
     /// more, nor while more threads are ready to run than there are CPUs); 0 never polls
@@ -96,7 +106,23 @@ fn run(args: Args) -> Result<(), String> {
             args.device
         )
     })?;
+    if !(12..=4096).contains(&args.max_indirect_segments) {
+        return Err(format!(
+            "--max-indirect-segments {}: must be 12 to 4096 (8 indirect pages of 512 segments); \
+             --no-indirect turns indirect requests off",
+            args.max_indirect_segments
+        ));
+    }
+    if args.pool_pages == 0 {
+        return Err(
+            "--pool-pages 0: the pool needs room for one request at least; \
+                    --no-persistent turns persistent grants off"
+                .into(),
+        );
+    }
     let opts = Options {
+        max_indirect_segments: args.max_indirect_segments,
+        pool_pages: args.pool_pages,
         queues: args.queues,
         ring_order: args.ring_order,
         persistent: !args.no_persistent,

@@ -160,6 +160,16 @@ pub(crate) struct Features {
     pub(crate) pool_pages: usize,
 }
 
+/// Pages the largest read or write of `max_segments` segments takes: its data pages, and its
+/// indirect pages when it has more segments than fit in the request itself.
+pub(crate) fn request_pages(max_segments: usize) -> usize {
+    if max_segments <= MAX_SEGMENTS_PER_REQUEST {
+        max_segments
+    } else {
+        max_segments + BlkifRequestIndirect::pages_for(max_segments)
+    }
+}
+
 /// Granted pages of one request.
 enum Pages<S> {
     None,
@@ -494,7 +504,8 @@ where
             return Ok(Pages::Own(g.share(self.feat.backend, n, access)?));
         }
         while self.pool.nfree < n {
-            if (self.pool.chunks.len() + 1) * POOL_CHUNK > self.feat.pool_pages.max(POOL_CHUNK * 5)
+            if (self.pool.chunks.len() + 1) * POOL_CHUNK
+                > self.feat.pool_pages.next_multiple_of(POOL_CHUNK)
             {
                 return Err(Error::Grant("persistent pool exhausted".into()));
             }

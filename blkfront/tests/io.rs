@@ -259,3 +259,48 @@ fn load_generator_drives_the_device() {
     let r = run(&dev, &"randread 4096 2 0 0.1".parse().unwrap()).unwrap();
     assert_eq!((r.ios, r.errors), (0, 2));
 }
+
+/// A backend offering the most segments the protocol allows (4096, in 8 indirect pages) and a
+/// frontend asking for them. With persistent grants one request then needs more pages (4104)
+/// than the frontend's pool holds by default (1024): the pool takes the largest request instead
+/// of failing it. Without them, the frontend shares and the backend maps 4096 data pages in one
+/// call each.
+fn largest_requests(persistent: bool) {
+    const BIG: usize = 16 << 20;
+    let env = env(BIG + (1 << 20));
+    let _b = start_backend(
+        &env,
+        xenpv_blkback::device::Config {
+            max_indirect_segments: 4096,
+            ..Default::default()
+        },
+    );
+    let opts = Options {
+        max_indirect_segments: 4096,
+        persistent,
+        ..Options::default()
+    };
+    assert!(opts.pool_pages < 4104);
+    let dev = connect(&env, opts);
+    let info = dev.info();
+    assert_eq!(info.persistent, persistent, "{info:?}");
+    assert_eq!(info.max_segments, 4096, "{info:?}");
+    let data = pattern(7, BIG);
+    dev.write_at(&data, 4096).unwrap();
+    assert!(read_image(&env.img, 4096, BIG) == data, "16 MiB write");
+    let mut back = vec![0; BIG];
+    dev.read_at(&mut back, 4096).unwrap();
+    assert!(back == data, "16 MiB read back differs");
+    assert!(read_in_place(&dev, 4096, BIG).unwrap() == data);
+    dev.close().unwrap();
+}
+
+#[test]
+fn the_largest_requests_with_persistent_grants_outgrow_the_pool() {
+    largest_requests(true);
+}
+
+#[test]
+fn the_largest_requests_without_persistent_grants_map_in_one_call() {
+    largest_requests(false);
+}

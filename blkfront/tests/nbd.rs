@@ -112,3 +112,83 @@ fn nbd_export_with_real_tools() {
     let state = xenpv_xenstore::xenbus::read_state(&env.dom0, &env.fe).unwrap();
     assert_eq!(state, xenpv_xenstore::XenbusState::Closed);
 }
+
+/// `--max-indirect-segments` and `--pool-pages` reach the device: against a backend offering
+/// 4096 segments, fio writes and verifies 16 MiB blocks through a pool set below one of them
+/// (it takes the largest request anyway), and the export still equals the image.
+#[test]
+fn export_with_the_largest_requests_and_a_small_pool() {
+    if !have("qemu-img") || !have("fio") {
+        eprintln!("skipping: qemu-img or fio missing");
+        return;
+    }
+    let env = env(64 << 20);
+    let _b = start_backend(
+        &env,
+        xenpv_blkback::device::Config {
+            max_indirect_segments: 4096,
+            ..Default::default()
+        },
+    );
+    let export = Export::start(
+        &env,
+        &["--max-indirect-segments", "4096", "--pool-pages", "300"],
+    );
+    let fio = Command::new("fio")
+        .args([
+            "--name=big",
+            "--ioengine=nbd",
+            &format!("--uri={}", export.uri),
+            "--rw=write",
+            "--bs=16m",
+            "--iodepth=2",
+            "--size=48m",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        fio.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&fio.stdout),
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&env.img)
+        .arg(&export.uri)
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    export.close();
+}
+
+/// Bad values of the tunables are refused before anything connects, naming the flag and the
+/// fix.
+#[test]
+fn bad_tunables_are_refused_with_the_fix() {
+    for (args, want) in [
+        (["--max-indirect-segments", "5000"], "--no-indirect"),
+        (["--max-indirect-segments", "0"], "12 to 4096"),
+        (["--pool-pages", "0"], "--no-persistent"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkfront"))
+            .args(["--domid", "1", "--device", "xvda", "--load"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(
+            err.contains(args[0]) && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -39,6 +39,17 @@ pub enum Error {
         /// What was wrong with it.
         reason: &'static str,
     },
+    /// Linux's gntalloc holds as many grants as its `limit` allows, for all of its users
+    /// together (1024 by default): a frontend's rings and persistent pages count against it.
+    #[error(
+        "gntalloc refused {count} more grants: its limit on the grants userspace holds at once \
+         is reached (1024 by default, for all its users together); raise it, e.g. \
+         `echo 16384 > /sys/module/xen_gntalloc/parameters/limit`"
+    )]
+    GntallocLimit {
+        /// The grants asked for.
+        count: usize,
+    },
     /// A count is zero or above the limit.
     #[error("{what}: {count} is out of range 1..={max} (split the request)")]
     BadCount {

@@ -39,9 +39,11 @@ pub type DomId = u16;
 /// The size of a grant (one x86 page).
 pub const PAGE_SIZE: usize = 4096;
 
-/// The most pages one [`GrantMap::map`] or [`GrantShare::share`] call accepts (a 16-page ring
-/// with room to spare; bigger requests are a peer's attempt to exhaust us).
-pub const MAX_PAGES_PER_CALL: usize = 1024;
+/// The most pages one [`GrantMap::map`] or [`GrantShare::share`] call accepts: the data pages
+/// of the largest blkif request (4096 segments, described by 8 indirect pages of 512), which a
+/// backend maps and a frontend without persistent grants shares in one call. Bigger requests
+/// are a peer's attempt to exhaust us; what one connection holds in all is bounded apart.
+pub const MAX_PAGES_PER_CALL: usize = 4096;
 
 /// The most operations one [`GrantMap::copy`] call accepts.
 pub const MAX_COPY_OPS: usize = 4096;

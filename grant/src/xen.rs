@@ -627,7 +627,14 @@ impl GrantShare for XenGntalloc {
                 0
             };
             (*hdr).count = count as u32;
-            ioctl(&self.dev, IOCTL_GNTALLOC_ALLOC_GREF, hdr, "ALLOC_GREF")?;
+            ioctl(&self.dev, IOCTL_GNTALLOC_ALLOC_GREF, hdr, "ALLOC_GREF").map_err(
+                |e| match e {
+                    Error::Os { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                        Error::GntallocLimit { count }
+                    }
+                    e => e,
+                },
+            )?;
         }
         // SAFETY: the ioctl filled in `index` and `count` refs after the header.
         let (index, grefs) = unsafe {
