@@ -17,6 +17,27 @@ fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `cmd`; panics with its output unless it succeeds.
+fn succeed(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare`: the export at `uri` equals the image read directly.
+fn assert_same(img: &std::path::Path, uri: &str) {
+    succeed(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(img)
+            .arg(uri),
+    );
+}
+
 #[test]
 fn nbd_export_with_real_tools() {
     if !have("nbdinfo") || !have("qemu-img") || !have("fio") {
@@ -55,54 +76,25 @@ fn nbd_export_with_real_tools() {
     assert!(info_s.contains(&(32u64 << 20).to_string()), "{info_s}");
 
     // qemu-img compare: the export equals the image.
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&env.img)
-        .arg(&uri)
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_same(&env.img, &uri);
 
     // fio: random writes at QD32 with crc32c verification.
-    let fio = Command::new("fio")
-        .args([
-            "--name=blkfront",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--size=16m",
-            "--verify=crc32c",
-            // no verify-state file left in the working directory
-            "--verify_state_save=0",
-            "--do_verify=1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        fio.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&fio.stdout),
-        String::from_utf8_lossy(&fio.stderr)
-    );
+    succeed(Command::new("fio").args([
+        "--name=blkfront",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=16m",
+        "--verify=crc32c",
+        // no verify-state file left in the working directory
+        "--verify_state_save=0",
+        "--do_verify=1",
+    ]));
 
     // After fio's writes, the export still equals the image read directly.
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&env.img)
-        .arg(&uri)
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_same(&env.img, &uri);
 
     // SIGTERM: clean close.
     // SAFETY: kill(2) on our own child's pid.
@@ -134,38 +126,19 @@ fn export_with_the_largest_requests_and_a_small_pool() {
         &env,
         &["--max-indirect-segments", "4096", "--pool-pages", "300"],
     );
-    let fio = Command::new("fio")
-        .args([
-            "--name=big",
-            "--ioengine=nbd",
-            &format!("--uri={}", export.uri),
-            "--rw=write",
-            "--bs=16m",
-            "--iodepth=2",
-            "--size=48m",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        fio.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&fio.stdout),
-        String::from_utf8_lossy(&fio.stderr)
-    );
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&env.img)
-        .arg(&export.uri)
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    succeed(Command::new("fio").args([
+        "--name=big",
+        "--ioengine=nbd",
+        &format!("--uri={}", export.uri),
+        "--rw=write",
+        "--bs=16m",
+        "--iodepth=2",
+        "--size=48m",
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--do_verify=1",
+    ]));
+    assert_same(&env.img, &export.uri);
     export.close();
 }
 
