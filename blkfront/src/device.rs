@@ -15,6 +15,7 @@ use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 use crate::queue::RingState;
 use crate::queue::{
     finish, request_pages, ring_memory, Chunk, Features, Finished, Kind, Parent, QState,
+    MAX_RING_ORDER,
 };
 use crate::{Callback, Consume, Error, Op, Options, Platform, Result, Ticket};
 
@@ -576,7 +577,7 @@ where
         let max_indirect: u32 = self
             .read_num(&format!("{be}/feature-max-indirect-segments"))?
             .unwrap_or(0);
-        let order = self.opts.ring_order.min(max_order).min(4);
+        let order = self.opts.ring_order.min(max_order).min(MAX_RING_ORDER);
         let nq = (self.opts.queues.max(1))
             .min(max_queues.max(1))
             .min(self.queues.len() as u32);

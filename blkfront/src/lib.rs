@@ -36,6 +36,7 @@ use std::time::Duration;
 
 pub use device::{BlkFront, DiskInfo, POLL_LIMIT};
 use xenpv_evtchn::SpinBudget;
+use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST};
 use xenpv_xenstore::Client;
 
 /// Why an operation or the device failed. Cloneable, since one failure may complete many
@@ -183,12 +184,14 @@ pub struct Options {
     pub max_indirect_segments: u32,
     /// Most pages a queue keeps granted with persistent grants (data and indirect pages, granted
     /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
-    /// that find no free page wait for a response. 1024 by default (4 MiB): three 1 MiB
-    /// reads at a time, each 256 data pages and an indirect page. 4096 pages (eight 1 MiB
-    /// reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9. Never less than
-    /// the pages of one largest request (with 4096 segments, 4104), which could otherwise never
-    /// start. On Xen the pages count against gntalloc's `limit` (1024 by default, for all of
-    /// its users together; [`xenpv_grant::Error::GntallocLimit`] says how to raise it).
+    /// that find no free page wait for a response. 960 by default (3.75 MiB): three 1 MiB reads
+    /// at a time, each 256 data pages and an indirect page; with a one-page ring that is 961
+    /// pages, within gntalloc's default `limit` on Xen (1024, for all of its users together;
+    /// [`xenpv_grant::Error::GntallocLimit`] says how to raise it, and
+    /// [`most_pages_granted`](Self::most_pages_granted) what a device needs). 4096 pages (eight
+    /// 1 MiB reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9. Never less
+    /// than the pages of one largest request (with 4096 segments, 4104), which could otherwise
+    /// never start.
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its
@@ -218,6 +221,31 @@ pub struct Options {
     pub reconnect: bool,
 }
 
+impl Options {
+    /// The most pages a device with these options grants at once, if the backend offers all
+    /// they ask for: each queue's ring pages and, with persistent grants, its pool (never less
+    /// than one largest request), or else a full ring of the largest requests. On Xen they
+    /// count against gntalloc's `limit`.
+    pub fn most_pages_granted(&self) -> usize {
+        let ring_pages = 1usize << self.ring_order.min(queue::MAX_RING_ORDER);
+        let segments = if self.indirect {
+            (self.max_indirect_segments as usize).clamp(MAX_SEGMENTS_PER_REQUEST, 4096)
+        } else {
+            MAX_SEGMENTS_PER_REQUEST
+        };
+        let largest = queue::request_pages(segments);
+        let in_flight = if self.persistent {
+            self.pool_pages
+                .max(largest)
+                .next_multiple_of(queue::POOL_CHUNK)
+        } else {
+            let entries = xenpv_ring::ring_entries::<Blkif>(ring_pages * xenpv_ring::PAGE_SIZE);
+            entries as usize * largest
+        };
+        (self.queues.max(1) as usize).saturating_mul(ring_pages + in_flight)
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -226,7 +254,7 @@ impl Default for Options {
             persistent: true,
             indirect: true,
             max_indirect_segments: 256,
-            pool_pages: 1024,
+            pool_pages: 960,
             spin: SpinBudget::default(),
             poll: false,
             timeout: Duration::from_secs(30),
@@ -301,5 +329,39 @@ impl Ticket {
     /// Whether it completed, without blocking (`None`: still in flight).
     pub fn try_wait(&self) -> Option<Result<Vec<u8>>> {
         self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Options;
+
+    #[test]
+    fn pages_granted_at_once_count_rings_pools_or_full_rings_of_the_largest_requests() {
+        // One one-page ring and the pool of 960 pages (15 chunks of 64).
+        assert_eq!(Options::default().most_pages_granted(), 1 + 960);
+        // Pools count whole chunks, and hold one largest request: 4096 segments, 8 indirect
+        // pages, in 65 chunks; per queue, with 4-page rings.
+        let big = Options {
+            queues: 2,
+            ring_order: 2,
+            max_indirect_segments: 4096,
+            pool_pages: 100,
+            ..Options::default()
+        };
+        assert_eq!(big.most_pages_granted(), 2 * (4 + 65 * 64));
+        // Without persistent grants: a full ring (32 entries a page) of the largest requests.
+        let own = Options {
+            persistent: false,
+            ..Options::default()
+        };
+        assert_eq!(own.most_pages_granted(), 1 + 32 * 257);
+        let direct = Options {
+            persistent: false,
+            indirect: false,
+            ring_order: 9,
+            ..Options::default()
+        };
+        assert_eq!(direct.most_pages_granted(), 16 + 512 * 11);
     }
 }

@@ -164,6 +164,11 @@ fn run(args: Args) -> Result<(), String> {
             use xenpv_grant::xen::XenGntalloc;
             let xs = Client::open().map_err(|e| format!("xenstore: {e}"))?;
             let grants = XenGntalloc::open().map_err(|e| e.to_string())?;
+            if let Some(w) = XenGntalloc::limit()
+                .and_then(|limit| limit_warning(opts.most_pages_granted(), limit))
+            {
+                tracing::warn!("{w}");
+            }
             let p = Platform {
                 xs,
                 grants: Arc::new(grants),
@@ -172,6 +177,20 @@ fn run(args: Args) -> Result<(), String> {
             serve(p, &dir, opts, args.nbd_socket.as_deref())
         }
     }
+}
+
+/// What to say when gntalloc's `limit` (grants held at once by all of its users) is below the
+/// `need` pages this device may grant ([`Options::most_pages_granted`]).
+fn limit_warning(need: usize, limit: u64) -> Option<String> {
+    (need as u64 > limit).then(|| {
+        format!(
+            "gntalloc's limit ({limit} grants, for all of its users together) is below the {need} \
+             pages this device may grant at once (its rings and persistent pools): requests will \
+             wait for pages, and one larger than what is left fails. Raise it (echo {need} plus \
+             what other users need > {}) or lower --pool-pages or --queues",
+            xenpv_grant::xen::GNTALLOC_LIMIT_PATH
+        )
+    })
 }
 
 fn serve<G, E>(
@@ -289,5 +308,23 @@ where
         (Some(e), _) => Err(e.to_string()),
         (None, Err(e)) => Err(e.to_string()),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_fit_gntallocs_default_limit_and_more_does_not() {
+        let opts = Options::default();
+        assert_eq!(opts.most_pages_granted(), 961);
+        assert_eq!(limit_warning(opts.most_pages_granted(), 1024), None);
+        let two = Options {
+            queues: 2,
+            ..Options::default()
+        };
+        let w = limit_warning(two.most_pages_granted(), 1024).unwrap();
+        assert!(w.contains("1922") && w.contains("/sys/module/xen_gntalloc/parameters/limit"));
     }
 }

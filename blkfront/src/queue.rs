@@ -194,7 +194,9 @@ struct Pool<S> {
     nfree: usize,
 }
 
-const POOL_CHUNK: usize = 64;
+pub(crate) const POOL_CHUNK: usize = 64;
+/// The largest `ring-page-order` asked for (16 pages, as Linux's blkfront).
+pub(crate) const MAX_RING_ORDER: u32 = 4;
 const _: () = assert!(POOL_CHUNK == u64::BITS as usize);
 
 impl<S> Pool<S> {

@@ -1,6 +1,6 @@
 //! Large requests at depth with persistent grants: the frontend's persistent pool
 //! (`Options::pool_pages`) bounds the bytes in flight. A 1 MiB read takes 257 pages (256 data
-//! pages and an indirect page), so the default pool of 1024 pages lets three through at a time
+//! pages and an indirect page), so the default pool of 960 pages lets three through at a time
 //! and the rest wait for a response; a pool of 4096 pages lets a workload at queue depth 8 have
 //! all eight on the ring.
 //!
@@ -26,7 +26,7 @@ const DEPTH: usize = 8;
 
 #[test]
 fn the_default_pool_lets_three_one_mib_reads_through() {
-    assert_eq!(Options::default().pool_pages, 1024);
+    assert_eq!(Options::default().pool_pages, 960);
     assert_eq!(most_in_flight(Options::default()), 3);
 }
 

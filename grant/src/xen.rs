@@ -528,6 +528,20 @@ impl XenGntalloc {
             dev: Arc::new(open_dev(GNTALLOC_PATH)?),
         })
     }
+
+    /// gntalloc's `limit`: how many grants all of its users together may hold at once (1024
+    /// by default; [`Error::GntallocLimit`] past it). `None` if the kernel does not say.
+    pub fn limit() -> Option<u64> {
+        parse_limit(&std::fs::read_to_string(GNTALLOC_LIMIT_PATH).ok()?)
+    }
+}
+
+/// Where Linux shows gntalloc's `limit` module parameter.
+pub const GNTALLOC_LIMIT_PATH: &str = "/sys/module/xen_gntalloc/parameters/limit";
+
+/// The value of a module parameter file: a number and a newline.
+fn parse_limit(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
 }
 
 /// Pages shared through gntalloc; dropping them revokes (the kernel defers the release of a
@@ -682,5 +696,18 @@ impl GrantShare for XenGntalloc {
         // of a page the peer still maps; it does not tell us which, so this reports Revoked.
         drop(shared);
         Ok(Revoke::Revoked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_limit;
+
+    #[test]
+    fn a_module_parameter_is_a_number_and_a_newline() {
+        assert_eq!(parse_limit("1024\n"), Some(1024));
+        assert_eq!(parse_limit(" 65536 "), Some(65536));
+        assert_eq!(parse_limit(""), None);
+        assert_eq!(parse_limit("-1\n"), None);
     }
 }
