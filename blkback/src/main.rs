@@ -101,9 +101,10 @@ fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
         c.max_ring_page_order = v;
     }
     if let Some(v) = file.max_indirect_segments {
-        if v > 4096 {
+        let most = xenpv_ring::blkif::MAX_INDIRECT_SEGMENTS;
+        if v as usize > most {
             return Err(format!(
-                "max_indirect_segments = {v}: at most 4096 (8 pages of 512)"
+                "max_indirect_segments = {v}: at most {most} (8 pages of 512)"
             ));
         }
         c.max_indirect_segments = v;

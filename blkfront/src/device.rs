@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use xenpv_evtchn::{EventChannel, HybridPoll, Port, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
-use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST, VDISK_READONLY};
+use xenpv_ring::blkif::{Blkif, VDISK_READONLY};
 use xenpv_ring::FrontRing;
 use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
 use crate::queue::RingState;
 use crate::queue::{
-    finish, request_pages, ring_memory, Chunk, Features, Finished, Kind, Parent, QState,
-    MAX_RING_ORDER,
+    finish, request_pages, ring_memory, segments_per_request, Chunk, Features, Finished, Kind,
+    Parent, QState, MAX_RING_ORDER,
 };
 use crate::{Callback, Consume, Error, Op, Options, Platform, Result, Ticket};
 
@@ -581,14 +581,11 @@ where
         let nq = (self.opts.queues.max(1))
             .min(max_queues.max(1))
             .min(self.queues.len() as u32);
-        let max_segments = if self.opts.indirect && max_indirect > MAX_SEGMENTS_PER_REQUEST as u32 {
-            max_indirect
-                .min(self.opts.max_indirect_segments)
-                .min(4096)
-                .max(MAX_SEGMENTS_PER_REQUEST as u32)
-        } else {
-            MAX_SEGMENTS_PER_REQUEST as u32
-        };
+        let max_segments = segments_per_request(
+            self.opts.indirect,
+            self.opts.max_indirect_segments,
+            max_indirect,
+        ) as u32;
 
         // Rings and event channels.
         #[allow(clippy::type_complexity)]

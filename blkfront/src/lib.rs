@@ -36,7 +36,7 @@ use std::time::Duration;
 
 pub use device::{BlkFront, DiskInfo, POLL_LIMIT};
 use xenpv_evtchn::SpinBudget;
-use xenpv_ring::blkif::{Blkif, MAX_SEGMENTS_PER_REQUEST};
+use xenpv_ring::blkif::Blkif;
 use xenpv_xenstore::Client;
 
 /// Why an operation or the device failed. Cloneable, since one failure may complete many
@@ -228,11 +228,8 @@ impl Options {
     /// count against gntalloc's `limit`.
     pub fn most_pages_granted(&self) -> usize {
         let ring_pages = 1usize << self.ring_order.min(queue::MAX_RING_ORDER);
-        let segments = if self.indirect {
-            (self.max_indirect_segments as usize).clamp(MAX_SEGMENTS_PER_REQUEST, 4096)
-        } else {
-            MAX_SEGMENTS_PER_REQUEST
-        };
+        let segments =
+            queue::segments_per_request(self.indirect, self.max_indirect_segments, u32::MAX);
         let largest = queue::request_pages(segments);
         let in_flight = if self.persistent {
             self.pool_pages

@@ -106,10 +106,11 @@ fn run(args: Args) -> Result<(), String> {
             args.device
         )
     })?;
-    if !(12..=4096).contains(&args.max_indirect_segments) {
+    let most = xenpv_ring::blkif::MAX_INDIRECT_SEGMENTS;
+    if !(12..=most).contains(&(args.max_indirect_segments as usize)) {
         return Err(format!(
-            "--max-indirect-segments {}: must be 12 to 4096 (8 indirect pages of 512 segments); \
-             --no-indirect turns indirect requests off",
+            "--max-indirect-segments {}: must be 12 to {most} (8 indirect pages of 512 \
+             segments); --no-indirect turns indirect requests off",
             args.max_indirect_segments
         ));
     }

@@ -10,9 +10,9 @@ use xenpv_evtchn::{EventChannel, Port};
 use xenpv_grant::{Access, DomId, GrantMemory, GrantShare, Revoke, SharedPages, PAGE_SIZE};
 use xenpv_ring::blkif::{
     Blkif, BlkifRequest, BlkifRequestDiscard, BlkifRequestIndirect, BlkifRequestSegment,
-    MAX_INDIRECT_PAGES_PER_REQUEST, MAX_SEGMENTS_PER_REQUEST, OP_DISCARD, OP_FLUSH_DISKCACHE,
-    OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY,
-    SEGMENTS_PER_INDIRECT_FRAME,
+    MAX_INDIRECT_PAGES_PER_REQUEST, MAX_INDIRECT_SEGMENTS, MAX_SEGMENTS_PER_REQUEST, OP_DISCARD,
+    OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_EOPNOTSUPP,
+    RSP_ERROR, RSP_OKAY, SEGMENTS_PER_INDIRECT_FRAME,
 };
 use xenpv_ring::FrontRing;
 
@@ -158,6 +158,17 @@ pub(crate) struct Features {
     pub(crate) handle: u16,
     pub(crate) backend: DomId,
     pub(crate) pool_pages: usize,
+}
+
+/// Segments per read or write request: the 11 of a direct request, or with indirect requests
+/// (`indirect`, and the backend offers more than 11) the fewest of what we want and what the
+/// backend offers, within the protocol's 4096.
+pub(crate) fn segments_per_request(indirect: bool, wanted: u32, offered: u32) -> usize {
+    if indirect && offered as usize > MAX_SEGMENTS_PER_REQUEST {
+        (wanted.min(offered) as usize).clamp(MAX_SEGMENTS_PER_REQUEST, MAX_INDIRECT_SEGMENTS)
+    } else {
+        MAX_SEGMENTS_PER_REQUEST
+    }
 }
 
 /// Pages the largest read or write of `max_segments` segments takes: its data pages, and its

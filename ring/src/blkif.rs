@@ -38,6 +38,9 @@ pub const MAX_SEGMENTS_PER_REQUEST: usize = 11;
 pub const MAX_INDIRECT_PAGES_PER_REQUEST: usize = 8;
 /// Segments one indirect page holds (4096 / 8).
 pub const SEGMENTS_PER_INDIRECT_FRAME: usize = 512;
+/// Segments in the largest indirect request (4096).
+pub const MAX_INDIRECT_SEGMENTS: usize =
+    MAX_INDIRECT_PAGES_PER_REQUEST * SEGMENTS_PER_INDIRECT_FRAME;
 /// Sectors (512 bytes) in a 4 KiB frame: `first_sect`/`last_sect` lie in `0..SECTORS_PER_PAGE`.
 pub const SECTORS_PER_PAGE: u8 = 8;
 /// The sector unit of the ring, whatever `sector-size` says.
