@@ -191,7 +191,9 @@ pub struct Options {
     /// [`most_pages_granted`](Self::most_pages_granted) what a device needs). 4096 pages (eight
     /// 1 MiB reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9. Never less
     /// than the pages of one largest request (with 4096 segments, 4104), which could otherwise
-    /// never start.
+    /// never start. If the grant driver refuses to let the pool grow (gntalloc past its
+    /// limit), the pool stays as it is, a warning says so once, and requests wait for the
+    /// pages of those in flight; the pool asks the driver again after a second.
     pub pool_pages: usize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its

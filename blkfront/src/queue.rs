@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use xenpv_evtchn::{EventChannel, Port};
 use xenpv_grant::{Access, DomId, GrantMemory, GrantShare, Revoke, SharedPages, PAGE_SIZE};
@@ -258,9 +259,20 @@ pub(crate) struct RingState<G: GrantShare, E> {
     slots: Vec<Option<Inflight<G::Shared>>>,
     free_ids: Vec<u32>,
     pool: Pool<G::Shared>,
+    /// The pool could not grow (the grant driver refused more grants, as Linux's gntalloc does
+    /// past its limit): while requests are in flight, it tries again only from then on.
+    pool_retry_at: Option<Instant>,
+    /// That refusal was logged (once per ring).
+    pool_warned: bool,
     feat: Features,
     seq: u64,
 }
+
+/// How long a persistent pool that the grant driver refused to grow waits before it asks
+/// again, while requests are in flight: their pages come back to the pool with their
+/// responses, so it does not ask at every response. Another process may give grants back
+/// meanwhile (gntalloc's limit is shared by all of its users).
+const POOL_RETRY: Duration = Duration::from_secs(1);
 
 impl<G: GrantShare, E: EventChannel> RingState<G, E> {
     pub(crate) fn new(
@@ -281,6 +293,8 @@ impl<G: GrantShare, E: EventChannel> RingState<G, E> {
                 free: Vec::new(),
                 nfree: 0,
             },
+            pool_retry_at: None,
+            pool_warned: false,
             feat,
             seq: 0,
         }
@@ -522,7 +536,32 @@ where
             {
                 return Err(Error::Grant("persistent pool exhausted".into()));
             }
-            let s = g.share(self.feat.backend, POOL_CHUNK, Access::Writable)?;
+            // Requests in flight give pages back with their responses: after a refusal, wait
+            // for those rather than ask the grant driver again at every response. With nothing
+            // in flight, always ask: the caller gets the driver's error otherwise.
+            let busy = self.ring.in_flight() > 0;
+            if busy && self.pool_retry_at.is_some_and(|t| Instant::now() < t) {
+                return Err(Error::Grant(format!(
+                    "persistent pool held at {} pages by the grant driver",
+                    self.pool.chunks.len() * POOL_CHUNK
+                )));
+            }
+            let s = match g.share(self.feat.backend, POOL_CHUNK, Access::Writable) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.pool_retry_at = Instant::now().checked_add(POOL_RETRY);
+                    if !self.pool_warned {
+                        self.pool_warned = true;
+                        tracing::warn!(
+                            "the persistent pool cannot grow past {} pages: {e}; requests wait \
+                             for the pages of those in flight",
+                            self.pool.chunks.len() * POOL_CHUNK
+                        );
+                    }
+                    return Err(e.into());
+                }
+            };
+            self.pool_retry_at = None;
             self.pool.chunks.push(s);
             self.pool.free.push(u64::MAX);
             self.pool.nfree += POOL_CHUNK;

@@ -8,17 +8,23 @@
 //! holds every request it takes, answering them all once it holds eight, or once no new request
 //! has come for 500 ms (the frontend waits for pages). The load generator reads 1 MiB blocks at
 //! queue depth 8; the most requests the backend held at once is what the frontend let through.
+//!
+//! The last two tests give the frontend a grant driver that refuses grants past a limit, as
+//! Linux's gntalloc does, and run it against our blkback.
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use xenpv_blkfront::load::{run, Workload};
-use xenpv_blkfront::Options;
+use xenpv_blkfront::{BlkFront, Options, Platform};
+use xenpv_evtchn::local::LocalEvtchn;
 use xenpv_evtchn::EventChannel;
+use xenpv_grant::local::LocalGrants;
+use xenpv_grant::{Access, DomId, GrantShare, Revoke, SharedPages};
 use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_INDIRECT, RSP_OKAY};
 use xenpv_ring::BackRing;
 
@@ -87,4 +93,101 @@ fn most_in_flight(opts: Options) -> usize {
     assert_eq!(r.errors, 0, "{r:?}");
     assert!(answered >= r.all_ios, "{answered} answered, {r:?}");
     most
+}
+
+/// Grants as Linux's gntalloc gives them: refused past a limit on the pages held at once
+/// (`Error::GntallocLimit`, its ENOSPC). Counts the refusals.
+struct Limited {
+    inner: LocalGrants,
+    limit: usize,
+    held: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+impl GrantShare for Limited {
+    type Shared = <LocalGrants as GrantShare>::Shared;
+
+    fn share(
+        &self,
+        domid: DomId,
+        count: usize,
+        access: Access,
+    ) -> xenpv_grant::Result<Self::Shared> {
+        if self.held.load(Ordering::SeqCst) + count > self.limit {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(xenpv_grant::Error::GntallocLimit { count });
+        }
+        let s = self.inner.share(domid, count, access)?;
+        self.held.fetch_add(count, Ordering::SeqCst);
+        Ok(s)
+    }
+
+    fn revoke(&self, shared: Self::Shared) -> xenpv_grant::Result<Revoke> {
+        self.held.fetch_sub(shared.grefs().len(), Ordering::SeqCst);
+        self.inner.revoke(shared)
+    }
+}
+
+/// Our blkback serving the disk of `env`, and a frontend whose grant driver holds at most
+/// `limit` pages (its one-page ring included).
+fn limited(env: &Env, limit: usize) -> (Arc<BlkFront<Limited, LocalEvtchn>>, Arc<Limited>) {
+    let p = front_platform(&env.root);
+    let grants = Arc::new(Limited {
+        inner: LocalGrants::connect(env.root.join("dom1/grant.sock")).unwrap(),
+        limit,
+        held: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
+    });
+    let platform = Platform {
+        xs: p.xs,
+        grants: grants.clone(),
+        open_evtchn: p.open_evtchn,
+    };
+    let dev = BlkFront::connect(platform, &env.fe, Options::default()).unwrap();
+    assert!(dev.info().persistent);
+    (Arc::new(dev), grants)
+}
+
+/// The grant driver lets the pool grow to 320 pages of the 960 it may take: one 1 MiB read at a
+/// time. Reads at depth 8 still all succeed, each waiting for the pages of the one in flight,
+/// and the pool asks the driver again at most once a second, not at every response.
+#[test]
+fn a_pool_the_grant_driver_holds_back_serves_at_depth_without_asking_at_every_response() {
+    const SIZE: usize = 8 << 20;
+    let env = env(SIZE);
+    let _b = start_backend(&env, Default::default());
+    let (dev, grants) = limited(&env, 1 + 5 * 64);
+    let start = Instant::now();
+    let w: Workload = format!("read 1048576 {DEPTH} 0 0.5").parse().unwrap();
+    let r = run(&dev, &w).unwrap();
+    eprintln!("{r:?}");
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert!(r.all_ios >= 20, "{r:?}");
+    let mut buf = vec![0; 3 << 20];
+    dev.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf == read_image(&env.img, 1 << 20, 3 << 20), "3 MiB read");
+    let secs = start.elapsed().as_secs() as usize;
+    let refused = grants.refused.load(Ordering::SeqCst);
+    assert!(
+        (1..=secs + 1).contains(&refused),
+        "{refused} refusals in {secs} s for {} reads",
+        r.all_ios
+    );
+    dev.close().unwrap();
+}
+
+/// A pool the driver holds below one request's pages (256 < 257 for a 1 MiB read) fails that
+/// request with the driver's error, which says how to raise its limit; smaller ones still work.
+#[test]
+fn a_request_larger_than_the_grant_drivers_limit_fails_with_the_fix() {
+    let env = env(4 << 20);
+    let _b = start_backend(&env, Default::default());
+    let (dev, _) = limited(&env, 1 + 4 * 64);
+    let mut buf = vec![0; 1 << 20];
+    let e = dev.read_at(&mut buf, 0).unwrap_err().to_string();
+    assert!(e.contains("xen_gntalloc/parameters/limit"), "{e}");
+    let mut small = vec![0; 64 << 10];
+    dev.read_at(&mut small, 4096).unwrap();
+    assert!(small == read_image(&env.img, 4096, 64 << 10));
+    dev.close().unwrap();
 }
