@@ -554,7 +554,7 @@ where
                         self.pool_warned = true;
                         tracing::warn!(
                             "the persistent pool cannot grow past {} pages: {e}; requests wait \
-                             for the pages of those in flight",
+                             for pages in use, and one that needs more than the pool fails",
                             self.pool.chunks.len() * POOL_CHUNK
                         );
                     }
