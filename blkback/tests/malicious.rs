@@ -3,7 +3,8 @@
 //! belongs to a healthy frontend that keeps doing verified write+read I/O during and after every
 //! attack. Each attack either gets an error response (with the request's id and operation) or
 //! disconnects the attacked device alone (an `error` node and Closing), after which the attacker
-//! can reconnect and do valid I/O again.
+//! can reconnect and do valid I/O again. Besides the attacks one by one, thousands of random
+//! requests (reproducible from a printed seed) get the same treatment.
 
 #[path = "support/mod.rs"]
 mod common;
@@ -524,4 +525,254 @@ fn xenbus_state_flapping_leaves_other_devices_alone() {
     f.verified_io(8, 0x92);
     healthy.finish();
     assert!(p.backend.alive());
+}
+
+/// xorshift64*: reproducible pseudo-random numbers for the random attacks.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn one_in(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+}
+
+/// A random request. Half are well formed (known grants, whole sector ranges within a page,
+/// sectors on the disk) and most of those are served; the others have random segment counts,
+/// sector ranges, sectors and grants, and one in ten is random bytes. `grefs` are grants the
+/// backend may map: the attacker's two data pages, then its indirect page, whose segments the
+/// caller writes. `id` is written over whatever the request holds, so that answers can be
+/// matched.
+fn random_request(rng: &mut Rng, grefs: &[u32; 3], id: u64) -> [u8; 112] {
+    let valid = rng.one_in(2);
+    let gref = |rng: &mut Rng| {
+        if !valid && rng.one_in(8) {
+            rng.next() as u32
+        } else {
+            grefs[rng.below(2) as usize]
+        }
+    };
+    let sector = |rng: &mut Rng, sectors: u64| {
+        if valid {
+            rng.below(DISK_SECTORS.saturating_sub(sectors).max(1))
+        } else if rng.one_in(4) {
+            rng.next() >> rng.below(64)
+        } else {
+            rng.below(DISK_SECTORS + 16)
+        }
+    };
+    let op = match rng.below(10) {
+        0..=2 => OP_READ,
+        3..=4 => OP_WRITE,
+        5 => OP_DISCARD,
+        6 => OP_INDIRECT,
+        7 => [OP_WRITE_BARRIER, OP_FLUSH_DISKCACHE, OP_RESERVED_1][rng.below(3) as usize],
+        _ => rng.next() as u8,
+    };
+    let mut bytes: [u8; 112] = match op {
+        OP_DISCARD => {
+            let n = if valid {
+                1 + rng.below(64)
+            } else {
+                rng.below(64) << rng.below(16)
+            };
+            let r = BlkifRequestDiscard::new(rng.below(2) as u8, 0, id, sector(rng, n), n);
+            cast(&r.to_request())
+        }
+        OP_INDIRECT => {
+            let (inner, n, pages) = if valid {
+                // At most the backend's default maximum, 256 segments (1 MiB, the disk).
+                let n = 1 + rng.below(256);
+                ([OP_READ, OP_WRITE][rng.below(2) as usize], n as u16, 1)
+            } else {
+                let inner = [OP_READ, OP_WRITE, OP_DISCARD, rng.next() as u8];
+                let n = if rng.one_in(4) {
+                    rng.next() as u16
+                } else {
+                    rng.below(600) as u16
+                };
+                (inner[rng.below(4) as usize], n, rng.below(9) as usize)
+            };
+            let mut r = BlkifRequestIndirect::new(inner, n, 0, id, sector(rng, u64::from(n) * 8));
+            for g in r.indirect_grefs.iter_mut().take(pages) {
+                *g = if valid || rng.one_in(2) {
+                    grefs[2]
+                } else {
+                    gref(rng)
+                };
+            }
+            cast(&r.to_request())
+        }
+        _ => {
+            let n = if valid {
+                1 + rng.below(11)
+            } else if rng.one_in(4) {
+                rng.next() as u8 as u64
+            } else {
+                rng.below(13)
+            };
+            let mut r = BlkifRequest::new(op, 0, id, sector(rng, n * 8));
+            r.nr_segments = n as u8;
+            for s in &mut r.seg {
+                let (first, last) = if valid || !rng.one_in(3) {
+                    let first = rng.below(8);
+                    (first, first + rng.below(8 - first))
+                } else {
+                    (rng.below(16), rng.below(16))
+                };
+                *s = BlkifRequestSegment::new(gref(rng), first as u8, last as u8);
+            }
+            cast(&r)
+        }
+    };
+    if !valid && rng.one_in(5) {
+        bytes.iter_mut().for_each(|b| *b = rng.next() as u8);
+    }
+    bytes[8..16].copy_from_slice(&id.to_le_bytes());
+    bytes
+}
+
+/// Thousands of random requests in random batches, with a random indirect page. Each is
+/// answered once, with its id, its operation (or an indirect request's inner one) and a valid
+/// status, or the device is disconnected and reconnects. The daemon and the healthy device
+/// keep going throughout. The seed is printed; `XENPV_ATTACK_SEED` (hex) replaces it.
+fn random_attacks(persistent: bool, seed: u64) {
+    // Another seed from the environment (hex), to explore: `XENPV_ATTACK_SEED=1f2e3d`.
+    let seed = std::env::var("XENPV_ATTACK_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(seed)
+        | 1;
+    let mut p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
+    let healthy = Healthy::start(&p.root, 2, "xvda");
+    let mut f = p.frontend(1, "xvda", persistent);
+    f.verified_io(0, 0x21);
+    let ind = f.grants.share(0, 1, Access::Writable).unwrap();
+    let grefs = [f.data.grefs()[0], f.data.grefs()[1], ind.grefs()[0]];
+    let mut rng = Rng(seed);
+    let (mut sent, mut disconnects) = (0u64, 0u32);
+    // Answers by status: OKAY, ERROR, EOPNOTSUPP.
+    let mut answers = [0u64; 3];
+    let mut id = 0u64;
+    for batch in 0..400u32 {
+        // The indirect page: whole pages of the data grants, or (one batch in three) some
+        // segments on the indirect page itself, on unknown grants or with bad sector ranges.
+        let bad = rng.one_in(3);
+        let mut page = vec![0u8; 4096];
+        for s in page.chunks_mut(8) {
+            let (g, first, last) = if bad && rng.one_in(16) {
+                let g = [grefs[2], rng.next() as u32][rng.below(2) as usize];
+                (g, rng.below(16) as u8, rng.below(16) as u8)
+            } else {
+                (grefs[rng.below(2) as usize], 0, 7)
+            };
+            let seg = BlkifRequestSegment::new(g, first, last);
+            s.copy_from_slice(&cast::<_, [u8; 8]>(&seg));
+        }
+        ind.volatile().write(0, &page).unwrap();
+        let n = 1 + rng.below(8).min(u64::from(f.ring.free_requests()) - 1);
+        let mut want = std::collections::HashMap::new();
+        for _ in 0..n {
+            id += 1;
+            let bytes = random_request(&mut rng, &grefs, id);
+            let slot = f.ring.produce(BlkifRequest::default()).unwrap();
+            f.write_raw(f.slot_offset(slot), &bytes);
+            want.insert(id, (bytes[0], bytes[1]));
+        }
+        sent += n;
+        if rng.one_in(40) {
+            // Now and then, a producer index beyond the ring: that disconnects the device.
+            f.ring.push_requests_no_check();
+            let size = f.ring.size();
+            f.set_req_prod(
+                f.req_prod()
+                    .wrapping_add(size + 1 + rng.below(1 << 20) as u32),
+            );
+            f.notify();
+        } else if f.ring.push_requests() {
+            f.notify();
+        }
+        // Every answer, or a disconnect.
+        let deadline = Instant::now() + T;
+        let mut broken = false;
+        while !want.is_empty() {
+            match f.ring.next_response().unwrap() {
+                Some(r) => {
+                    let (op, inner) = want.remove(&r.id).unwrap_or_else(|| {
+                        panic!("batch {batch}: an answer to no request in flight: {r:?}")
+                    });
+                    assert!(
+                        r.operation == op || (op == OP_INDIRECT && r.operation == inner),
+                        "batch {batch}: answered as operation {} for {op}/{inner}",
+                        r.operation
+                    );
+                    let Some(k) = [RSP_OKAY, RSP_ERROR, RSP_EOPNOTSUPP]
+                        .iter()
+                        .position(|&s| s == r.status)
+                    else {
+                        panic!("batch {batch}: status {}", r.status);
+                    };
+                    answers[k] += 1;
+                }
+                None => {
+                    if f.backend_node("error").is_some() {
+                        broken = true;
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "batch {batch}: {} requests neither answered nor refused",
+                        want.len()
+                    );
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+        if broken {
+            disconnected(&f);
+            disconnects += 1;
+            f.reconnect();
+            f.verified_io(8, 0x22);
+        }
+        if batch % 50 == 0 {
+            healthy.progress(1);
+        }
+    }
+    let answered: u64 = answers.iter().sum();
+    eprintln!(
+        "seed {seed:#x}: {sent} requests; answered OKAY {}, ERROR {}, EOPNOTSUPP {}; \
+         {disconnects} disconnects",
+        answers[0], answers[1], answers[2]
+    );
+    // The mix reaches every outcome: the generator is not all noise.
+    assert!(answers.iter().all(|&n| n > 20), "{answers:?} of {sent}");
+    assert!(
+        answered > sent / 2 && disconnects > 0,
+        "{answered} of {sent}"
+    );
+    f.verified_io(16, 0x23);
+    assert_eq!(f.backend_state(), XenbusState::Connected);
+    healthy.finish();
+    assert!(p.backend.alive());
+}
+
+#[test]
+fn random_requests_are_answered_or_disconnect_the_device_alone() {
+    random_attacks(false, 0x9E37_79B9_7F4A_7C15);
+}
+
+#[test]
+fn random_requests_with_persistent_grants_are_answered_or_disconnect_the_device_alone() {
+    random_attacks(true, 0xD1B5_4A32_D192_ED03);
 }
