@@ -1,6 +1,7 @@
 //! A hostile backend played by the test: it maps the frontend's ring with the local grant
 //! provider and writes raw responses. Every bad response must be reported as a protocol error
-//! (the device breaks, requests fail) without a crash.
+//! (the device breaks, requests fail) without a crash. Random rounds (reproducible from a
+//! printed seed) mix honest answers in random order with one lie of each kind.
 
 mod common;
 
@@ -142,4 +143,233 @@ fn bad_status() {
 #[test]
 fn impossible_rsp_prod() {
     run(Evil::ImpossibleRspProd);
+}
+
+/// xorshift64*: reproducible pseudo-random numbers for the random rounds.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn one_in(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+}
+
+/// What a hostile backend does once in a round: each is always a protocol error.
+#[derive(Debug, Clone, Copy)]
+enum Lie {
+    /// An id that no request ever had (ours are ring slots).
+    UnknownId,
+    /// A read answered as a write, or the other way round.
+    WrongOp,
+    /// A status outside OKAY, ERROR and EOPNOTSUPP.
+    BadStatus,
+    /// `rsp_prod` more than a ring ahead.
+    RspProdJump,
+}
+
+/// The byte a read of the 1 MiB disk finds in `sector` (the scripted backend's contents).
+fn disk_byte(sector: u64) -> u8 {
+    (sector % 251) as u8
+}
+
+/// One round, with or without persistent grants: 64 random reads and writes submitted at once
+/// (so that some wait for ring slots)
+/// against a backend that answers them in random order and batches, fills each read's pages
+/// with the disk's contents, fails one request in ten with ERROR, and in `lie` rounds breaks
+/// the protocol once after a random number of honest answers. Every operation completes once;
+/// a read that succeeds has the disk's contents; a round with a lie ends with the device broken
+/// (a protocol error reported, later requests refused), one without keeps it healthy.
+fn random_round(rng: &mut Rng, lie: Option<Lie>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use xenpv_blkfront::Ticket;
+    use xenpv_grant::local::LocalGrants;
+    use xenpv_grant::{Access, GrantMap};
+    use xenpv_ring::blkif::RSP_ERROR;
+
+    let env = env(1 << 20);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, root) = (stop.clone(), env.root.clone());
+    let mut brng = Rng(rng.next() | 1);
+    let lie_after = brng.below(48);
+    let persistent = rng.one_in(2);
+    let keys: &[(&str, &str)] = if persistent {
+        &[("feature-persistent", "1")]
+    } else {
+        &[]
+    };
+    let backend = spawn_scripted_with(&env, keys, move |s| {
+        let grants = LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
+        let mut ring = BackRing::<Blkif, _>::new(&s.map).unwrap();
+        let mut held = Vec::new();
+        let (mut answered, mut lied, mut frozen) = (0u64, false, false);
+        while !stop2.load(Ordering::SeqCst) {
+            if frozen {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            while let Ok(Some(r)) = ring.next_request() {
+                held.push(r);
+            }
+            if held.is_empty() {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            for _ in 0..=brng.below(held.len() as u64) {
+                let r = held.swap_remove(brng.below(held.len() as u64) as usize);
+                if let (Some(lie), false) = (lie, lied) {
+                    if answered >= lie_after {
+                        lied = true;
+                        let (id, op, status) = match lie {
+                            Lie::UnknownId => (1 << 40 | brng.next(), r.operation, RSP_OKAY),
+                            Lie::WrongOp => (r.id, r.operation ^ 1, RSP_OKAY),
+                            Lie::BadStatus => (r.id, r.operation, 3 + brng.below(1000) as i16),
+                            Lie::RspProdJump => {
+                                // From now on the index stays where it was put: nothing more
+                                // is published.
+                                let prod = ring
+                                    .rsp_prod_pvt()
+                                    .wrapping_add(33 + brng.below(999) as u32);
+                                s.map.volatile().write_u32(8, prod).unwrap();
+                                frozen = true;
+                                break;
+                            }
+                        };
+                        ring.produce(BlkifResponse::new(id, op, status)).unwrap();
+                        continue;
+                    }
+                }
+                let status = if brng.one_in(10) { RSP_ERROR } else { RSP_OKAY };
+                if r.operation == OP_READ && status == RSP_OKAY {
+                    // The disk's contents into each segment's sectors.
+                    let mut sector = r.sector_number;
+                    for seg in &r.seg[..r.nr_segments as usize] {
+                        let m = grants.map(&[(1, seg.gref)], Access::Writable).unwrap();
+                        for k in seg.first_sect..=seg.last_sect {
+                            let at = usize::from(k) * 512;
+                            m.volatile().fill(at, 512, disk_byte(sector)).unwrap();
+                            sector += 1;
+                        }
+                    }
+                }
+                ring.produce(BlkifResponse::new(r.id, r.operation, status))
+                    .unwrap();
+                answered += 1;
+            }
+            if !frozen {
+                ring.push_responses_no_check();
+            }
+            let _ = s.ev.notify(s.port);
+        }
+        answered
+    });
+    let dev = connect(
+        &env,
+        Options {
+            persistent,
+            ..Options::default()
+        },
+    );
+    assert_eq!(dev.info().persistent, persistent);
+    let ops: Vec<(Op, Ticket)> = (0..64)
+        .map(|_| {
+            let offset = rng.below(2048 - 128) * 512;
+            let len = (1 + rng.below(128) as usize) * 512;
+            let op = if rng.one_in(2) {
+                Op::Read { offset, len }
+            } else {
+                Op::Write {
+                    offset,
+                    data: vec![0x5a; len],
+                }
+            };
+            (op.clone(), dev.submit_ticket(op))
+        })
+        .collect();
+    let (mut ok, mut failed, mut protocol) = (0, 0, 0);
+    for (op, t) in ops {
+        match (t.wait(), op) {
+            (Ok(data), Op::Read { offset, len }) => {
+                assert_eq!(data.len(), len);
+                for (i, b) in data.chunks(512).enumerate() {
+                    let want = disk_byte(offset / 512 + i as u64);
+                    assert!(
+                        b.iter().all(|&x| x == want),
+                        "{lie:?}: read at {offset}: sector {i}"
+                    );
+                }
+                ok += 1;
+            }
+            (Ok(_), _) => ok += 1,
+            (Err(Error::Io { .. }), _) => failed += 1,
+            (Err(Error::Protocol(_)), _) if lie.is_some() => protocol += 1,
+            (Err(e), op) => panic!("{lie:?}: {op:?}: {e}"),
+        }
+    }
+    eprintln!(
+        "{lie:?} after {lie_after} (persistent grants: {persistent}): {ok} done, {failed} \
+         failed, {protocol} refused"
+    );
+    match lie {
+        None => {
+            assert!(dev.error().is_none(), "{:?}", dev.error());
+            assert!(ok > 32, "{ok} of 64 done");
+            // Still served (the backend fails one request in ten, honestly).
+            match dev.write_at(&[1; 512], 0) {
+                Ok(()) | Err(Error::Io { .. }) => {}
+                Err(e) => panic!("after the round: {e}"),
+            }
+        }
+        Some(_) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while dev.error().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(
+                matches!(dev.error(), Some(Error::Protocol(_))),
+                "{:?}",
+                dev.error()
+            );
+            assert!(dev.read_at(&mut [0; 512], 0).is_err());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A broken device is closing already; a healthy one closes now.
+    let _ = dev.close();
+    drop(dev);
+    backend.join().unwrap();
+}
+
+/// Random rounds against a hostile backend, honest ones and ones with each kind of lie; the
+/// seed is printed, and `XENPV_ATTACK_SEED` (hex) replaces it.
+#[test]
+fn random_rounds_against_a_lying_backend() {
+    let seed = std::env::var("XENPV_ATTACK_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x5DEE_CE66_D1CE_4E5B)
+        | 1;
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng(seed);
+    let lies = [
+        None,
+        Some(Lie::UnknownId),
+        Some(Lie::WrongOp),
+        Some(Lie::BadStatus),
+        Some(Lie::RspProdJump),
+    ];
+    for round in 0..15 {
+        random_round(&mut rng, lies[round % lies.len()]);
+    }
 }
