@@ -15,6 +15,7 @@ use common::*;
 use xenpv_grant::{Access, GrantMemory, GrantShare, SharedPages};
 use xenpv_ring::blkif::*;
 use xenpv_ring::cast;
+use xenpv_ring::mock::Rng;
 use xenpv_xenstore::XenbusState;
 
 /// Submits `bad` together with a valid read, and checks that `bad` is answered `want` (with its
@@ -527,27 +528,6 @@ fn xenbus_state_flapping_leaves_other_devices_alone() {
     assert!(p.backend.alive());
 }
 
-/// xorshift64*: reproducible pseudo-random numbers for the random attacks.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number below `n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
-
 /// A random request. Half are well formed (known grants, whole sector ranges within a page,
 /// sectors on the disk) and most of those are served; the others have random segment counts,
 /// sector ranges, sectors and grants, and one in ten is random bytes. `grefs` are grants the
@@ -648,19 +628,14 @@ fn random_request(rng: &mut Rng, grefs: &[u32; 3], id: u64) -> [u8; 112] {
 /// status, or the device is disconnected and reconnects. The daemon and the healthy device
 /// keep going throughout. The seed is printed; `XENPV_ATTACK_SEED` (hex) replaces it.
 fn random_attacks(persistent: bool, seed: u64) {
-    // Another seed from the environment (hex), to explore: `XENPV_ATTACK_SEED=1f2e3d`.
-    let seed = std::env::var("XENPV_ATTACK_SEED")
-        .ok()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(seed)
-        | 1;
     let mut p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
     let healthy = Healthy::start(&p.root, 2, "xvda");
     let mut f = p.frontend(1, "xvda", persistent);
     f.verified_io(0, 0x21);
     let ind = f.grants.share(0, 1, Access::Writable).unwrap();
     let grefs = [f.data.grefs()[0], f.data.grefs()[1], ind.grefs()[0]];
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env_or(seed);
+    let seed = rng.seed();
     let (mut sent, mut disconnects) = (0u64, 0u32);
     // Answers by status: OKAY, ERROR, EOPNOTSUPP.
     let mut answers = [0u64; 3];

@@ -12,6 +12,7 @@ use xenpv_blkfront::{Error, Op, Options};
 use xenpv_evtchn::EventChannel;
 use xenpv_grant::GrantMemory;
 use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_READ, OP_WRITE, RSP_OKAY};
+use xenpv_ring::mock::Rng;
 use xenpv_ring::BackRing;
 use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
@@ -145,26 +146,6 @@ fn impossible_rsp_prod() {
     run(Evil::ImpossibleRspProd);
 }
 
-/// xorshift64*: reproducible pseudo-random numbers for the random rounds.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
-
 /// What a hostile backend does once in a round: each is always a protocol error.
 #[derive(Debug, Clone, Copy)]
 enum Lie {
@@ -201,7 +182,7 @@ fn random_round(rng: &mut Rng, lie: Option<Lie>) {
     let env = env(1 << 20);
     let stop = Arc::new(AtomicBool::new(false));
     let (stop2, root) = (stop.clone(), env.root.clone());
-    let mut brng = Rng(rng.next() | 1);
+    let mut brng = Rng::new(rng.next());
     let lie_after = brng.below(48);
     let persistent = rng.one_in(2);
     let keys: &[(&str, &str)] = if persistent {
@@ -352,16 +333,11 @@ fn random_round(rng: &mut Rng, lie: Option<Lie>) {
 }
 
 /// Random rounds against a hostile backend, honest ones and ones with each kind of lie; the
-/// seed is printed, and `XENPV_ATTACK_SEED` (hex) replaces it.
+/// seed is printed, and `XENPV_ATTACK_SEED` (hex) replaces it ([`Rng::from_env_or`]).
 #[test]
 fn random_rounds_against_a_lying_backend() {
-    let seed = std::env::var("XENPV_ATTACK_SEED")
-        .ok()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(0x5DEE_CE66_D1CE_4E5B)
-        | 1;
-    eprintln!("seed {seed:#x}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env_or(0x5DEE_CE66_D1CE_4E5B);
+    eprintln!("seed {:#x}", rng.seed());
     let lies = [
         None,
         Some(Lie::UnknownId),

@@ -249,3 +249,71 @@ impl<P: RingProtocol> MockBackend<P> {
         Ok(n)
     }
 }
+
+/// Reproducible pseudo-random numbers (xorshift64*) for tests that play a hostile peer at
+/// random: a failure names its seed, and the seed replays it.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// The environment variable that replaces a test's seed (hexadecimal), to explore others.
+    pub const SEED_VAR: &'static str = "XENPV_ATTACK_SEED";
+
+    /// Numbers from `seed` (any value; zero is made odd, as xorshift needs).
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    /// Numbers from the seed in [`SEED_VAR`](Self::SEED_VAR) if it is set and parses as
+    /// hexadecimal (with or without `0x`), else from `seed`.
+    pub fn from_env_or(seed: u64) -> Self {
+        let env = std::env::var(Self::SEED_VAR)
+            .ok()
+            .and_then(|s| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
+        Self::new(env.unwrap_or(seed))
+    }
+
+    /// The state the next number comes from (a seed that replays the rest).
+    pub fn seed(&self) -> u64 {
+        self.0
+    }
+
+    /// The next number.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (0 if `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next().checked_rem(n).unwrap_or(0)
+    }
+
+    /// True once in `n` times on average.
+    pub fn one_in(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+}
+
+#[cfg(test)]
+mod rng_tests {
+    use super::Rng;
+    use std::vec::Vec;
+
+    #[test]
+    fn the_same_seed_gives_the_same_numbers_and_bounds_hold() {
+        let (mut a, mut b) = (Rng::new(42), Rng::new(42));
+        let xs: Vec<u64> = (0..100).map(|_| a.next()).collect();
+        assert_eq!(xs, (0..100).map(|_| b.next()).collect::<Vec<_>>());
+        assert!(xs.windows(2).all(|w| w[0] != w[1]));
+        let mut z = Rng::new(0);
+        assert_ne!(z.next(), 0, "a zero seed must not stick at zero");
+        assert!((0..1000).all(|_| a.below(7) < 7));
+        assert_eq!(a.below(0), 0);
+        let hits = (0..10_000).filter(|_| a.one_in(4)).count();
+        assert!((2000..3000).contains(&hits), "{hits}");
+    }
+}
