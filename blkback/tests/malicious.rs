@@ -4,7 +4,8 @@
 //! attack. Each attack either gets an error response (with the request's id and operation) or
 //! disconnects the attacked device alone (an `error` node and Closing), after which the attacker
 //! can reconnect and do valid I/O again. Besides the attacks one by one, thousands of random
-//! requests (reproducible from a printed seed) get the same treatment.
+//! requests and forty random ring setups (reproducible from a printed seed) get the same
+//! treatment.
 
 #[path = "support/mod.rs"]
 mod common;
@@ -750,4 +751,106 @@ fn random_requests_are_answered_or_disconnect_the_device_alone() {
 #[test]
 fn random_requests_with_persistent_grants_are_answered_or_disconnect_the_device_alone() {
     random_attacks(true, 0xD1B5_4A32_D192_ED03);
+}
+
+/// Random frontend nodes at connection time, one to four at once (ring refs, event channels,
+/// protocols, ring orders, queue counts and queue directories, features; numbers, garbage,
+/// removals), over the ring the frontend had. Each setup either connects (it happened to be
+/// valid) or disconnects the device alone with an `error` node; the frontend then reconnects
+/// properly and does verified I/O, while a healthy device keeps serving. The seed is printed;
+/// `XENPV_ATTACK_SEED` (hex) replaces it.
+#[test]
+fn random_ring_setups_connect_or_disconnect_the_device_alone() {
+    let mut p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
+    let healthy = Healthy::start(&p.root, 2, "xvda");
+    let mut f = p.frontend(1, "xvda", false);
+    f.verified_io(0, 0xA1);
+    let mut rng = Rng::from_env_or(0xB5AD_4ECE_DA1C_E2A9);
+    eprintln!("seed {:#x}", rng.seed());
+    let keys = [
+        "ring-ref",
+        "ring-ref0",
+        "ring-ref1",
+        "event-channel",
+        "protocol",
+        "ring-page-order",
+        "multi-queue-num-queues",
+        "queue-0/ring-ref",
+        "queue-0/event-channel",
+        "queue-1/ring-ref",
+        "queue-1/event-channel",
+        "feature-persistent",
+    ];
+    let (mut connected, mut refused) = (0, 0);
+    for round in 0..40u8 {
+        let mut bad: Vec<(&str, Option<String>)> = Vec::new();
+        for _ in 0..=rng.below(4) {
+            let key = keys[rng.below(keys.len() as u64) as usize];
+            if bad.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            // Removal, of the nodes a frontend always writes.
+            let present = [
+                "ring-ref",
+                "event-channel",
+                "protocol",
+                "feature-persistent",
+            ];
+            let value = match rng.below(8) {
+                0 if present.contains(&key) => None,
+                0 => Some(String::new()),
+                1 => Some("banana".to_string()),
+                2 => Some(String::new()),
+                3 => Some((rng.next() as u32).to_string()),
+                4 => Some(format!("-{}", rng.below(1 << 40))),
+                5 if key == "protocol" => Some(
+                    ["x86_64-abi", "x86_32-abi", "pdp11-abi"][rng.below(3) as usize].to_string(),
+                ),
+                _ => {
+                    let top = if rng.one_in(2) { 5 } else { 1 << 33 };
+                    Some(rng.below(top).to_string())
+                }
+            };
+            bad.push((key, value));
+        }
+        let as_refs: Vec<(&str, Option<&str>)> =
+            bad.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+        f.publish_bad(&as_refs);
+        // Connected, or disconnected with an error: nothing else, and not for ever.
+        let deadline = Instant::now() + T;
+        loop {
+            let state = f.backend_state();
+            if state == XenbusState::Connected {
+                connected += 1;
+                break;
+            }
+            if matches!(state, XenbusState::Closing | XenbusState::Closed)
+                && f.backend_node("error").is_some()
+            {
+                refused += 1;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {bad:?} left the device {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f.remove_nodes(&keys[1..3]);
+        f.remove_nodes(&keys[5..]);
+        f.reconnect();
+        assert_eq!(
+            f.backend_node("error"),
+            None,
+            "round {round}: a stale error"
+        );
+        f.verified_io(8 * u64::from(round), round.wrapping_mul(7) | 1);
+        if round % 8 == 0 {
+            healthy.progress(1);
+        }
+    }
+    eprintln!("{connected} setups connected, {refused} refused");
+    assert!(refused > 10, "{refused} refused");
+    healthy.finish();
+    assert!(p.backend.alive());
 }
