@@ -14,8 +14,8 @@ use xenpv_xenstore::{xenbus, XenbusState, XsOps};
 
 use crate::queue::RingState;
 use crate::queue::{
-    finish, request_pages, ring_memory, segments_per_request, Chunk, Features, Finished, Kind,
-    Parent, QState, MAX_RING_ORDER,
+    finish, pool_limit, ring_memory, segments_per_request, Chunk, Features, Finished, Kind, Parent,
+    QState, MAX_RING_ORDER,
 };
 use crate::{Callback, Consume, Error, Op, Options, Platform, Result, Ticket};
 
@@ -715,11 +715,7 @@ where
             max_segments: max_segments as usize,
             handle: self.handle,
             backend: self.be_id,
-            // Never less than the largest request takes, which could otherwise never start.
-            pool_pages: self
-                .opts
-                .pool_pages
-                .max(request_pages(max_segments as usize)),
+            pool_pages: pool_limit(self.opts.pool_pages, max_segments as usize),
         };
         tracing::info!(?info, "backend connected");
         *lock(&self.info) = info;

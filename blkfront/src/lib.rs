@@ -232,14 +232,11 @@ impl Options {
         let ring_pages = 1usize << self.ring_order.min(queue::MAX_RING_ORDER);
         let segments =
             queue::segments_per_request(self.indirect, self.max_indirect_segments, u32::MAX);
-        let largest = queue::request_pages(segments);
         let in_flight = if self.persistent {
-            self.pool_pages
-                .max(largest)
-                .next_multiple_of(queue::POOL_CHUNK)
+            queue::pool_limit(self.pool_pages, segments)
         } else {
             let entries = xenpv_ring::ring_entries::<Blkif>(ring_pages * xenpv_ring::PAGE_SIZE);
-            entries as usize * largest
+            entries as usize * queue::request_pages(segments)
         };
         (self.queues.max(1) as usize).saturating_mul(ring_pages + in_flight)
     }

@@ -158,6 +158,7 @@ pub(crate) struct Features {
     pub(crate) max_segments: usize,
     pub(crate) handle: u16,
     pub(crate) backend: DomId,
+    /// The most pages the persistent pool grows to ([`pool_limit`]: whole chunks).
     pub(crate) pool_pages: usize,
 }
 
@@ -180,6 +181,15 @@ pub(crate) fn request_pages(max_segments: usize) -> usize {
     } else {
         max_segments + BlkifRequestIndirect::pages_for(max_segments)
     }
+}
+
+/// The most pages a queue's persistent pool grows to: `pool_pages` ([`crate::Options`]), but
+/// never less than the largest request of `max_segments` takes (it could otherwise never
+/// start), in whole chunks.
+pub(crate) fn pool_limit(pool_pages: usize, max_segments: usize) -> usize {
+    pool_pages
+        .max(request_pages(max_segments))
+        .next_multiple_of(POOL_CHUNK)
 }
 
 /// Granted pages of one request.
@@ -531,9 +541,7 @@ where
             return Ok(Pages::Own(g.share(self.feat.backend, n, access)?));
         }
         while self.pool.nfree < n {
-            if (self.pool.chunks.len() + 1) * POOL_CHUNK
-                > self.feat.pool_pages.next_multiple_of(POOL_CHUNK)
-            {
+            if (self.pool.chunks.len() + 1) * POOL_CHUNK > self.feat.pool_pages {
                 return Err(Error::Grant("persistent pool exhausted".into()));
             }
             // Requests in flight give pages back with their responses: after a refusal, wait
