@@ -478,6 +478,68 @@ pub struct Direct {
     /// The same run with the frontend in poll mode (`xenpv-blkfront --poll`: its queue thread
     /// polls the ring while I/O is in flight); `None` when not measured.
     pub polled: Option<Run>,
+    /// The hybrid runs against fio's, round by round.
+    pub vs_base: Paired,
+    /// The poll-mode runs against fio's, round by round (`None` when not measured).
+    pub polled_vs_base: Option<Paired>,
+}
+
+/// Ratios of a path to the baseline taken round by round, each run against fio's run of the
+/// same round, and their medians: the disk's speed drifts between rounds (fio's own IOPS on
+/// /tmp moved from 58k to 79k within minutes), and a pair measured in one round shares its
+/// drift, where the ratio of two medians may take them from different rounds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Paired {
+    /// IOPS / fio's IOPS.
+    pub iops: Spread,
+    /// blkback's CPU per I/O / fio's CPU per I/O (R14).
+    pub cpu: Spread,
+    /// Median latency minus fio's, µs (R8).
+    pub added_p50_us: Spread,
+}
+
+/// The median of per-round figures, and their least and greatest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Spread {
+    /// Median.
+    pub median: f64,
+    /// Least.
+    pub min: f64,
+    /// Greatest.
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(v: Vec<f64>) -> Spread {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if v.is_empty() {
+            return Spread::default();
+        }
+        Spread {
+            median: median(v),
+            min,
+            max,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"median": self.median, "min": self.min, "max": self.max})
+    }
+}
+
+impl Paired {
+    /// `runs[i]` against `base[i]`, for the rounds both measured.
+    fn of(base: &[Measure], runs: &[Measure]) -> Paired {
+        let each = |f: fn(&Measure, &Measure) -> f64| {
+            Spread::of(base.iter().zip(runs).map(|(b, x)| f(x, b)).collect())
+        };
+        Paired {
+            iops: each(|x, b| ratio(x.iops, b.iops)),
+            cpu: each(|x, b| ratio(x.cpu_us_per_io, b.cpu_us_per_io)),
+            added_p50_us: each(|x, b| x.p50_us - b.p50_us),
+        }
+    }
 }
 
 /// A measure of the no-NBD path (one run, or the median of a workload's rounds).
@@ -882,9 +944,12 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
                 median_measure(&nbd),
             ));
             let hybrid = Run::median(&nonbd);
+            let measures = |runs: &[Run]| runs.iter().map(|r| r.m).collect::<Vec<_>>();
             directs.push(Direct {
                 m: hybrid.m,
                 front_cpu_us_per_io: hybrid.front_cpu_us_per_io,
+                vs_base: Paired::of(&base, &measures(&nonbd)),
+                polled_vs_base: (!polls.is_empty()).then(|| Paired::of(&base, &measures(&polls))),
                 placed: (!apart.is_empty()).then(|| Placed {
                     apart: median_measure(&apart),
                     one: median_measure(&one),
@@ -1007,18 +1072,24 @@ fn ratio(x: f64, y: f64) -> f64 {
 }
 
 /// One table of the no-NBD path: per workload its name, the baseline, the measure, the IOPS
-/// of the path compared in the second ratio, and the load generator's CPU per I/O. `names`:
-/// the measure's column prefix and the two ratios' headings.
-fn direct_table(title: &str, names: [&str; 3], rows: &[(&str, &Measure, Measure, f64, f64)]) {
+/// of the path compared in the second ratio, the load generator's CPU per I/O, and the path
+/// against the baseline round by round (the first ratio, its range over the rounds, `+p50`
+/// and `cpu/b` are those). `names`: the measure's column prefix and the two ratios' headings.
+fn direct_table(
+    title: &str,
+    names: [&str; 3],
+    rows: &[(&str, &Measure, Measure, f64, f64, Paired)],
+) {
     let [m, r1, r2] = names;
     println!();
     println!("{title}");
     println!(
-        "{:<18} {:>9} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7}",
+        "{:<18} {:>9} {:>9} {:>6} {:>9} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7}",
         "workload",
         "base IOPS",
         format!("{m} IOPS"),
         r1,
+        "rounds",
         r2,
         format!("{m} MB/s"),
         "base p50",
@@ -1030,21 +1101,22 @@ fn direct_table(title: &str, names: [&str; 3], rows: &[(&str, &Measure, Measure,
         "fcpu/io",
         "ntf/io"
     );
-    for (name, b, x, other, fcpu) in rows {
+    for (name, b, x, other, fcpu, paired) in rows {
         println!(
-            "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>6.2} {:>9.1} {:>8.1}u {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>6.2}u {:>7.3}",
+            "{:<18} {:>9.0} {:>9.0} {:>6.2} {:>9} {:>6.2} {:>9.1} {:>8.1}u {:>7.1}u {:>8.1}u {:>8.1}u {:>7.2}u {:>6.2} {:>6.2}u {:>7.3}",
             name,
             b.iops,
             x.iops,
-            ratio(x.iops, b.iops),
+            paired.iops.median,
+            format!("{:.2}-{:.2}", paired.iops.min, paired.iops.max),
             ratio(x.iops, *other),
             x.mbps,
             b.p50_us,
             x.p50_us,
-            x.p50_us - b.p50_us,
+            paired.added_p50_us.median,
             x.p99_us,
             x.cpu_us_per_io,
-            ratio(x.cpu_us_per_io, b.cpu_us_per_io),
+            paired.cpu.median,
             fcpu,
             x.notify_per_io
         );
@@ -1101,7 +1173,7 @@ pub fn print(results: &[DirResult], engine: &str) {
             .rows
             .iter()
             .zip(&r.direct)
-            .map(|((w, b, o, _), d)| (w.name, b, d.m, o.iops, d.front_cpu_us_per_io))
+            .map(|((w, b, o, _), d)| (w.name, b, d.m, o.iops, d.front_cpu_us_per_io, d.vs_base))
             .collect();
         direct_table(
             &format!(
@@ -1116,8 +1188,8 @@ pub fn print(results: &[DirResult], engine: &str) {
             .iter()
             .zip(&r.direct)
             .filter_map(|((w, b, ..), d)| {
-                let p = d.polled?;
-                Some((w.name, b, p.m, d.m.iops, p.front_cpu_us_per_io))
+                let (p, paired) = (d.polled?, d.polled_vs_base?);
+                Some((w.name, b, p.m, d.m.iops, p.front_cpu_us_per_io, paired))
             })
             .collect();
         if !polled.is_empty() {
@@ -1168,7 +1240,7 @@ pub fn print(results: &[DirResult], engine: &str) {
         }
     }
     println!(
-        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's CPU per I/O in the baseline (its job thread and io_uring's workers for it; R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds,\nfrom submission to completion (fio's lat, not clat, which leaves out io_uring's submission).\nd/base (R6, R7, R9), d/ours: the no-NBD path's IOPS / fio on the file, / fio through NBD and our drivers;\n+p50 (R8): its median latency minus fio's; fcpu/io: the load generator's process (blkfront included) CPU per I/O;\np/base, p/dir: the no-NBD path with a polling frontend, IOPS / fio on the file, / the same path with a hybrid one."
+        "\ncpu/io: xenpv-blkback CPU per I/O; cpu/b: that / fio's CPU per I/O in the baseline (its job thread and io_uring's workers for it; R14);\nntf/io: blkback's notifications to the frontend per I/O; latencies in microseconds,\nfrom submission to completion (fio's lat, not clat, which leaves out io_uring's submission).\nd/base (R6, R7, R9), d/ours: the no-NBD path's IOPS / fio on the file, / fio through NBD and our drivers;\nd/base, +p50 and cpu/b of the no-NBD tables are medians of per-round figures, each run against fio's run of the same round\n(rounds: the least and greatest per-round d/base or p/base); the IOPS, latency and CPU columns are medians of the runs;\n+p50 (R8): its median latency minus fio's; fcpu/io: the load generator's process (blkfront included) CPU per I/O;\np/base, p/dir: the no-NBD path with a polling frontend, IOPS / fio on the file, / the same path with a hybrid one."
     );
 }
 
@@ -1178,6 +1250,13 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
         serde_json::json!({
             "iops": x.iops, "mbps": x.mbps, "p50_us": x.p50_us, "p99_us": x.p99_us,
             "cpu_us_per_io": x.cpu_us_per_io, "notify_per_io": x.notify_per_io,
+        })
+    };
+    // The per-round ratios' medians (the figures above) and ranges.
+    let paired = |p: &Paired| {
+        serde_json::json!({
+            "iops_ratio": p.iops.json(), "added_p50_us": p.added_p50_us.json(),
+            "backend_cpu_ratio": p.cpu.json(),
         })
     };
     serde_json::json!({
@@ -1194,19 +1273,21 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
                 "direct": d.map(|d| serde_json::json!({
                     "measure": m(&d.m),
                     "front_cpu_us_per_io": d.front_cpu_us_per_io,
-                    "iops_ratio": ratio(d.m.iops, b.iops),
-                    "added_p50_us": d.m.p50_us - b.p50_us,
-                    "backend_cpu_ratio": ratio(d.m.cpu_us_per_io, b.cpu_us_per_io),
+                    "iops_ratio": d.vs_base.iops.median,
+                    "added_p50_us": d.vs_base.added_p50_us.median,
+                    "backend_cpu_ratio": d.vs_base.cpu.median,
+                    "per_round": paired(&d.vs_base),
                     "placement": d.placed.map(|p| serde_json::json!({
                         "apart": m(&p.apart),
                         "one_cpu": m(&p.one),
                     })),
-                    "polling_frontend": d.polled.map(|p| serde_json::json!({
+                    "polling_frontend": d.polled.zip(d.polled_vs_base).map(|(p, v)| serde_json::json!({
                         "measure": m(&p.m),
                         "front_cpu_us_per_io": p.front_cpu_us_per_io,
-                        "iops_ratio": ratio(p.m.iops, b.iops),
-                        "added_p50_us": p.m.p50_us - b.p50_us,
-                        "backend_cpu_ratio": ratio(p.m.cpu_us_per_io, b.cpu_us_per_io),
+                        "iops_ratio": v.iops.median,
+                        "added_p50_us": v.added_p50_us.median,
+                        "backend_cpu_ratio": v.cpu.median,
+                        "per_round": paired(&v),
                     })),
                 })),
             })).collect::<Vec<_>>(),
@@ -1217,6 +1298,32 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_are_taken_round_by_round() {
+        let m = |iops: f64, cpu: f64, p50: f64| Measure {
+            iops,
+            cpu_us_per_io: cpu,
+            p50_us: p50,
+            ..Measure::default()
+        };
+        // The disk halves its speed in the second round; the path keeps 0.95 of fio in the
+        // first two rounds and falls to 0.75 in the third. The ratio of the medians (60 / 80)
+        // would take the third round's run against the first round's fio.
+        let base = [m(100.0, 6.0, 40.0), m(50.0, 6.0, 80.0), m(80.0, 5.0, 50.0)];
+        let runs = [m(95.0, 7.2, 45.0), m(47.5, 6.6, 90.0), m(60.0, 7.5, 52.0)];
+        let p = Paired::of(&base, &runs);
+        assert!((p.iops.median - 0.95).abs() < 1e-9, "{p:?}");
+        assert!((p.iops.min - 0.75).abs() < 1e-9 && (p.iops.max - 0.95).abs() < 1e-9);
+        assert!((p.cpu.median - 1.2).abs() < 1e-9, "{p:?}");
+        assert!((p.cpu.max - 1.5).abs() < 1e-9);
+        assert!((p.added_p50_us.median - 5.0).abs() < 1e-9);
+        assert!((p.added_p50_us.min - 2.0).abs() < 1e-9);
+        // A round one side did not measure (the bench stopped) pairs nothing.
+        let p = Paired::of(&base[..1], &runs);
+        assert!((p.iops.median - 0.95).abs() < 1e-9 && p.iops.min == p.iops.max);
+        assert_eq!(Paired::of(&[], &runs).iops.median, 0.0);
+    }
 
     #[test]
     fn latency_is_fios_total_and_falls_back_to_clat() {
