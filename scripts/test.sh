@@ -53,6 +53,7 @@ target/debug/xenpv bench disk --dirs /tmp --size-mib 64 --runtime 1 --rounds 1 \
 grep -q '"one_cpu"' target/bench-smoke.json || { echo "bench JSON lacks the placement runs" >&2; exit 1; }
 grep -q '"polling_frontend": {' target/bench-smoke.json || { echo "bench JSON lacks the polling-frontend runs" >&2; exit 1; }
 grep -q '"per_round": {' target/bench-smoke.json || { echo "bench JSON lacks the per-round ratios" >&2; exit 1; }
+grep -q '"id": "R8"' target/bench-smoke.json || { echo "bench JSON lacks the goals" >&2; exit 1; }
 if [ "$(id -u)" = 0 ]; then
   # As root the guest's memory and fio's buffers are in 2 MiB pages (fio mapped the file).
   grep -q '"base_buffer_pages_kib": 2048' target/bench-smoke.json ||

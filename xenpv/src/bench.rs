@@ -463,6 +463,103 @@ pub struct DirResult {
     /// Per workload (same order as `rows`): the load generator on blkfront's API → blkback,
     /// no NBD.
     pub direct: Vec<Direct>,
+    /// Whether the directory is a tmpfs (memory) rather than a disk's file system.
+    pub tmpfs: bool,
+}
+
+/// One goal of reference/perf-baselines.md §3, as a run measured it.
+#[derive(Debug, Clone)]
+pub struct Goal {
+    /// Its id (`R6` …).
+    pub id: &'static str,
+    /// What it measures, where, and its limit.
+    pub what: String,
+    /// The frontend's mode (`hybrid` or `poll`).
+    pub mode: &'static str,
+    /// The figure (median of the per-round figures) and its range over the rounds.
+    pub value: Spread,
+    /// Whether the median meets the limit.
+    pub met: bool,
+}
+
+/// The goals R6–R9 and R14 from the no-NBD tables, for each frontend mode measured: R6 and R7
+/// (4 KiB random reads at QD32, on a disk's file system and on tmpfs), R8 (QD1 added median
+/// latency), R9 (1 MiB sequential reads at QD8), R14 (the worst backend CPU ratio of the 4 KiB
+/// QD32 rows). A goal whose workloads were not run is left out.
+pub fn goals(results: &[DirResult]) -> Vec<Goal> {
+    let mut out = Vec::new();
+    for r in results {
+        let place = if r.tmpfs { "tmpfs" } else { "disk" };
+        for (mode, pick) in [
+            (
+                "hybrid",
+                (|d: &Direct| Some(d.vs_base)) as fn(&Direct) -> Option<Paired>,
+            ),
+            ("poll", |d: &Direct| d.polled_vs_base),
+        ] {
+            let row = |w: &Workload| {
+                r.rows
+                    .iter()
+                    .zip(&r.direct)
+                    .find(|((x, ..), _)| x.name == w.name)
+                    .and_then(|(_, d)| pick(d))
+            };
+            let named = |name: &str| WORKLOADS.iter().find(|w| w.name == name);
+            let mut goal = |id, what: String, value: Spread, met: bool| {
+                out.push(Goal {
+                    id,
+                    what,
+                    mode,
+                    value,
+                    met,
+                })
+            };
+            let (r6_r7, r9_limit) = if r.tmpfs {
+                (("R7", 0.7), 0.7)
+            } else {
+                (("R6", 0.97), 0.95)
+            };
+            if let Some(p) = named("4k randread QD32").and_then(row) {
+                let (id, limit) = r6_r7;
+                goal(
+                    id,
+                    format!("4k randread QD32 IOPS / fio, {place}, >= {limit}"),
+                    p.iops,
+                    p.iops.median >= limit,
+                );
+            }
+            if let Some(p) = named("4k randread QD1").and_then(row) {
+                goal(
+                    "R8",
+                    format!("4k randread QD1 added p50, {place}, <= 1 us"),
+                    p.added_p50_us,
+                    p.added_p50_us.median <= 1.0,
+                );
+            }
+            if let Some(p) = named("1M seqread QD8").and_then(row) {
+                goal(
+                    "R9",
+                    format!("1M seqread QD8 IOPS / fio, {place}, >= {r9_limit}"),
+                    p.iops,
+                    p.iops.median >= r9_limit,
+                );
+            }
+            let worst = WORKLOADS
+                .iter()
+                .filter(|w| w.bs == 4096 && w.qd == 32)
+                .filter_map(|w| Some((w.rw, row(w)?)))
+                .max_by(|a, b| a.1.cpu.median.total_cmp(&b.1.cpu.median));
+            if let Some((name, p)) = worst {
+                goal(
+                    "R14",
+                    format!("backend CPU / fio's, worst 4k QD32 ({name}), {place}, <= 1.3"),
+                    p.cpu,
+                    p.cpu.median <= 1.3,
+                );
+            }
+        }
+    }
+    out
 }
 
 /// What the no-NBD path measured.
@@ -966,6 +1063,7 @@ pub fn run_disk(opts: &Options) -> Result<Outcome> {
             rows,
             nbd: !opts.direct_only,
             direct: directs,
+            tmpfs,
         });
     }
     drop(blkback);
@@ -1244,6 +1342,26 @@ pub fn print(results: &[DirResult], engine: &str) {
     );
 }
 
+/// Prints the goals of [`goals`], each with its range over the rounds and whether it is met.
+pub fn print_goals(results: &[DirResult]) {
+    let goals = goals(results);
+    if !goals.is_empty() {
+        println!("\ngoals (reference/perf-baselines.md; the median of the rounds, their range in brackets):");
+        for g in &goals {
+            println!(
+                "  {:<4} {:<6} {:<58} {:>7.2} [{:.2} .. {:.2}]  {}",
+                g.id,
+                g.mode,
+                g.what,
+                g.value.median,
+                g.value.min,
+                g.value.max,
+                if g.met { "met" } else { "NOT MET" }
+            );
+        }
+    }
+}
+
 /// The results as JSON.
 pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
     let m = |x: &Measure| {
@@ -1261,6 +1379,9 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
     };
     serde_json::json!({
         "engine": engine,
+        "goals": goals(results).iter().map(|g| serde_json::json!({
+            "id": g.id, "what": g.what, "frontend": g.mode, "value": g.value.json(), "met": g.met,
+        })).collect::<Vec<_>>(),
         "dirs": results.iter().map(|r| serde_json::json!({
             "dir": r.dir.display().to_string(),
             "workloads": r.rows.iter().zip(r.direct.iter().map(Some).chain(std::iter::repeat(None))).map(|((w, b, o, q), d)| serde_json::json!({
@@ -1298,6 +1419,77 @@ pub fn to_json(results: &[DirResult], engine: &str) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn goals_are_read_from_the_no_nbd_rows_of_each_mode() {
+        let spread = |median| Spread {
+            median,
+            min: median - 0.1,
+            max: median + 0.1,
+        };
+        let paired = |iops, cpu, p50| Paired {
+            iops: spread(iops),
+            cpu: spread(cpu),
+            added_p50_us: spread(p50),
+        };
+        // Per workload of WORKLOADS (QD1, QD32 read, QD32 write, 1M): hybrid, then poll.
+        let figures = [
+            (paired(1.1, 1.9, -8.0), paired(1.1, 1.8, -7.0)),
+            (paired(0.90, 1.2, 50.0), paired(0.98, 1.0, 20.0)),
+            (paired(0.95, 1.35, 60.0), paired(0.97, 1.1, 20.0)),
+            (paired(0.96, 11.0, 200.0), paired(0.94, 9.0, 250.0)),
+        ];
+        let result = |tmpfs| DirResult {
+            dir: PathBuf::from(if tmpfs { "/dev/shm" } else { "/tmp" }),
+            rows: WORKLOADS
+                .iter()
+                .map(|w| {
+                    (
+                        *w,
+                        Measure::default(),
+                        Measure::default(),
+                        Measure::default(),
+                    )
+                })
+                .collect(),
+            nbd: false,
+            direct: figures
+                .iter()
+                .map(|&(h, p)| Direct {
+                    vs_base: h,
+                    polled_vs_base: Some(p),
+                    ..Direct::default()
+                })
+                .collect(),
+            tmpfs,
+        };
+        let g = goals(&[result(false), result(true)]);
+        let find = |id: &str, mode: &str, place: &str| {
+            g.iter()
+                .find(|g| g.id == id && g.mode == mode && g.what.contains(place))
+                .unwrap_or_else(|| panic!("no {id} {mode} {place} in {g:?}"))
+        };
+        let r6 = find("R6", "hybrid", "disk");
+        assert!(!r6.met && r6.value.median == 0.90 && r6.value.min == 0.90 - 0.1);
+        assert!(find("R6", "poll", "disk").met);
+        assert!(find("R7", "hybrid", "tmpfs").met);
+        assert!(find("R8", "hybrid", "disk").met);
+        let r9 = find("R9", "hybrid", "disk");
+        assert!(r9.met && r9.value.median == 0.96);
+        assert!(!find("R9", "poll", "disk").met);
+        assert!(find("R9", "poll", "tmpfs").met);
+        // R14 takes the worst 4 KiB QD32 row: randwrite's 1.35 for hybrid, randread's 1.0
+        // against randwrite's 1.1 for poll; the 1 MiB and QD1 rows do not count.
+        let r14 = find("R14", "hybrid", "disk");
+        assert!(!r14.met && r14.value.median == 1.35 && r14.what.contains("randwrite"));
+        let r14 = find("R14", "poll", "disk");
+        assert!(r14.met && r14.value.median == 1.1);
+        assert_eq!(g.len(), 2 * 2 * 4);
+        // Without the polling frontend's runs, only the hybrid goals.
+        let mut r = result(false);
+        r.direct.iter_mut().for_each(|d| d.polled_vs_base = None);
+        assert!(goals(&[r]).iter().all(|g| g.mode == "hybrid"));
+    }
 
     #[test]
     fn ratios_are_taken_round_by_round() {

@@ -293,6 +293,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         "4 KiB pages (sparse memfds); fio's buffers (base) too (its own, --mem=malloc)"
     };
     println!("guest memory: {pages}");
+    xenpv::bench::print_goals(&results);
     let mut report = xenpv::bench::to_json(&results, engine);
     report["polling"] = serde_json::Value::from(polling);
     let pages_kib = serde_json::Value::from(if run.huge_pages { 2048 } else { 4 });
