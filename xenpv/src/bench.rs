@@ -490,21 +490,22 @@ pub fn goals(results: &[DirResult]) -> Vec<Goal> {
     let mut out = Vec::new();
     for r in results {
         let place = if r.tmpfs { "tmpfs" } else { "disk" };
-        for (mode, pick) in [
-            (
-                "hybrid",
-                (|d: &Direct| Some(d.vs_base)) as fn(&Direct) -> Option<Paired>,
-            ),
-            ("poll", |d: &Direct| d.polled_vs_base),
-        ] {
-            let row = |w: &Workload| {
-                r.rows
-                    .iter()
-                    .zip(&r.direct)
-                    .find(|((x, ..), _)| x.name == w.name)
-                    .and_then(|(_, d)| pick(d))
-            };
-            let named = |name: &str| WORKLOADS.iter().find(|w| w.name == name);
+        for mode in ["hybrid", "poll"] {
+            // Each workload run, with this mode's figures against fio's.
+            let runs: Vec<(&Workload, Paired)> = r
+                .rows
+                .iter()
+                .zip(&r.direct)
+                .filter_map(|((w, ..), d)| {
+                    let p = if mode == "hybrid" {
+                        Some(d.vs_base)
+                    } else {
+                        d.polled_vs_base
+                    };
+                    Some((w, p?))
+                })
+                .collect();
+            let row = |name: &str| runs.iter().find(|(w, _)| w.name == name).map(|&(_, p)| p);
             let mut goal = |id, what: String, value: Spread, met: bool| {
                 out.push(Goal {
                     id,
@@ -519,7 +520,7 @@ pub fn goals(results: &[DirResult]) -> Vec<Goal> {
             } else {
                 (("R6", 0.97), 0.95)
             };
-            if let Some(p) = named("4k randread QD32").and_then(row) {
+            if let Some(p) = row("4k randread QD32") {
                 let (id, limit) = r6_r7;
                 goal(
                     id,
@@ -528,7 +529,7 @@ pub fn goals(results: &[DirResult]) -> Vec<Goal> {
                     p.iops.median >= limit,
                 );
             }
-            if let Some(p) = named("4k randread QD1").and_then(row) {
+            if let Some(p) = row("4k randread QD1") {
                 goal(
                     "R8",
                     format!("4k randread QD1 added p50, {place}, <= 1 us"),
@@ -536,7 +537,7 @@ pub fn goals(results: &[DirResult]) -> Vec<Goal> {
                     p.added_p50_us.median <= 1.0,
                 );
             }
-            if let Some(p) = named("1M seqread QD8").and_then(row) {
+            if let Some(p) = row("1M seqread QD8") {
                 goal(
                     "R9",
                     format!("1M seqread QD8 IOPS / fio, {place}, >= {r9_limit}"),
@@ -544,15 +545,17 @@ pub fn goals(results: &[DirResult]) -> Vec<Goal> {
                     p.iops.median >= r9_limit,
                 );
             }
-            let worst = WORKLOADS
+            let worst = runs
                 .iter()
-                .filter(|w| w.bs == 4096 && w.qd == 32)
-                .filter_map(|w| Some((w.rw, row(w)?)))
+                .filter(|(w, _)| w.bs == 4096 && w.qd == 32)
                 .max_by(|a, b| a.1.cpu.median.total_cmp(&b.1.cpu.median));
-            if let Some((name, p)) = worst {
+            if let Some((w, p)) = worst {
                 goal(
                     "R14",
-                    format!("backend CPU / fio's, worst 4k QD32 ({name}), {place}, <= 1.3"),
+                    format!(
+                        "backend CPU / fio's, worst 4k QD32 ({}), {place}, <= 1.3",
+                        w.rw
+                    ),
                     p.cpu,
                     p.cpu.median <= 1.3,
                 );
@@ -608,15 +611,13 @@ pub struct Spread {
 
 impl Spread {
     fn of(v: Vec<f64>) -> Spread {
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if v.is_empty() {
             return Spread::default();
         }
         Spread {
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             median: median(v),
-            min,
-            max,
         }
     }
 
