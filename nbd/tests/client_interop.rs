@@ -15,7 +15,7 @@ fn exercise(c: &Client, seed: u64) -> Vec<u8> {
     assert_eq!(c.size(), SIZE);
     let mut model = vec![0u8; SIZE as usize];
     c.read_at(&mut model, 0).unwrap();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     for round in 0..100 {
         let len = (rng.below(128) as usize + 1) * 512;
         let off = rng.below(SIZE - len as u64) as usize & !511;
@@ -155,7 +155,7 @@ fn against_nbdkit_memory_tcp() {
         .map(|t| {
             let c = std::sync::Arc::clone(&c);
             std::thread::spawn(move || {
-                let mut rng = Rng(100 + t);
+                let mut rng = Rng::new(100 + t);
                 for i in 0..50u64 {
                     let off = (t * 50 + i) * 8192 + (32 << 20);
                     let d = rng.bytes(8192);

@@ -35,7 +35,7 @@ fn random_io_from_several_threads_matches_the_export() {
             std::thread::spawn(move || {
                 let base = t * (SIZE as u64 / 4);
                 let mut model = vec![0u8; SIZE / 4];
-                let mut rng = Rng(t + 1);
+                let mut rng = Rng::new(t + 1);
                 for _ in 0..200 {
                     let len = (rng.below(64) as usize + 1) * 512;
                     let off = rng.below((SIZE / 4 - len) as u64) as usize;
@@ -84,7 +84,7 @@ fn submit_and_wait_any_keep_many_in_flight() {
     let export = Arc::new(MemExport::new(1 << 20));
     let _srv = serve_unix(&sock, Arc::clone(&export)).unwrap();
     let c = Client::connect_unix(&sock, "").unwrap();
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let blocks: Vec<Vec<u8>> = (0..256).map(|_| rng.bytes(4096)).collect();
     let mut inflight = std::collections::HashMap::new();
     for (i, b) in blocks.iter().enumerate() {
@@ -545,7 +545,7 @@ fn reads_and_writes_go_straight_between_the_socket_and_the_callers_memory() {
     let export = Arc::new(MemExport::new(SIZE));
     let _srv = serve_unix(&sock, Arc::clone(&export)).unwrap();
     let client = Client::connect_unix(&sock, "").unwrap();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut a = rng.bytes(512);
     let mut b = rng.bytes(1536);
     let mut c = rng.bytes(2048);

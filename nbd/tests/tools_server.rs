@@ -16,7 +16,7 @@ fn uri(sock: &std::path::Path) -> String {
 
 /// Random data with zero stretches (so copiers use write-zeroes/trim paths too).
 fn image(seed: u64, size: usize) -> Vec<u8> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut v = rng.bytes(size);
     for chunk in v.chunks_mut(1 << 20).step_by(3) {
         chunk.fill(0);

@@ -296,6 +296,21 @@ impl Rng {
     pub fn one_in(&mut self, n: u64) -> bool {
         self.below(n) == 0
     }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = std::vec![0; n];
+        self.fill(&mut v);
+        v
+    }
 }
 
 #[cfg(test)]
@@ -315,5 +330,8 @@ mod rng_tests {
         assert_eq!(a.below(0), 0);
         let hits = (0..10_000).filter(|_| a.one_in(4)).count();
         assert!((2000..3000).contains(&hits), "{hits}");
+        let (x, y) = (Rng::new(5).bytes(13), Rng::new(5).bytes(13));
+        assert_eq!(x, y);
+        assert_eq!(x[..8], Rng::new(5).next().to_le_bytes());
     }
 }
