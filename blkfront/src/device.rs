@@ -188,7 +188,14 @@ where
         });
         let span = tracing::info_span!("vbd", domid = dev.be_id, dev = %dev.fe);
         let _g = span.enter();
-        dev.negotiate()?;
+        if let Err(e) = dev.negotiate() {
+            // As a kernel frontend's fatal error: say why, and close, so that the backend
+            // lets go of what it set up for this attempt instead of waiting for us.
+            let xs = &dev.p.xs;
+            let _ = xs.write_str(&format!("{}/error", dev.fe), &e.to_string());
+            let _ = xenbus::switch_state(xs, &dev.fe, XenbusState::Closing);
+            return Err(e);
+        }
         let d2 = dev.clone();
         let control = std::thread::Builder::new()
             .name("blkfront-control".into())
@@ -207,7 +214,8 @@ where
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        lock(&self.dev.info).sectors * 512
+        // Checked at negotiation; saturating all the same.
+        lock(&self.dev.info).sectors.saturating_mul(512)
     }
 
     /// Logical sector size in bytes.
@@ -416,7 +424,7 @@ where
             return done(Err(e));
         }
         let info = lock(&self.info).clone();
-        let size = info.sectors * 512;
+        let size = info.sectors.saturating_mul(512);
         let ss = u64::from(info.sector_size.max(512));
         let (kind, offset, len, data) = match op {
             Op::Read { offset, len } => (Kind::Read, offset, len as u64, Vec::new()),
@@ -659,53 +667,64 @@ where
             }
             Ok(())
         })();
-        if let Err(e) = setup {
-            for (ring, ev, port) in rings {
-                let _ = ev.unbind(port);
-                let _ = self.p.grants.revoke(ring.into_memory());
+        // The disk, as the backend describes it (its nodes are the peer's: checked here).
+        let disk = setup.and_then(|()| {
+            let flag = |k: &str| -> Result<bool> {
+                Ok(self.read_num::<u64>(&format!("{be}/{k}"))?.unwrap_or(0) != 0)
+            };
+            let sectors: u64 =
+                self.read_num(&format!("{be}/sectors"))?
+                    .ok_or_else(|| Error::Node {
+                        path: format!("{be}/sectors"),
+                        why: "missing".into(),
+                    })?;
+            // Its size in bytes must fit a u64 (offsets and sizes are byte counts).
+            if sectors.checked_mul(512).is_none() {
+                return Err(Error::Node {
+                    path: format!("{be}/sectors"),
+                    why: format!("{sectors} sectors of 512 bytes overflow a 64-bit byte size"),
+                });
             }
-            return Err(e);
-        }
-
-        // The disk.
-        let flag = |k: &str| -> Result<bool> {
-            Ok(self.read_num::<u64>(&format!("{be}/{k}"))?.unwrap_or(0) != 0)
-        };
-        let sectors: u64 = self
-            .read_num(&format!("{be}/sectors"))?
-            .ok_or_else(|| Error::Node {
-                path: format!("{be}/sectors"),
-                why: "missing".into(),
-            })?;
-        let info_bits: u32 = self.read_num(&format!("{be}/info"))?.unwrap_or(0);
-        let sector_size: u32 = self.read_num(&format!("{be}/sector-size"))?.unwrap_or(512);
-        let physical: u32 = self
-            .read_num(&format!("{be}/physical-sector-size"))?
-            .unwrap_or(sector_size);
-        let discard = flag("feature-discard")?;
-        let info = DiskInfo {
-            sectors,
-            sector_size: if sector_size.is_power_of_two() && sector_size >= 512 {
-                sector_size
-            } else {
-                512
-            },
-            physical_sector_size: physical,
-            info: info_bits,
-            read_only: info_bits & VDISK_READONLY != 0,
-            flush: flag("feature-flush-cache")?,
-            barrier: flag("feature-barrier")?,
-            discard,
-            discard_granularity: self
-                .read_num(&format!("{be}/discard-granularity"))?
-                .unwrap_or(u64::from(sector_size)),
-            discard_alignment: self
-                .read_num(&format!("{be}/discard-alignment"))?
-                .unwrap_or(0),
-            persistent: self.opts.persistent && flag("feature-persistent")?,
-            queues: nq,
-            ring_order: order,
-            max_segments,
+            let info_bits: u32 = self.read_num(&format!("{be}/info"))?.unwrap_or(0);
+            let sector_size: u32 = self.read_num(&format!("{be}/sector-size"))?.unwrap_or(512);
+            let physical: u32 = self
+                .read_num(&format!("{be}/physical-sector-size"))?
+                .unwrap_or(sector_size);
+            Ok(DiskInfo {
+                sectors,
+                sector_size: if sector_size.is_power_of_two() && sector_size >= 512 {
+                    sector_size
+                } else {
+                    512
+                },
+                physical_sector_size: physical,
+                info: info_bits,
+                read_only: info_bits & VDISK_READONLY != 0,
+                flush: flag("feature-flush-cache")?,
+                barrier: flag("feature-barrier")?,
+                discard: flag("feature-discard")?,
+                discard_granularity: self
+                    .read_num(&format!("{be}/discard-granularity"))?
+                    .unwrap_or(u64::from(sector_size)),
+                discard_alignment: self
+                    .read_num(&format!("{be}/discard-alignment"))?
+                    .unwrap_or(0),
+                persistent: self.opts.persistent && flag("feature-persistent")?,
+                queues: nq,
+                ring_order: order,
+                max_segments,
+            })
+        });
+        let info = match disk {
+            Ok(info) => info,
+            Err(e) => {
+                // Nothing of this attempt stays: its rings' grants and ports go.
+                for (ring, ev, port) in rings {
+                    let _ = ev.unbind(port);
+                    let _ = self.p.grants.revoke(ring.into_memory());
+                }
+                return Err(e);
+            }
         };
         let feat = Features {
             flush: info.flush,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use xenpv_blkfront::{Error, Op, Options};
+use xenpv_blkfront::{BlkFront, Error, Op, Options};
 use xenpv_evtchn::EventChannel;
 use xenpv_grant::GrantMemory;
 use xenpv_ring::blkif::{Blkif, BlkifResponse, OP_READ, OP_WRITE, RSP_OKAY};
@@ -348,4 +348,31 @@ fn random_rounds_against_a_lying_backend() {
     for round in 0..15 {
         random_round(&mut rng, lies[round % lies.len()]);
     }
+}
+
+/// A backend announcing a size whose byte count overflows a u64: the connection is refused
+/// with an error naming the node (a size computed from it would wrap, or panic in a debug
+/// build), and the frontend does not crash.
+#[test]
+fn a_size_that_overflows_is_refused() {
+    let env = env(1 << 20);
+    // 2^55 sectors of 512 bytes is 2^64 bytes.
+    let backend = spawn_scripted_with(&env, &[("sectors", "36028797018963968")], |_| ());
+    let got = BlkFront::connect(front_platform(&env.root), &env.fe, Options::default());
+    match got {
+        Err(Error::Node { path, why }) => {
+            assert!(path.ends_with("/sectors"), "{path}: {why}");
+            assert!(why.contains("overflow"), "{why}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(dev) => panic!("connected to a disk of {} bytes", dev.size()),
+    }
+    // The frontend says why and closes, so that the backend lets go.
+    assert_eq!(
+        xenbus::read_state(&env.dom0, &env.fe).unwrap(),
+        XenbusState::Closing
+    );
+    let error = env.dom0.read_string(&format!("{}/error", env.fe)).unwrap();
+    assert!(error.contains("sectors"), "{error}");
+    backend.join().unwrap();
 }
