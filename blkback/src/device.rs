@@ -303,7 +303,7 @@ where
     let mut probed = false;
     let mut resumed = None;
     let mut stale = false;
-    if xenbus::read_state(xs, &fe)? == XenbusState::Connected {
+    if frontend_state(xs, &fe)? == XenbusState::Connected {
         stale = true;
         if xenbus::read_state(xs, be)? == XenbusState::Connected {
             match dev.recover() {
@@ -343,7 +343,7 @@ where
                 if shutdown.load(Ordering::SeqCst) {
                     return Ok(stats);
                 }
-                let s = xenbus::read_state(xs, &fe)?;
+                let s = frontend_state(xs, &fe)?;
                 if !xs.exists(be)? {
                     dev.forget();
                     return Ok(stats);
@@ -426,13 +426,31 @@ where
                 return Ok(stats);
             }
             if matches!(
-                xenbus::read_state(xs, &fe)?,
+                frontend_state(xs, &fe)?,
                 XenbusState::Initialising | XenbusState::Initialised
             ) {
                 break;
             }
             let _ = watch.next_timeout(Duration::from_millis(500));
         }
+    }
+}
+
+/// The frontend's state. Its node is the frontend's to write: a value that is no state at all
+/// reads as [`XenbusState::Unknown`] (as Linux's `xenbus_read_driver_state` reads it), so that
+/// a connected device disconnects and waits for the frontend to start over (`Initialising`),
+/// instead of its thread ending on the error and the device never being served again.
+fn frontend_state(xs: &Client, fe: &str) -> Result<XenbusState> {
+    match xenbus::read_state(xs, fe) {
+        Err(xenpv_xenstore::Error::BadState { value, path }) => {
+            tracing::warn!(
+                path,
+                value,
+                "the frontend's state is no xenbus state: read as Unknown"
+            );
+            Ok(XenbusState::Unknown)
+        }
+        r => Ok(r?),
     }
 }
 
@@ -767,7 +785,7 @@ where
             if running.stop.load(Ordering::SeqCst) {
                 return Ok(Outcome::Disconnected);
             }
-            match xenbus::read_state(xs, fe)? {
+            match frontend_state(xs, fe)? {
                 XenbusState::Closing
                 | XenbusState::Closed
                 | XenbusState::Unknown

@@ -529,6 +529,36 @@ fn xenbus_state_flapping_leaves_other_devices_alone() {
     assert!(p.backend.alive());
 }
 
+/// A frontend state node holding no state at all ("banana", "9", bytes that are no number)
+/// disconnects that device, connected or not, and the device is served again once the
+/// frontend starts over; another device keeps serving throughout. (Its thread had ended on the
+/// error: the device was never served again, and one still at InitWait stayed there.)
+#[test]
+fn garbage_in_the_frontend_state_disconnects_the_device_until_it_starts_over() {
+    use xenpv_xenstore::{xenbus, XsOps};
+    let mut p = Platform::start(&[(1, "xvda"), (2, "xvda")]);
+    let healthy = Healthy::start(&p.root, 2, "xvda");
+    let mut f = p.frontend(1, "xvda", false);
+    f.verified_io(0, 0x93);
+    for (i, garbage) in ["banana", "9", "\u{1}\u{ff}", ""].into_iter().enumerate() {
+        // Connected: the device disconnects.
+        f.xs.write_str(&format!("{}/state", f.fe), garbage).unwrap();
+        xenbus::wait_for_peer_state(&f.xs, &f.be, |s| s == XenbusState::Closed, T)
+            .unwrap_or_else(|e| panic!("{garbage:?} while connected: {e}"));
+        healthy.progress(1);
+        // Starting over brings the backend to InitWait; garbage then leaves it waiting (and
+        // serving nothing), and a real start after it connects.
+        xenbus::switch_state(&f.xs, &f.fe, XenbusState::Initialising).unwrap();
+        xenbus::wait_for_peer_state(&f.xs, &f.be, |s| s == XenbusState::InitWait, T).unwrap();
+        f.xs.write_str(&format!("{}/state", f.fe), garbage).unwrap();
+        healthy.progress(1);
+        f.reconnect();
+        f.verified_io(8 * i as u64, 0xa0 + i as u8);
+    }
+    healthy.finish();
+    assert!(p.backend.alive());
+}
+
 /// A random request. Half are well formed (known grants, whole sector ranges within a page,
 /// sectors on the disk) and most of those are served; the others have random segment counts,
 /// sector ranges, sectors and grants, and one in ten is random bytes. `grefs` are grants the
