@@ -9,8 +9,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: Xen's public headers and a 32-bit C toolchain for the ABI probe; xenstore-utils
 # (the C xenstore tools) to drive our xenstored in xenstore/tests/xenstore_utils.rs; qemu-utils,
-# nbdkit, libnbd-bin and fio as real NBD peers for nbd/tests/ and blkback/tests/ (NBD engine).
-packages=(libxen-dev gcc-multilib pkg-config xenstore-utils qemu-utils nbdkit libnbd-bin fio qemu-system-x86 cpio)
+# nbdkit, libnbd-bin and fio as real NBD peers for nbd/tests/ and blkback/tests/ (NBD engine);
+# systemd for systemd-analyze, which checks deploy/'s unit (blkback/tests/daemon.rs).
+packages=(libxen-dev gcc-multilib pkg-config xenstore-utils qemu-utils nbdkit libnbd-bin fio qemu-system-x86 cpio systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
