@@ -285,10 +285,17 @@ where
     // negotiated with what the previous instance wrote.
     let probe = || {
         xs.transaction(|tx| {
-            tx.write_str(
-                &format!("{be}/feature-max-indirect-segments"),
-                &cfg.max_indirect_segments.to_string(),
-            )?;
+            // Without indirect requests the key is not there at all (blkif.h): a "0" is not
+            // what frontends look for, and a value left by an earlier configuration must go.
+            let indirect = format!("{be}/feature-max-indirect-segments");
+            if cfg.max_indirect_segments > 0 {
+                tx.write_str(&indirect, &cfg.max_indirect_segments.to_string())?;
+            } else {
+                match tx.rm(&indirect) {
+                    Err(e) if !e.is_not_found() => return Err(e),
+                    _ => {}
+                }
+            }
             tx.write_str(
                 &format!("{be}/max-ring-page-order"),
                 &cfg.max_ring_page_order.to_string(),

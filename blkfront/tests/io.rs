@@ -4,14 +4,24 @@ mod common;
 
 use common::*;
 use xenpv_blkfront::{Op, Options};
+use xenpv_xenstore::XsOps;
 
 const SIZE: usize = 8 << 20;
 
 fn round_trip(opts: Options, backend: xenpv_blkback::device::Config) {
     let env = env(SIZE);
-    let _b = start_backend(&env, backend);
+    let _b = start_backend(&env, backend.clone());
     let dev = connect(&env, opts.clone());
     let info = dev.info();
+    // A backend without indirect requests does not write the key at all (blkif.h).
+    let indirect = env
+        .dom0
+        .read_opt(&format!("{}/feature-max-indirect-segments", env.be))
+        .unwrap();
+    match backend.max_indirect_segments {
+        0 => assert_eq!(indirect, None),
+        n => assert_eq!(indirect, Some(n.to_string().into_bytes())),
+    }
     assert_eq!(dev.size(), SIZE as u64);
     assert_eq!(dev.sector_size(), 512);
     assert!(!dev.read_only());
