@@ -69,7 +69,8 @@ pub struct Stats {
     pub sectors_written: AtomicU64,
     /// Requests answered with an error (refused or failed).
     pub errors: AtomicU64,
-    /// Times the ring held a full ring's worth of requests when drained.
+    /// Times the frontend had filled every slot of the ring (requests not yet taken and ones
+    /// awaiting their answers) when requests were taken: it could send no more until answered.
     pub ring_full: AtomicU64,
     /// Notifications sent to the frontend.
     pub notifications: AtomicU64,
@@ -640,7 +641,11 @@ where
     /// their I/O starts. Returns how many were taken.
     fn take(&mut self) -> xenpv_ring::Result<usize> {
         let mut n = 0;
-        if self.has_room() && self.ring.unconsumed_requests()? == self.ring.size() {
+        // The frontend filled every slot: those it sent now and those still awaiting their
+        // answers (`check_req_prod` bounds the sum by the ring's size).
+        let unconsumed = self.ring.unconsumed_requests()?;
+        let unanswered = self.ring.req_cons().wrapping_sub(self.ring.rsp_prod_pvt());
+        if unconsumed > 0 && unanswered.saturating_add(unconsumed) >= self.ring.size() {
             Stats::add(&self.stats.ring_full, 1);
         }
         while self.has_room() {

@@ -1127,3 +1127,65 @@ fn a_serial_storage_publishes_and_notifies_chunk_by_chunk() {
         }
     }
 }
+
+/// The ring-full count: the frontend filled every slot, half of them with requests still in
+/// flight (held by the storage) and the rest sent afterwards. It counts once, when the last
+/// requests are taken, and not again while the queue waits for the storage with nothing new.
+#[test]
+fn a_ring_filled_while_requests_are_in_flight_counts_as_full() {
+    let s = setup();
+    let (gate, storage) = straggler(&s, 0);
+    let (ring_page, ring_map, data) = shared_ring(&s, 32);
+    let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+    let stats = Arc::new(Stats::default());
+    let mut q = Queue::new(
+        back,
+        FRONT,
+        MapCache::new(&s.back, 64),
+        false,
+        storage,
+        limits(),
+        stats.clone(),
+    );
+    assert!(q.pipelined());
+    let g = data.grefs().to_vec();
+    let full = || stats.ring_full.load(std::sync::atomic::Ordering::Relaxed);
+    let slow_read = |i: usize| {
+        let sector = 8 * i as u64;
+        gate.offsets.lock().unwrap().push(sector * 512);
+        let mut r = BlkifRequest::new(OP_READ, 0, i as u64, sector);
+        r.nr_segments = 1;
+        r.seg[0] = BlkifRequestSegment::new(g[i], 0, 7);
+        r
+    };
+    for i in 0..16 {
+        front.produce(slow_read(i)).unwrap();
+    }
+    assert!(front.push_requests());
+    q.pump().unwrap();
+    assert_eq!(q.in_flight(), 16);
+    assert_eq!(full(), 0, "half the ring is not full");
+    for i in 16..32 {
+        front.produce(slow_read(i)).unwrap();
+    }
+    let _ = front.push_requests();
+    q.pump().unwrap();
+    assert_eq!(q.in_flight(), 32);
+    assert!(q.ring_exhausted());
+    assert_eq!(full(), 1, "16 in flight and 16 sent fill the ring");
+    for _ in 0..5 {
+        q.pump().unwrap();
+    }
+    assert_eq!(full(), 1, "waiting on a full ring is not filling it again");
+    gate.open();
+    while q.in_flight() > 0 {
+        q.pump().unwrap();
+    }
+    let mut answered = 0;
+    while let Some(rsp) = front.next_response().unwrap() {
+        assert_eq!(rsp.status, RSP_OKAY);
+        answered += 1;
+    }
+    assert_eq!(answered, 32);
+}
