@@ -10,20 +10,34 @@
 //!
 //! Durability: blkback in a child process (this test binary re-executed); writes, a flush, and
 //! SIGKILL of the backend the moment the flush is answered; the backing file, read from this
-//! process, holds every write. (A process kill leaves the page cache alone, so this proves that
-//! nothing acknowledged was still only in the backend's hands — buffered, queued, or in flight
-//! in io_uring — not that the flush reached the platter; with O_DIRECT the writes bypass the
-//! page cache too.)
+//! process, holds every write. A process kill leaves the page cache alone, so that alone would
+//! pass with a flush that does nothing; what makes each test fail then:
+//! * buffered files (psync, io_uring; and qemu-nbd's image): `cachestat(2)` of the written range
+//!   finds dirty pages once the writes are answered (the check sees them) and none, nor any
+//!   under writeback, once the flush is (it reached the disk, not just the page cache). On a
+//!   kernel without `cachestat` (before 6.5) that part is skipped, loudly.
+//! * NBD storage: besides qemu-nbd, a write-back server of our own ([`WriteBack`]) keeps what is
+//!   written in memory, and the image holds none of it, until an `NBD_CMD_FLUSH` (or a FUA
+//!   write) applies it; so the image holds the writes only if the flush reached the server.
+//!
+//! With O_DIRECT the writes bypass the page cache: the tests check that everything acknowledged
+//! is in the file, but a missing flush (the device's own write cache) goes unseen there.
 
 mod common;
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::*;
 use xenpv_blkback::storage::Engine;
 use xenpv_blkfront::{Op, Options};
+use xenpv_xenstore::XsOps;
 
 const SIZE: usize = 32 << 20;
 
@@ -347,21 +361,172 @@ fn open_flags(pid: u32, path: &Path) -> Option<u32> {
     None
 }
 
+/// `struct cachestat_range` of `<linux/mman.h>`.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of `<linux/mman.h>`: a file's pages in a range, by page-cache state.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// `__NR_cachestat` (Linux 6.5): 451 on x86_64, and on every other architecture but alpha
+/// (syscall numbers are common to all from 424 on); the `libc` crate does not have it for
+/// x86_64.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `cachestat(2)` of `file`'s pages in `[off, off + len)`; `None` when the kernel does not
+/// have the syscall (`ENOSYS`, before 6.5).
+fn cachestat(file: &File, off: u64, len: u64) -> Option<Cachestat> {
+    let range = CachestatRange { off, len };
+    let mut cs = Cachestat::default();
+    // SAFETY: cachestat(fd, range, cstat, flags) reads one `struct cachestat_range` from
+    // `range` and writes one `struct cachestat` to `cs`: both are live locals with the kernel's
+    // layout (`repr(C)`, all u64), borrowed for the call only; `fd` is open as long as `file`
+    // is borrowed; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut cs as *mut Cachestat,
+            0u32,
+        )
+    };
+    if r == 0 {
+        return Some(cs);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOSYS) {
+        return None;
+    }
+    panic!("cachestat: {e}");
+}
+
+/// [`cachestat`] of `img`'s bytes `[0, end)`; on a kernel without it, says loudly that the
+/// page-cache checks are skipped.
+fn image_cachestat(img: &Path, end: u64) -> Option<Cachestat> {
+    let cs = cachestat(&File::open(img).unwrap(), 0, end);
+    if cs.is_none() {
+        eprintln!(
+            "\n!!!!!!!! cachestat(2) is not available on this kernel (ENOSYS; it needs Linux \
+             6.5): the page-cache checks of the durability test are SKIPPED, and a flush that \
+             stops at the page cache goes unnoticed on buffered files !!!!!!!!\n"
+        );
+    }
+    cs
+}
+
+/// An NBD export with a volatile write cache, as a disk with one: what is written stays in
+/// memory (reads see it) and reaches the file only with an `NBD_CMD_FLUSH` or a FUA write,
+/// which write every cached write to the file, in order, and `fdatasync` it. What was not
+/// flushed never reaches the file.
+struct WriteBack {
+    file: xenpv_nbd::FileExport,
+    /// Written and not flushed yet, oldest first.
+    cache: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Flushes received (FUA writes included).
+    flushes: AtomicU64,
+}
+
+impl WriteBack {
+    fn open(img: &Path) -> Arc<WriteBack> {
+        Arc::new(WriteBack {
+            file: xenpv_nbd::FileExport::open(img).unwrap(),
+            cache: Mutex::new(Vec::new()),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    /// Writes waiting in the cache.
+    fn cached(&self) -> usize {
+        self.cache.lock().unwrap().len()
+    }
+
+    /// Writes the cache to the file and makes it durable; empties the cache once it is.
+    fn write_back(&self, cache: &mut Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        use xenpv_nbd::BlockExport;
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        for (off, data) in cache.iter() {
+            self.file.write_at(data, *off, false)?;
+        }
+        self.file.flush()?;
+        cache.clear();
+        Ok(())
+    }
+}
+
+impl xenpv_nbd::BlockExport for WriteBack {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    fn flags(&self) -> xenpv_nbd::ExportFlags {
+        self.file.flags()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let cache = self.cache.lock().unwrap();
+        self.file.read_at(buf, offset)?;
+        let end = offset + buf.len() as u64;
+        for (off, data) in cache.iter() {
+            let (from, to) = ((*off).max(offset), (off + data.len() as u64).min(end));
+            if from < to {
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let mut cache = self.cache.lock().unwrap();
+        cache.push((offset, buf.to_vec()));
+        if fua {
+            self.write_back(&mut cache)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.write_back(&mut self.cache.lock().unwrap())
+    }
+}
+
 /// Where the durable tests' backend keeps the data: blkback's file engines, or blkback's NBD
-/// storage in front of qemu-nbd (killed too, right after the backend).
+/// storage in front of qemu-nbd (killed too, right after the backend) or of [`WriteBack`].
 #[derive(Debug, Clone, Copy)]
 enum DurableStore {
     File { engine: Engine, direct: bool },
-    Nbd,
+    QemuNbd,
+    WriteBackNbd,
 }
 
 fn durable(store: DurableStore) {
     const DSIZE: usize = 16 << 20;
     let (engine, direct, backing) = match store {
         DurableStore::File { engine, direct } => (engine, direct, Backing::File),
-        DurableStore::Nbd => (Engine::default(), false, Backing::QemuNbd),
+        DurableStore::QemuNbd => (Engine::default(), false, Backing::QemuNbd),
+        DurableStore::WriteBackNbd => (Engine::default(), false, Backing::File),
+    };
+    // Whether the writes go to the image's page cache as they are answered (and a flush must
+    // write them back): with O_DIRECT they do not, behind `WriteBack` they stay in its cache.
+    let buffered = match store {
+        DurableStore::File { direct, .. } => !direct,
+        DurableStore::QemuNbd => true,
+        DurableStore::WriteBackNbd => false,
     };
     // O_DIRECT needs a filesystem that supports it (tmpfs may not): the target directory.
+    // Page-cache states need a filesystem with a disk behind it too.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut env = env_in(
         dir,
@@ -369,6 +534,24 @@ fn durable(store: DurableStore) {
         backing,
         if direct { "direct-io-safe," } else { "" },
     );
+    // The image was just written: on disk before the test starts, so that what is dirty
+    // later was written by the backend.
+    File::open(&env.img).unwrap().sync_all().unwrap();
+    let write_back = match store {
+        DurableStore::WriteBackNbd => {
+            let wb = WriteBack::open(&env.img);
+            let sock = env._dir.path().join("write-back.nbd");
+            let server = xenpv_nbd::serve_unix(&sock, wb.clone()).unwrap();
+            env.dom0
+                .write_str(
+                    &format!("{}/params", env.be),
+                    &format!("nbd+unix:///?socket={}", sock.display()),
+                )
+                .unwrap();
+            Some((wb, server))
+        }
+        _ => None,
+    };
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "durable_backend_child",
@@ -426,6 +609,31 @@ fn durable(store: DurableStore) {
     for t in tickets {
         t.wait().expect("write answered");
     }
+    // Answered, not flushed yet: not durable yet, and the checks below can see that.
+    let end = off;
+    let before = if buffered {
+        image_cachestat(&env.img, end)
+    } else {
+        None
+    };
+    if let Some(cs) = before {
+        eprintln!("{store:?}: before the flush: {cs:?}");
+        assert!(
+            cs.nr_dirty > 0,
+            "{store:?}: no dirty page in the image once the writes were answered ({cs:?}): \
+             the page-cache check cannot see whether the flush writes them back"
+        );
+    }
+    if let Some((wb, _)) = &write_back {
+        assert!(wb.cached() > 0, "the writes reached the NBD server's cache");
+        for (offset, data) in &writes {
+            assert!(
+                read_image(&env.img, *offset, data.len()) != *data,
+                "{store:?}: write at {offset}+{} in the image before any flush",
+                data.len()
+            );
+        }
+    }
     dev.flush().expect("flush answered");
     child.0.kill().unwrap();
     if let Some(mut nbd) = env.nbd.take() {
@@ -440,8 +648,23 @@ fn durable(store: DurableStore) {
             data.len()
         );
     }
+    if let Some((wb, _)) = &write_back {
+        assert_eq!(wb.cached(), 0, "the NBD server's cache was written back");
+        assert!(wb.flushes.load(Ordering::SeqCst) >= 1);
+    }
+    if before.is_some() || write_back.is_some() {
+        if let Some(cs) = image_cachestat(&env.img, end) {
+            eprintln!("{store:?}: after the flush: {cs:?}");
+            assert!(
+                cs.nr_dirty == 0 && cs.nr_writeback == 0,
+                "{store:?}: pages of the image still dirty or under writeback after the flush \
+                 was answered ({cs:?}): the flush stopped short of the disk"
+            );
+        }
+    }
     eprintln!("{store:?}: {} writes durable", writes.len());
     drop(dev);
+    drop(write_back);
 }
 
 #[test]
@@ -478,5 +701,10 @@ fn durable_io_uring_o_direct() {
 
 #[test]
 fn durable_nbd_storage() {
-    durable(DurableStore::Nbd);
+    durable(DurableStore::QemuNbd);
+}
+
+#[test]
+fn durable_nbd_storage_write_back_server() {
+    durable(DurableStore::WriteBackNbd);
 }
