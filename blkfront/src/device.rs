@@ -243,6 +243,15 @@ where
         self.dev.reconnects.load(Ordering::SeqCst)
     }
 
+    /// How many requests were issued again after a reconnect: each had been sent to the
+    /// backend and was still unanswered when the backend left Connected and its ring was taken
+    /// down, and was then put on a ring of a later connection (from its private copy). A
+    /// request lost on several connections counts each time it is re-issued; one split into
+    /// more ring requests by a connection that allows fewer segments counts per piece.
+    pub fn reissued(&self) -> u64 {
+        self.dev.queues.iter().map(|q| lock(q).reissued).sum()
+    }
+
     /// Polls for responses while requests are in flight ([`Options::poll`]) or not (hybrid
     /// polling): the queue threads take it up at their next wait.
     pub fn set_polling(&self, poll: bool) {
@@ -458,6 +467,7 @@ where
             data,
             pos: 0,
             parent: Parent::new(1, read_len, consume, done),
+            lost: false,
         };
         let nq = self.nq.load(Ordering::SeqCst).clamp(1, self.queues.len());
         let qi = self.rr.fetch_add(1, Ordering::Relaxed) % nq;
@@ -949,7 +959,8 @@ where
                     let (mem, chunks, pages) = ring_memory(rs);
                     let _ = ev.unbind(port);
                     let n = chunks.len();
-                    for c in chunks.into_iter().rev() {
+                    for mut c in chunks.into_iter().rev() {
+                        c.lost = true;
                         q.backlog.push_front(c);
                     }
                     if n > 0 {

@@ -85,6 +85,9 @@ pub(crate) struct Chunk {
     /// Where a read's data goes in the parent's buffer.
     pub(crate) pos: usize,
     pub(crate) parent: Arc<Parent>,
+    /// It was on a ring that a reconnect took down, unanswered: the next time it is issued
+    /// is a re-issue ([`QState::reissued`]).
+    pub(crate) lost: bool,
 }
 
 impl Chunk {
@@ -104,6 +107,7 @@ impl Chunk {
             data: std::mem::replace(&mut self.data, rest_data),
             pos: self.pos,
             parent: self.parent.clone(),
+            lost: self.lost,
         };
         self.offset += bytes;
         self.len -= bytes;
@@ -343,6 +347,9 @@ pub(crate) struct Pages2<S>(pub(crate) S);
 pub(crate) struct QState<G: GrantShare, E> {
     pub(crate) ring: Option<RingState<G, E>>,
     pub(crate) backlog: VecDeque<Chunk>,
+    /// Requests put on a ring again after the ring they were in flight on was taken down
+    /// unanswered (chunks marked [`Chunk::lost`]).
+    pub(crate) reissued: u64,
 }
 
 impl<G: GrantShare, E> Default for QState<G, E> {
@@ -350,6 +357,7 @@ impl<G: GrantShare, E> Default for QState<G, E> {
         Self {
             ring: None,
             backlog: VecDeque::new(),
+            reissued: 0,
         }
     }
 }
@@ -402,9 +410,16 @@ where
                 self.backlog.push_front(chunk);
                 chunk = front;
             }
+            let lost = std::mem::take(&mut chunk.lost);
             match rs.start(g, chunk) {
-                Ok(()) => produced = true,
-                Err((chunk, e)) => {
+                Ok(()) => {
+                    produced = true;
+                    if lost {
+                        self.reissued += 1;
+                    }
+                }
+                Err((mut chunk, e)) => {
+                    chunk.lost = lost;
                     if rs.ring.in_flight() > 0 {
                         // Out of pages or grants for now: retry after the next response.
                         self.backlog.push_front(chunk);

@@ -262,6 +262,14 @@ impl Outcome {
         }
         self.result.is_some()
     }
+
+    /// Waits for its result.
+    fn wait(self) -> xenpv_blkfront::Result<Vec<u8>> {
+        match self.result {
+            Some(r) => r,
+            None => self.ticket.wait(),
+        }
+    }
 }
 
 #[test]
@@ -278,6 +286,9 @@ fn backend_restart_without_the_toolstack() {
 }
 
 fn restart(mark_closed: bool) {
+    /// 64 KiB writes, the last `AFTER_FREEZE` of them submitted to the frozen backend.
+    const WRITES: u64 = 200;
+    const AFTER_FREEZE: u64 = 8;
     let env = env(16 << 20);
     let spawn = || {
         Command::new(std::env::current_exe().unwrap())
@@ -298,18 +309,35 @@ fn restart(mark_closed: bool) {
             ..Options::default()
         },
     );
-    // Many writes in flight, then the backend dies.
+    // Many writes in flight; once the backend has answered one of them, it is frozen
+    // (SIGSTOP: it answers nothing more) and a last few writes are submitted, then it dies.
+    // Those last writes can only be answered by a new backend, so requests are certainly in
+    // flight unanswered when the rings go: the frontend issues from its backlog whenever a
+    // slot is free, so either they are on the ring or the ring is full.
     let mut tickets = Vec::new();
-    for i in 0..200u64 {
+    for i in 0..WRITES {
+        if i == WRITES - AFTER_FREEZE {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !tickets.iter_mut().any(|o: &mut Outcome| o.done()) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the backend answers nothing (frontend error: {:?})",
+                    dev.error()
+                );
+                std::thread::yield_now();
+            }
+            // SAFETY: kill(2) on our own child's pid, not yet reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) }, 0);
+        }
         let data = pattern(5000 + i, 65536);
-        tickets.push(dev.submit_ticket(Op::Write {
+        tickets.push(Outcome::new(dev.submit_ticket(Op::Write {
             offset: i * 65536,
             data,
-        }));
+        })));
     }
-    std::thread::sleep(Duration::from_millis(2));
     child.kill().unwrap();
     child.wait().unwrap();
+    assert_eq!(dev.reissued(), 0, "nothing re-issued before a reconnect");
     if mark_closed {
         // The toolstack (systemd) notices and marks the backend Closed.
         env.dom0
@@ -325,8 +353,9 @@ fn restart(mark_closed: bool) {
     }
     // A new backend.
     let _b = start_backend(&env, Default::default());
-    for t in tickets {
-        t.wait().expect("write completed after the restart");
+    for (i, o) in tickets.into_iter().enumerate() {
+        o.wait()
+            .unwrap_or_else(|e| panic!("write {i} failed after the restart: {e}"));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !(dev.reconnects() >= 1 && dev.is_connected()) && std::time::Instant::now() < deadline {
@@ -334,7 +363,14 @@ fn restart(mark_closed: bool) {
     }
     assert!(dev.reconnects() >= 1);
     assert!(dev.is_connected());
-    for i in 0..200u64 {
+    // The writes the killed backend left unanswered were sent again to the new one.
+    let reissued = dev.reissued();
+    eprintln!("{reissued} requests re-issued after the restart");
+    assert!(
+        reissued >= 1,
+        "no request was re-issued: nothing was in flight when the backend died"
+    );
+    for i in 0..WRITES {
         let want = pattern(5000 + i, 65536);
         assert_eq!(read_image(&env.img, i * 65536, 65536), want, "block {i}");
         let mut back = vec![0; 65536];
