@@ -1189,3 +1189,109 @@ fn a_ring_filled_while_requests_are_in_flight_counts_as_full() {
     }
     assert_eq!(answered, 32);
 }
+
+/// Delegates to an engine without a pipeline, logging every op it is given, in order.
+struct OpLog {
+    inner: Arc<dyn Storage>,
+    ops: std::sync::Mutex<Vec<String>>,
+}
+
+impl Storage for OpLog {
+    delegate_io!();
+    fn submit(&self, ops: &[Op<'_>]) -> Vec<std::io::Result<()>> {
+        let mut log = self.ops.lock().unwrap();
+        for op in ops {
+            log.push(match op {
+                Op::Read { offset, bufs } => format!("read {}+{}", offset / 512, bufs.len()),
+                Op::Write { offset, bufs } => format!("write {}+{}", offset / 512, bufs.len()),
+                Op::Flush => "flush".to_string(),
+                Op::Discard { offset, len } => format!("discard {}+{}", offset / 512, len / 512),
+            });
+        }
+        drop(log);
+        self.inner.submit(ops)
+    }
+    fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
+        None
+    }
+}
+
+/// A write barrier with data (`OP_WRITE_BARRIER`, offered with `feature-barrier`) is a flush,
+/// the write, and a flush, in that order and after the requests before it; its data reaches
+/// the image. A flush-cache request with data flushes first, then writes.
+#[test]
+fn a_write_barrier_flushes_writes_and_flushes() {
+    let s = setup();
+    let (inner, _) = storage(&s, Kind::Psync);
+    let log = Arc::new(OpLog {
+        inner,
+        ops: Default::default(),
+    });
+    let (ring_page, ring_map, data) = shared_ring(&s, 4);
+    let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+    let storage: Arc<dyn Storage> = log.clone();
+    let mut q = Queue::new(
+        back,
+        FRONT,
+        MapCache::new(&s.back, 64),
+        false,
+        storage,
+        Limits {
+            barrier: true,
+            ..limits()
+        },
+        Arc::new(Stats::default()),
+    );
+    let mem = data.volatile();
+    let g = data.grefs().to_vec();
+    let write = |op: u8, id: u64, sector: u64, page: usize, fill: u8| {
+        mem.fill(page * 4096, 4096, fill).unwrap();
+        let mut w = BlkifRequest::new(op, 0, id, sector);
+        w.nr_segments = 1;
+        w.seg[0] = BlkifRequestSegment::new(g[page], 0, 7);
+        w
+    };
+    front.produce(write(OP_WRITE, 1, 64, 0, 0x51)).unwrap();
+    front
+        .produce(write(OP_WRITE_BARRIER, 2, 128, 1, 0x52))
+        .unwrap();
+    front
+        .produce(write(OP_FLUSH_DISKCACHE, 3, 192, 2, 0x53))
+        .unwrap();
+    assert!(front.push_requests());
+    assert!(q.service().unwrap());
+    let mut got = Vec::new();
+    while let Some(rsp) = front.next_response().unwrap() {
+        got.push((rsp.id, rsp.operation, rsp.status));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (1, OP_WRITE, RSP_OKAY),
+            (2, OP_WRITE_BARRIER, RSP_OKAY),
+            (3, OP_FLUSH_DISKCACHE, RSP_OKAY)
+        ]
+    );
+    // The barrier's own two flushes, then the flush-cache request's flush before its write.
+    assert_eq!(
+        *log.ops.lock().unwrap(),
+        [
+            "write 64+1",
+            "flush",
+            "write 128+1",
+            "flush",
+            "flush",
+            "write 192+1"
+        ]
+    );
+    for (sector, fill) in [(64u64, 0x51u8), (128, 0x52), (192, 0x53)] {
+        assert!(
+            image_bytes(&s, sector * 512, 4096)
+                .iter()
+                .all(|&b| b == fill),
+            "sector {sector}"
+        );
+    }
+}
