@@ -164,6 +164,27 @@ fn matrix(case: Case) {
     let _b = start_backend(&env, cfg);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let export = Export::start(&env, &args);
+    // What the two sides agreed on is what the case asks for (neither fell back silently).
+    let field = |k: &str| -> String {
+        export
+            .ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}= in {:?}", export.ready))
+            .to_string()
+    };
+    assert_eq!(field("queues"), case.queues.to_string(), "{case:?}");
+    assert_eq!(field("ring-order"), case.ring_order.to_string(), "{case:?}");
+    assert_eq!(field("persistent"), case.persistent.to_string(), "{case:?}");
+    let segments: u32 = field("max-segments").parse().unwrap();
+    if case.indirect {
+        assert!(
+            segments > 11,
+            "{case:?}: indirect requests offered, {segments} segments"
+        );
+    } else {
+        assert_eq!(segments, 11, "{case:?}: no indirect requests");
+    }
     let uri = export.uri.clone();
     let dir = tempfile::tempdir().unwrap();
 

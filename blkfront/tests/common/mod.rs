@@ -194,6 +194,9 @@ pub fn read_image(img: &Path, offset: u64, len: usize) -> Vec<u8> {
 pub struct Export {
     child: KillOnDrop,
     pub uri: String,
+    /// The binary's ready line: the disk and what was negotiated (queues, ring order,
+    /// persistent grants, segments per request).
+    pub ready: String,
 }
 
 impl Export {
@@ -220,6 +223,7 @@ impl Export {
         Export {
             child: KillOnDrop(child),
             uri: format!("nbd+unix:///?socket={}", sock.display()),
+            ready: line.trim().to_string(),
         }
     }
 
