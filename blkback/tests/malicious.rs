@@ -884,3 +884,56 @@ fn random_ring_setups_connect_or_disconnect_the_device_alone() {
     healthy.finish();
     assert!(p.backend.alive());
 }
+
+/// Every mapping of the frontend's pages is released when its device disconnects, whether
+/// the frontend closes it or a protocol error does (XSA-371: a frontend that reconnects again
+/// and again must not pile up mappings; XSA-396: its pages must be free to end): revoking
+/// the data and ring pages afterwards ends them at once. While connected, a page the backend
+/// keeps mapped as a persistent grant cannot be ended: the check sees mappings.
+#[test]
+fn every_mapping_is_released_when_the_device_disconnects() {
+    use xenpv_grant::Revoke;
+    let mut p = Platform::start(&[(1, "xvda")]);
+    for protocol_error in [false, true] {
+        let mut f = p.frontend(1, "xvda", true);
+        f.verified_io(0, 0x71);
+        // A third page, used once: blkback keeps it mapped (persistent grants), so ending it
+        // now is deferred.
+        let extra = f.grants.share(0, 1, Access::Writable).unwrap();
+        let mut r = BlkifRequest::new(OP_READ, 0, 77, 8);
+        r.nr_segments = 1;
+        r.seg[0] = BlkifRequestSegment::new(extra.grefs()[0], 0, 7);
+        assert_eq!(f.roundtrip(&[r]), [(77, RSP_OKAY)]);
+        assert_eq!(
+            f.grants.revoke(extra).unwrap(),
+            Revoke::Deferred { in_use: 1 },
+            "a persistently mapped page cannot be ended while connected"
+        );
+        if protocol_error {
+            f.set_req_prod(f.req_prod().wrapping_add(f.ring.size() + 1));
+            f.notify();
+            disconnected(&f);
+        }
+        xenpv_xenstore::xenbus::switch_state(&f.xs, &f.fe, XenbusState::Closed).unwrap();
+        xenpv_xenstore::xenbus::wait_for_peer_state(&f.xs, &f.be, |s| s == XenbusState::Closed, T)
+            .unwrap();
+        let spare = f.grants.share(0, 1, Access::Writable).unwrap();
+        let data = std::mem::replace(&mut f.data, spare);
+        assert_eq!(
+            f.grants.revoke(data).unwrap(),
+            Revoke::Revoked,
+            "data pages still mapped after the disconnect (protocol error: {protocol_error})"
+        );
+        let Frontend { ring, grants, .. } = f;
+        assert_eq!(
+            grants.revoke(ring.into_memory()).unwrap(),
+            Revoke::Revoked,
+            "the ring still mapped after the disconnect (protocol error: {protocol_error})"
+        );
+        // Back to where a new frontend starts.
+        let xs = xenpv_xenstore::Client::connect_local(&p.root, 1).unwrap();
+        let fe = format!("/local/domain/1/device/vbd/{}", devid("xvda"));
+        xenpv_xenstore::xenbus::switch_state(&xs, &fe, XenbusState::Initialising).unwrap();
+    }
+    assert!(p.backend.alive());
+}
