@@ -314,3 +314,75 @@ fn the_largest_requests_with_persistent_grants_outgrow_the_pool() {
 fn the_largest_requests_without_persistent_grants_map_in_one_call() {
     largest_requests(false);
 }
+
+/// A loop device (`losetup --sector-size`), detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &std::path::Path, sector_size: u32) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "--sector-size", &sector_size.to_string()])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) must be installed");
+        assert!(
+            out.status.success(),
+            "cannot create a loop device (run as root with loop devices available): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A disk of 4096-byte logical and physical sectors end to end: blkback reads them from the
+/// block device and announces them (`sector-size`, `physical-sector-size`), blkfront takes
+/// them up, does aligned I/O and refuses I/O that is not aligned to 4096 bytes; `sectors`
+/// stays in 512-byte units.
+#[test]
+fn a_disk_of_4096_byte_sectors() {
+    let env = env(SIZE);
+    let lo = Loop::new(&env.img, 4096);
+    env.dom0
+        .write_str(&format!("{}/params", env.be), &lo.0)
+        .unwrap();
+    let _b = start_backend(&env, Default::default());
+    let dev = connect(&env, Options::default());
+    let node = |k: &str| {
+        String::from_utf8(
+            env.dom0
+                .read_opt(&format!("{}/{k}", env.be))
+                .unwrap()
+                .unwrap_or_default(),
+        )
+        .unwrap()
+    };
+    assert_eq!(node("sector-size"), "4096");
+    assert_eq!(node("physical-sector-size"), "4096");
+    assert_eq!(node("sectors"), (SIZE / 512).to_string());
+    let info = dev.info();
+    assert_eq!(dev.sector_size(), 4096);
+    assert_eq!(info.physical_sector_size, 4096);
+    assert_eq!(dev.size(), SIZE as u64);
+    let data = pattern(4096, 3 * 4096);
+    dev.write_at(&data, 5 * 4096).unwrap();
+    dev.flush().unwrap();
+    let mut back = vec![0; data.len()];
+    dev.read_at(&mut back, 5 * 4096).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(read_image(&env.img, 5 * 4096, data.len()), data);
+    for (offset, len) in [(512u64, 4096usize), (0, 512), (4096, 6144)] {
+        let got = dev.read_at(&mut vec![0; len], offset);
+        assert!(
+            matches!(got, Err(xenpv_blkfront::Error::Unaligned { .. })),
+            "{offset}+{len}: {got:?}"
+        );
+    }
+}
