@@ -375,6 +375,50 @@ fn nbd_against_qemu_nbd() {
     assert!(file[65536 + 4096..65536 + 12288].iter().all(|&x| x == 0));
 }
 
+/// The same over TCP (`nbd://127.0.0.1:PORT`, qemu-nbd listening on loopback): the storage
+/// blkback opens for a disk whose target is a network NBD server.
+#[test]
+fn nbd_against_qemu_nbd_over_tcp() {
+    common::need("qemu-nbd", "qemu-utils");
+    let img = image(SIZE);
+    // A port free a moment ago; qemu-nbd takes it (a race with another process is unlikely
+    // and fails the test loudly, at the connect below).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new("qemu-nbd")
+        .args(["--persistent", "--shared=8", "-f", "raw", "--discard=unmap"])
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .arg(img.path())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "qemu-nbd never listened on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = open_storage(
+        &format!("nbd://127.0.0.1:{port}"),
+        &StorageOptions::default(),
+    )
+    .unwrap();
+    assert_eq!((s.engine(), s.size(), s.read_only()), ("nbd", SIZE, false));
+    round_trip(s.as_ref());
+    many_in_flight(s.as_ref());
+    errors_per_op(s.as_ref());
+    drop(s);
+    let _ = child.kill();
+    let _ = child.wait();
+    let file = std::fs::read(img.path()).unwrap();
+    assert!(file[131072..135168].iter().all(|&x| x == 0xC3));
+}
+
 #[test]
 fn nbd_read_only_export() {
     let img = image(SIZE);
