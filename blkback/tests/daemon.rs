@@ -534,4 +534,47 @@ fn an_x86_32_abi_frontend_is_served() {
         img[..20 * 4096].iter().all(|&b| b == 0x32),
         "every write reached the image"
     );
+
+    // The layouts that differ in the 32-bit ABI: an indirect write (16 pages, each its own
+    // pattern) and a discard inside it, translated and served like native ones.
+    let pages = grants.share(0, 17, Access::Writable).unwrap();
+    let mem = pages.volatile();
+    for i in 0..16usize {
+        mem.fill((i + 1) * 4096, 4096, 0x40 + i as u8).unwrap();
+        let seg = BlkifRequestSegment::new(pages.grefs()[i + 1], 0, 7);
+        mem.write_obj(i * 8, seg).unwrap();
+    }
+    let mut ir = BlkifRequestIndirect::new(OP_WRITE, 16, 0, 300, 1024);
+    ir.indirect_grefs[0] = pages.grefs()[0];
+    ring.produce(X86_32Request::from_native(&ir.to_request()))
+        .unwrap();
+    if ring.push_requests() {
+        evtchn.notify(port).unwrap();
+    }
+    let rsp = BlkifResponse::from(responses(&mut ring, &evtchn, 1)[0]);
+    assert_eq!(
+        (rsp.id, rsp.operation, rsp.status),
+        (300, OP_WRITE, RSP_OKAY)
+    );
+    // Pages 2 and 3 of the write (sectors 1040..1056) discarded.
+    let d = BlkifRequestDiscard::new(0, 0, 301, 1040, 16);
+    ring.produce(X86_32Request::from_native(&d.to_request()))
+        .unwrap();
+    if ring.push_requests() {
+        evtchn.notify(port).unwrap();
+    }
+    let rsp = BlkifResponse::from(responses(&mut ring, &evtchn, 1)[0]);
+    assert_eq!(
+        (rsp.id, rsp.operation, rsp.status),
+        (301, OP_DISCARD, RSP_OKAY)
+    );
+    let img = std::fs::read(image).unwrap();
+    for i in 0..16usize {
+        let page = &img[1024 * 512 + i * 4096..][..4096];
+        let want = if i == 2 || i == 3 { 0 } else { 0x40 + i as u8 };
+        assert!(
+            page.iter().all(|&b| b == want),
+            "page {i} of the indirect write"
+        );
+    }
 }
