@@ -212,7 +212,7 @@ where
         lock(&self.dev.info).clone()
     }
 
-    /// Size in bytes.
+    /// Size in bytes: the backend's latest announcement (it follows an online resize).
     pub fn size(&self) -> u64 {
         // Checked at negotiation; saturating all the same.
         lock(&self.dev.info).sectors.saturating_mul(512)
@@ -412,6 +412,26 @@ impl<G: GrantShare, E> Drop for BlkFront<G, E> {
     }
 }
 
+/// The capacity a backend's `sectors` node (`path`) announces, in 512-byte sectors whatever
+/// the sector size (pv-protocols.md §1.3): a decimal `u64` whose size in bytes fits in a `u64`.
+fn capacity(path: &str, raw: &[u8]) -> Result<u64> {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim();
+    let bad = |why: String| Error::Node {
+        path: path.into(),
+        why,
+    };
+    let sectors: u64 = text
+        .parse()
+        .map_err(|_| bad(format!("{text:?} is not a number of sectors")))?;
+    match sectors.checked_mul(512) {
+        Some(_) => Ok(sectors),
+        None => Err(bad(format!(
+            "{sectors} sectors of 512 bytes overflow a 64-bit byte count"
+        ))),
+    }
+}
+
 impl<G, E> Dev<G, E>
 where
     G: GrantShare + Send + Sync + 'static,
@@ -498,6 +518,54 @@ where
                     why: format!("`{s}` is not a number"),
                 })
             }
+        }
+    }
+
+    /// Online resize (pv-protocols.md §1.5): a connected backend announces a new capacity by
+    /// rewriting `sectors` and then its `state` (Connected again), as Linux's blkback and QEMU
+    /// do. Called by the control thread when the state node fired while connected: re-reads
+    /// `sectors` and applies it to [`DiskInfo`], so that [`BlkFront::size`], the bounds checks
+    /// of new requests and the NBD export's new connections use it. Requests in flight are
+    /// not touched (they were checked against the size they were submitted under; the backend
+    /// answers any that a shrink left beyond the end with an error). A shrink is applied, as
+    /// Linux's blkfront does (`set_capacity`), with a warning. A value that is not a sector
+    /// count, or whose size in bytes overflows, is ignored with a warning: the backend is not
+    /// trusted.
+    fn resize(&self, xs: &impl XsOps) {
+        let path = format!("{}/sectors", self.be);
+        let raw = match xs.read_opt(&path) {
+            Ok(Some(raw)) => raw,
+            Ok(None) => {
+                tracing::warn!(path, "backend re-announced Connected without `sectors`");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(path, "reading the disk size: {e}");
+                return;
+            }
+        };
+        let sectors = match capacity(&path, &raw) {
+            Ok(sectors) => sectors,
+            Err(e) => {
+                tracing::warn!("ignoring the backend's new disk size: {e}");
+                return;
+            }
+        };
+        let mut info = lock(&self.info);
+        let old = info.sectors;
+        if sectors == old {
+            return;
+        }
+        info.sectors = sectors;
+        drop(info);
+        if sectors < old {
+            tracing::warn!(
+                old_sectors = old,
+                sectors,
+                "backend shrank the disk: new requests beyond its end are refused"
+            );
+        } else {
+            tracing::info!(old_sectors = old, sectors, "backend grew the disk");
         }
     }
 
@@ -1000,12 +1068,15 @@ where
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
-            match &watch {
-                Some(w) => {
-                    let _ = w.next_timeout(Duration::from_millis(100));
+            // Whether the backend's state node may have been rewritten since the last look:
+            // its watch fired (or there is no watch to tell).
+            let fired = match &watch {
+                Some(w) => w.next_timeout(Duration::from_millis(100)).is_ok(),
+                None => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    true
                 }
-                None => std::thread::sleep(Duration::from_millis(100)),
-            }
+            };
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
@@ -1022,6 +1093,10 @@ where
             }
             let s = xenbus::read_state(&xs, &self.be).unwrap_or(XenbusState::Unknown);
             if s == XenbusState::Connected {
+                // A backend that is Connected again while we are: an online resize.
+                if fired && self.phase.load(Ordering::SeqCst) == CONNECTED {
+                    self.resize(&xs);
+                }
                 continue;
             }
             if !self.opts.reconnect {
@@ -1072,6 +1147,28 @@ where
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capacity;
+
+    const S: &str = "backend/vbd/1/51712/sectors";
+
+    #[test]
+    fn a_sectors_node_must_be_a_count_whose_byte_size_fits() {
+        assert_eq!(capacity(S, b"16384").ok(), Some(16384));
+        assert_eq!(capacity(S, b" 8\n").ok(), Some(8));
+        assert_eq!(capacity(S, b"0").ok(), Some(0));
+        // The largest count whose byte size fits, and the first that does not.
+        assert_eq!(capacity(S, b"36028797018963967").ok(), Some(u64::MAX / 512));
+        assert!(capacity(S, b"36028797018963968").is_err());
+        assert!(capacity(S, b"18446744073709551615").is_err());
+        assert!(capacity(S, b"18446744073709551616").is_err());
+        for bad in [&b""[..], b"-1", b"0x10", b"12 sectors", b"\xff\xfe", b"1e9"] {
+            assert!(capacity(S, bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -7,7 +7,7 @@ use xenpv_evtchn::EventChannel;
 use xenpv_grant::{GrantShare, SharedPages};
 use xenpv_nbd::{AsyncBlockExport, Command, Completion, Errno, ExportFlags, Request};
 
-use crate::{BlkFront, Op};
+use crate::{BlkFront, Error, Op};
 
 /// An [`AsyncBlockExport`] over a [`BlkFront`]. FUA is a write followed by a flush.
 pub struct NbdExport<G: GrantShare, E> {
@@ -27,6 +27,12 @@ where
     G::Shared: SharedPages + Send + Sync + 'static,
     E: EventChannel + 'static,
 {
+    /// The disk's size now. The NBD server asks at each connection's handshake, so a
+    /// connection made after an online resize sees the new size. NBD cannot tell a connected
+    /// client that the size changed: a connection keeps the size it was given, and the server
+    /// refuses its requests beyond that size even after the disk grew (reconnect to use the
+    /// new space); after a shrink, its requests beyond the new end fail (`ENOSPC` for writes,
+    /// as the NBD spec asks for writes past the end, `EINVAL` otherwise).
     fn size(&self) -> u64 {
         self.dev.size()
     }
@@ -62,7 +68,8 @@ where
             },
             _ => return done.fail(Errno::EINVAL),
         };
-        let fua = req.fua && req.command == Command::Write;
+        let write = req.command == Command::Write;
+        let fua = req.fua && write;
         let dev = self.dev.clone();
         self.dev.submit(
             op,
@@ -74,7 +81,13 @@ where
                 Ok(data) => done.complete(Ok(data)),
                 Err(e) => {
                     tracing::debug!("NBD request failed: {e}");
-                    done.complete(Err(e.to_io()))
+                    done.complete(Err(match e {
+                        // Past the end of a disk that shrank under the connection.
+                        Error::OutOfRange { .. } if write => {
+                            std::io::Error::from_raw_os_error(libc::ENOSPC)
+                        }
+                        e => e.to_io(),
+                    }))
                 }
             }),
         );
