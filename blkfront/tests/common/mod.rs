@@ -168,6 +168,32 @@ pub fn start_backend(env: &Env, cfg: xenpv_blkback::device::Config) -> std::thre
     })
 }
 
+/// [`start_backend`], also returning the device's statistics (its counters of requests
+/// answered), once the backend has opened the device.
+pub fn start_backend_with_stats(
+    env: &Env,
+    cfg: xenpv_blkback::device::Config,
+) -> (
+    std::thread::JoinHandle<()>,
+    Arc<xenpv_blkback::queue::Stats>,
+) {
+    let p = backend_platform(&env.root);
+    let be = env.be.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let r = xenpv_blkback::device::serve_with_stats(&p, &be, &cfg, move |s| {
+            let _ = tx.send(s);
+        });
+        if let Err(e) = r {
+            eprintln!("backend: {e}");
+        }
+    });
+    let stats = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the backend did not open the device");
+    (t, stats)
+}
+
 pub fn front_platform(root: &Path) -> Platform<LocalGrants, LocalEvtchn> {
     let ev = root.join("dom1/evtchn.sock");
     Platform {
