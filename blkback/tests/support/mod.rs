@@ -115,16 +115,23 @@ impl Platform {
     /// Starts the platform, attaches `disks` (`(domid, vdev)`, each a zeroed 1 MiB image) and
     /// starts `xenpv-blkback`.
     pub fn start(disks: &[(u32, &str)]) -> Platform {
+        let disks: Vec<_> = disks.iter().map(|&(d, v)| (d, v, "")).collect();
+        Self::start_with(&disks)
+    }
+
+    /// [`start`](Self::start), each disk `(domid, vdev, extra)` attached with the `extra`
+    /// options (`access=ro,`…, each followed by a comma) in its spec.
+    pub fn start_with(disks: &[(u32, &str, &str)]) -> Platform {
         let (dir, root, daemon) = local_platform(1..=3);
         let dom0 = Client::connect_local(&root, 0).unwrap();
         let mut attached = Vec::new();
-        for &(domid, vdev) in disks {
+        for &(domid, vdev, extra) in disks {
             let image = dir.path().join(format!("d{domid}-{vdev}.img"));
             std::fs::write(&image, vec![0u8; DISK_BYTES]).unwrap();
             xenpv::toolstack::attach_disk(
                 &dom0,
                 domid,
-                &format!("vdev={vdev},target={}", image.display()),
+                &format!("vdev={vdev},{extra}target={}", image.display()),
             )
             .unwrap();
             attached.push(Disk {

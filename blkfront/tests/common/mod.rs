@@ -88,8 +88,8 @@ pub fn qemu_nbd(img: &Path, socket: &Path) -> KillOnDrop {
     KillOnDrop(child)
 }
 
-/// Like [`env`], with the image behind `backing` and `extra` options (`direct-io-safe,`…,
-/// each followed by a comma) in the disk spec.
+/// Like [`env`], with the image behind `backing` and `extra` options (`direct-io-safe,`,
+/// `access=ro,`…, each followed by a comma) in the disk spec.
 pub fn env_with(size: usize, backing: Backing, extra: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     env_in(dir, size, backing, extra)
@@ -130,10 +130,16 @@ pub fn env_pages(
             )
         }
     };
+    // Read-write unless `extra` says otherwise (`access=ro,`).
+    let access = if extra.contains("access=") {
+        ""
+    } else {
+        "access=rw,"
+    };
     let nodes = xenpv::toolstack::attach_disk(
         &dom0,
         1,
-        &format!("vdev=xvda,access=rw,{extra}target={target}"),
+        &format!("vdev=xvda,{access}{extra}target={target}"),
     )
     .unwrap();
     Env {
