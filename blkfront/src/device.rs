@@ -750,19 +750,17 @@ where
             let flag = |k: &str| -> Result<bool> {
                 Ok(self.read_num::<u64>(&format!("{be}/{k}"))?.unwrap_or(0) != 0)
             };
-            let sectors: u64 =
-                self.read_num(&format!("{be}/sectors"))?
-                    .ok_or_else(|| Error::Node {
-                        path: format!("{be}/sectors"),
-                        why: "missing".into(),
-                    })?;
             // Its size in bytes must fit a u64 (offsets and sizes are byte counts).
-            if sectors.checked_mul(512).is_none() {
-                return Err(Error::Node {
-                    path: format!("{be}/sectors"),
-                    why: format!("{sectors} sectors of 512 bytes overflow a 64-bit byte size"),
-                });
-            }
+            let path = format!("{be}/sectors");
+            let sectors = match self.p.xs.read_opt(&path)? {
+                Some(raw) => capacity(&path, &raw)?,
+                None => {
+                    return Err(Error::Node {
+                        path,
+                        why: "missing".into(),
+                    })
+                }
+            };
             let info_bits: u32 = self.read_num(&format!("{be}/info"))?.unwrap_or(0);
             let sector_size: u32 = self.read_num(&format!("{be}/sector-size"))?.unwrap_or(512);
             let physical: u32 = self
