@@ -4,41 +4,15 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::slice;
 use xenpv_blkback::storage::{FileOptions, FileStorage, IoUringStorage, Storage};
-
-struct Loop(String);
-
-impl Loop {
-    fn new(file: &std::path::Path, sector_size: u32) -> Loop {
-        let out = Command::new("losetup")
-            .args(["-f", "--show", "--sector-size", &sector_size.to_string()])
-            .arg(file)
-            .output()
-            .expect("losetup (util-linux) must be installed");
-        assert!(
-            out.status.success(),
-            "cannot create a loop device (run as root with loop devices available): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
 
 #[test]
 fn loop_device_with_4k_sectors() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("lo.img");
     std::fs::write(&img, vec![0x11u8; 16 << 20]).unwrap();
-    let dev = Loop::new(&img, 4096);
+    let dev = xenpv_tests::Loop::new(&img, 4096);
     let path = std::path::Path::new(&dev.0);
     let engines: Vec<Box<dyn Storage>> = vec![
         Box::new(FileStorage::open(path, FileOptions::default(), 512).unwrap()),

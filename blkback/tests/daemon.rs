@@ -546,28 +546,19 @@ fn an_x86_32_abi_frontend_is_served() {
     }
     let mut ir = BlkifRequestIndirect::new(OP_WRITE, 16, 0, 300, 1024);
     ir.indirect_grefs[0] = pages.grefs()[0];
-    ring.produce(X86_32Request::from_native(&ir.to_request()))
-        .unwrap();
-    if ring.push_requests() {
-        evtchn.notify(port).unwrap();
-    }
-    let rsp = BlkifResponse::from(responses(&mut ring, &evtchn, 1)[0]);
-    assert_eq!(
-        (rsp.id, rsp.operation, rsp.status),
-        (300, OP_WRITE, RSP_OKAY)
-    );
+    // One request in the 32-bit layout, and its answer in the native one.
+    let mut one = |req: BlkifRequest| {
+        ring.produce(X86_32Request::from_native(&req)).unwrap();
+        if ring.push_requests() {
+            evtchn.notify(port).unwrap();
+        }
+        let rsp = BlkifResponse::from(responses(&mut ring, &evtchn, 1)[0]);
+        (rsp.id, rsp.operation, rsp.status)
+    };
+    assert_eq!(one(ir.to_request()), (300, OP_WRITE, RSP_OKAY));
     // Pages 2 and 3 of the write (sectors 1040..1056) discarded.
     let d = BlkifRequestDiscard::new(0, 0, 301, 1040, 16);
-    ring.produce(X86_32Request::from_native(&d.to_request()))
-        .unwrap();
-    if ring.push_requests() {
-        evtchn.notify(port).unwrap();
-    }
-    let rsp = BlkifResponse::from(responses(&mut ring, &evtchn, 1)[0]);
-    assert_eq!(
-        (rsp.id, rsp.operation, rsp.status),
-        (301, OP_DISCARD, RSP_OKAY)
-    );
+    assert_eq!(one(d.to_request()), (301, OP_DISCARD, RSP_OKAY));
     let img = std::fs::read(image).unwrap();
     for i in 0..16usize {
         let page = &img[1024 * 512 + i * 4096..][..4096];

@@ -11,29 +11,12 @@ use xenpv_grant::GrantMemory;
 use xenpv_ring::blkif::*;
 use xenpv_xenstore::XenbusState;
 
-/// The access modes (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) of the descriptors process `pid` has
-/// open on `path`.
+/// The access modes (`O_RDONLY`, `O_RDWR`…) process `pid` holds `path` open with.
 fn access_modes(pid: u32, path: &std::path::Path) -> Vec<i32> {
-    let path = path.canonicalize().unwrap();
-    let mut modes = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let fd = fd.unwrap();
-        if std::fs::read_link(fd.path()).ok().as_deref() != Some(path.as_path()) {
-            continue;
-        }
-        let name = fd.file_name().into_string().unwrap();
-        // The descriptor may have been closed since the directory was read.
-        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{name}")) else {
-            continue;
-        };
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .map(|f| i32::from_str_radix(f.trim(), 8).unwrap())
-            .unwrap();
-        modes.push(flags & libc::O_ACCMODE);
-    }
-    modes
+    xenpv_tests::open_flags(Some(pid), path)
+        .into_iter()
+        .map(|f| f as i32 & libc::O_ACCMODE)
+        .collect()
 }
 
 /// The read-only device's image is open read-only (the read-write one's for writing), its

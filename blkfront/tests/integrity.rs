@@ -366,22 +366,6 @@ fn durable_backend_child() {
     }
 }
 
-/// The `open(2)` flags of the descriptor process `pid` has on `path`.
-fn open_flags(pid: u32, path: &Path) -> Option<u32> {
-    let path = path.canonicalize().unwrap();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
-        let fd = fd.ok()?;
-        if std::fs::read_link(fd.path()).ok().as_deref() == Some(path.as_path()) {
-            let info =
-                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?))
-                    .ok()?;
-            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
-            return u32::from_str_radix(flags.trim(), 8).ok();
-        }
-    }
-    None
-}
-
 /// `struct cachestat_range` of `<linux/mman.h>`.
 #[repr(C)]
 struct CachestatRange {
@@ -598,7 +582,10 @@ fn durable(store: DurableStore) {
     );
     assert!(dev.info().flush, "the backend offers flush");
     if let DurableStore::File { .. } = store {
-        let flags = open_flags(child.0.id(), &env.img).expect("the backend has the image open");
+        let flags = xenpv_tests::open_flags(Some(child.0.id()), &env.img)
+            .first()
+            .copied()
+            .expect("the backend has the image open");
         assert_eq!(
             flags & libc::O_DIRECT as u32 != 0,
             direct,

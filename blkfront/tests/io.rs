@@ -315,33 +315,6 @@ fn the_largest_requests_without_persistent_grants_map_in_one_call() {
     largest_requests(false);
 }
 
-/// A loop device (`losetup --sector-size`), detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(file: &std::path::Path, sector_size: u32) -> Loop {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show", "--sector-size", &sector_size.to_string()])
-            .arg(file)
-            .output()
-            .expect("losetup (util-linux) must be installed");
-        assert!(
-            out.status.success(),
-            "cannot create a loop device (run as root with loop devices available): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
-
 /// A disk of 4096-byte logical and physical sectors end to end: blkback reads them from the
 /// block device and announces them (`sector-size`, `physical-sector-size`), blkfront takes
 /// them up, does aligned I/O and refuses I/O that is not aligned to 4096 bytes; `sectors`
@@ -349,7 +322,7 @@ impl Drop for Loop {
 #[test]
 fn a_disk_of_4096_byte_sectors() {
     let env = env(SIZE);
-    let lo = Loop::new(&env.img, 4096);
+    let lo = xenpv_tests::Loop::new(&env.img, 4096);
     env.dom0
         .write_str(&format!("{}/params", env.be), &lo.0)
         .unwrap();

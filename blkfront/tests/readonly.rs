@@ -11,29 +11,13 @@ use xenpv_xenstore::XsOps;
 
 const SIZE: usize = 4 << 20;
 
-/// The access modes (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) of this process's descriptors open on
-/// `path`: blkback runs on a thread of it.
+/// The access modes (`O_RDONLY`, `O_RDWR`…) this process holds `path` open with: blkback
+/// runs on a thread of it.
 fn access_modes(path: &std::path::Path) -> Vec<i32> {
-    let path = path.canonicalize().unwrap();
-    let mut modes = Vec::new();
-    for fd in std::fs::read_dir("/proc/self/fd").unwrap() {
-        let fd = fd.unwrap();
-        if std::fs::read_link(fd.path()).ok().as_deref() != Some(path.as_path()) {
-            continue;
-        }
-        let name = fd.file_name().into_string().unwrap();
-        // The descriptor may have been closed since the directory was read.
-        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{name}")) else {
-            continue;
-        };
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .map(|f| i32::from_str_radix(f.trim(), 8).unwrap())
-            .unwrap();
-        modes.push(flags & libc::O_ACCMODE);
-    }
-    modes
+    xenpv_tests::open_flags(None, path)
+        .into_iter()
+        .map(|f| f as i32 & libc::O_ACCMODE)
+        .collect()
 }
 
 /// blkback opens the image read-only, announces `info` with `VDISK_READONLY` (4) and no

@@ -76,3 +76,66 @@ pub fn deadline(d: Duration) -> impl Fn() -> Result<(), String> {
         }
     }
 }
+
+/// The `flags` (`open(2)` flags, as `/proc/PID/fdinfo` gives them) of every descriptor of
+/// process `pid` (this process with `None`) that is open on `path`. A descriptor closed while
+/// the directory is read is skipped.
+pub fn open_flags(pid: Option<u32>, path: &Path) -> Vec<u32> {
+    let proc = pid.map_or_else(|| "self".to_string(), |p| p.to_string());
+    let Ok(path) = path.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{proc}/fd")) else {
+        return Vec::new();
+    };
+    let mut flags = Vec::new();
+    for fd in fds.flatten() {
+        if std::fs::read_link(fd.path()).ok().as_deref() != Some(path.as_path()) {
+            continue;
+        }
+        let name = fd.file_name();
+        let Ok(info) =
+            std::fs::read_to_string(format!("/proc/{proc}/fdinfo/{}", name.to_string_lossy()))
+        else {
+            continue;
+        };
+        if let Some(f) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        {
+            flags.push(f);
+        }
+    }
+    flags
+}
+
+/// A loop device over a file (`losetup --sector-size`), detached on drop. Needs root and
+/// util-linux.
+pub struct Loop(pub String);
+
+impl Loop {
+    /// Sets one up over `file` with `sector_size`-byte logical sectors; panics (the test
+    /// cannot run) if that fails, saying why.
+    pub fn new(file: &Path, sector_size: u32) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "--sector-size", &sector_size.to_string()])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) must be installed");
+        assert!(
+            out.status.success(),
+            "cannot create a loop device (run as root with loop devices available): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
