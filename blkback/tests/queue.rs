@@ -113,15 +113,28 @@ fn queue<M: RingMemory, G: GrantMap>(
     persistent: bool,
     storage: Arc<dyn Storage>,
 ) -> Queue<Blkif, M, G> {
-    Queue::new(
+    counted_queue(back, grants, cache, persistent, storage).0
+}
+
+/// [`queue`], and its statistics.
+fn counted_queue<M: RingMemory, G: GrantMap>(
+    back: BackRing<Blkif, M>,
+    grants: G,
+    cache: usize,
+    persistent: bool,
+    storage: Arc<dyn Storage>,
+) -> (Queue<Blkif, M, G>, Arc<Stats>) {
+    let stats = Arc::new(Stats::default());
+    let q = Queue::new(
         back,
         FRONT,
         MapCache::new(grants, cache),
         persistent,
         storage,
         limits(),
-        Arc::new(Stats::default()),
-    )
+        stats.clone(),
+    );
+    (q, stats)
 }
 
 fn image_bytes(s: &Setup, off: u64, len: usize) -> Vec<u8> {
@@ -218,16 +231,7 @@ fn run(persistent: bool, kind: Kind) {
     let (ring_page, ring_map, data) = shared_ring(&s, 16);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-    let stats = Arc::new(Stats::default());
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 64),
-        persistent,
-        storage,
-        limits(),
-        stats.clone(),
-    );
+    let (mut q, stats) = counted_queue(back, &s.back, 64, persistent, storage);
     let mem = data.volatile();
     let g = data.grefs().to_vec();
 
@@ -1138,16 +1142,7 @@ fn a_ring_filled_while_requests_are_in_flight_counts_as_full() {
     let (ring_page, ring_map, data) = shared_ring(&s, 32);
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-    let stats = Arc::new(Stats::default());
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 64),
-        false,
-        storage,
-        limits(),
-        stats.clone(),
-    );
+    let (mut q, stats) = counted_queue(back, &s.back, 64, false, storage);
     assert!(q.pipelined());
     let g = data.grefs().to_vec();
     let full = || stats.ring_full.load(std::sync::atomic::Ordering::Relaxed);
@@ -1231,18 +1226,9 @@ fn a_write_barrier_flushes_writes_and_flushes() {
     let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
     let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
     let storage: Arc<dyn Storage> = log.clone();
-    let mut q = Queue::new(
-        back,
-        FRONT,
-        MapCache::new(&s.back, 64),
-        false,
-        storage,
-        Limits {
-            barrier: true,
-            ..limits()
-        },
-        Arc::new(Stats::default()),
-    );
+    // The test limits offer barriers (`feature-barrier`).
+    assert!(limits().barrier);
+    let mut q = queue(back, &s.back, 64, false, storage);
     let mem = data.volatile();
     let g = data.grefs().to_vec();
     let write = |op: u8, id: u64, sector: u64, page: usize, fill: u8| {
