@@ -137,6 +137,26 @@ fn counted_queue<M: RingMemory, G: GrantMap>(
     (q, stats)
 }
 
+/// Takes every response the backend published: (id, operation, status), sorted.
+fn sorted_responses<M: RingMemory>(front: &mut FrontRing<Blkif, M>) -> Vec<(u64, u8, i16)> {
+    let mut got = Vec::new();
+    while let Some(rsp) = front.next_response().unwrap() {
+        got.push((rsp.id, rsp.operation, rsp.status));
+    }
+    got.sort();
+    got
+}
+
+/// Takes every response the backend published, checks that each is OKAY, and counts them.
+fn okay_responses<M: RingMemory>(front: &mut FrontRing<Blkif, M>) -> usize {
+    let mut n = 0;
+    while let Some(rsp) = front.next_response().unwrap() {
+        assert_eq!(rsp.status, RSP_OKAY, "request {}", { rsp.id });
+        n += 1;
+    }
+    n
+}
+
 fn image_bytes(s: &Setup, off: u64, len: usize) -> Vec<u8> {
     let mut f = std::fs::File::open(s.image.path()).unwrap();
     f.seek(SeekFrom::Start(off)).unwrap();
@@ -435,11 +455,7 @@ fn deep(kind: Kind, persistent: bool, pipelined: bool) {
     }
     assert!(front.push_requests());
     assert!(q.service().unwrap());
-    let mut got = Vec::new();
-    while let Some(rsp) = front.next_response().unwrap() {
-        got.push((rsp.id, rsp.operation, rsp.status));
-    }
-    got.sort();
+    let got = sorted_responses(&mut front);
     let want: Vec<_> = (0..16)
         .map(|i| (100 + i, OP_WRITE, RSP_OKAY))
         .chain((0..16).map(|i| (200 + i, OP_READ, RSP_OKAY)))
@@ -1115,11 +1131,7 @@ fn a_serial_storage_publishes_and_notifies_chunk_by_chunk() {
         let mut seen = Vec::new();
         q.serve_notifying(true, &mut || seen.push(ring.read_u32(8).unwrap()))
             .unwrap();
-        let mut ok = 0;
-        while let Some(rsp) = front.next_response().unwrap() {
-            assert_eq!(rsp.status, RSP_OKAY);
-            ok += 1;
-        }
+        let ok = okay_responses(&mut front);
         assert_eq!(ok, 8);
         if serial {
             assert!(
@@ -1177,11 +1189,7 @@ fn a_ring_filled_while_requests_are_in_flight_counts_as_full() {
     while q.in_flight() > 0 {
         q.pump().unwrap();
     }
-    let mut answered = 0;
-    while let Some(rsp) = front.next_response().unwrap() {
-        assert_eq!(rsp.status, RSP_OKAY);
-        answered += 1;
-    }
+    let answered = okay_responses(&mut front);
     assert_eq!(answered, 32);
 }
 
@@ -1247,11 +1255,7 @@ fn a_write_barrier_flushes_writes_and_flushes() {
         .unwrap();
     assert!(front.push_requests());
     assert!(q.service().unwrap());
-    let mut got = Vec::new();
-    while let Some(rsp) = front.next_response().unwrap() {
-        got.push((rsp.id, rsp.operation, rsp.status));
-    }
-    got.sort();
+    let got = sorted_responses(&mut front);
     assert_eq!(
         got,
         [
