@@ -376,3 +376,101 @@ fn a_size_that_overflows_is_refused() {
     assert!(error.contains("sectors"), "{error}");
     backend.join().unwrap();
 }
+
+/// XSA-396 across a reconnect: a backend that goes away with the ring still mapped, comes back
+/// (the frontend reconnects and re-issues its read on a new ring), then writes a forged answer
+/// into the old ring page it still holds and scribbles over it. The old page is never used
+/// again: the new ring and the read's data page are other pages, the forged answer completes
+/// nothing, and the read returns what the backend put in its data page.
+#[test]
+fn a_backend_writing_to_the_old_ring_after_a_reconnect_changes_nothing() {
+    use xenpv_grant::{Access, GrantMap};
+    let env = env(1 << 20);
+    let (root, fe, be) = (env.root.clone(), env.fe.clone(), env.be.clone());
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answering = answered.clone();
+    let backend = std::thread::spawn(move || {
+        // First connection: take the read, never answer it, and leave with the ring mapped.
+        let old = scripted_backend(&root, &fe, &be);
+        let old_gref: u32 = old
+            .xs
+            .read_string(&format!("{fe}/ring-ref"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut ring = BackRing::<Blkif, _>::new(&old.map).unwrap();
+        let req = loop {
+            if let Some(r) = ring.next_request().unwrap() {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        xenbus::switch_state(&old.xs, &be, XenbusState::Closed).unwrap();
+        // Second connection: the frontend re-issues the read on a new ring.
+        let new = scripted_backend(&root, &fe, &be);
+        let new_gref: u32 = new
+            .xs
+            .read_string(&format!("{fe}/ring-ref"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut ring2 = BackRing::<Blkif, _>::new(&new.map).unwrap();
+        let again = loop {
+            if let Some(r) = ring2.next_request().unwrap() {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(again.operation, OP_READ);
+        assert_eq!({ again.sector_number }, { req.sector_number });
+        let data_gref = again.seg[0].gref;
+        assert_ne!(
+            new_gref, old_gref,
+            "the old ring page came back as the new ring"
+        );
+        assert_ne!(
+            data_gref, old_gref,
+            "the old ring page came back as a data page"
+        );
+        // The answer's data, then the forgery on the old page: an answer for the read's id,
+        // and the rest of the page scribbled over.
+        let grants =
+            xenpv_grant::local::LocalGrants::connect(root.join("dom0/grant.sock")).unwrap();
+        let data = grants.map(&[(1, data_gref)], Access::Writable).unwrap();
+        data.volatile().fill(0, 4096, 0x5A).unwrap();
+        ring.produce(BlkifResponse::new(again.id, OP_READ, RSP_OKAY))
+            .unwrap();
+        ring.push_responses_no_check();
+        old.map
+            .volatile()
+            .fill(64 + 16, 4096 - 64 - 16, 0xEE)
+            .unwrap();
+        let _ = old.ev.notify(old.port);
+        let _ = new.ev.notify(new.port);
+        // Time for a frontend that still listened to the old ring to take the forgery.
+        std::thread::sleep(Duration::from_millis(200));
+        // Now the real answer.
+        answering.store(true, std::sync::atomic::Ordering::SeqCst);
+        ring2
+            .produce(BlkifResponse::new(again.id, OP_READ, RSP_OKAY))
+            .unwrap();
+        ring2.push_responses_no_check();
+        new.ev.notify(new.port).unwrap();
+        (old, new)
+    });
+    let dev = connect(&env, Options::default());
+    let mut buf = vec![0u8; 4096];
+    dev.read_at(&mut buf, 8192).unwrap();
+    assert!(
+        answered.load(std::sync::atomic::Ordering::SeqCst),
+        "the read completed before the new backend answered it: from the forged answer"
+    );
+    assert!(
+        buf.iter().all(|&b| b == 0x5A),
+        "the read's data is not the backend's"
+    );
+    assert!(dev.error().is_none(), "{:?}", dev.error());
+    assert_eq!(dev.reconnects(), 1);
+    let (_old, _new) = backend.join().unwrap();
+    drop(dev);
+}
