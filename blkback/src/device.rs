@@ -802,12 +802,18 @@ where
             if !xs.exists(be)? {
                 return Ok(Outcome::Disconnected);
             }
-            // Online resize: a grown store is announced as blkback does, by rewriting
-            // `sectors` and then `state` so that the frontend's watch fires.
+            // Online resize: a store that grew or shrank is announced as Linux's blkback
+            // does, by rewriting `sectors` and then `state` so that the frontend's watch
+            // fires. Requests are checked against the store's size at each drain: sectors a
+            // shrink took away are refused from then on.
             if let Ok(size) = self.storage.refresh_size() {
                 let sectors = size / 512;
-                if sectors > announced {
-                    tracing::info!(sectors, "disk grew: announcing the new size");
+                if sectors != announced {
+                    tracing::info!(
+                        sectors,
+                        previous = announced,
+                        "disk resized: announcing the new size"
+                    );
                     xs.transaction(|tx| {
                         tx.write_str(&format!("{be}/sectors"), &sectors.to_string())?;
                         tx.write_str(&format!("{be}/state"), &XenbusState::Connected.as_value())?;

@@ -243,8 +243,11 @@ pub trait Storage: Send + Sync {
     fn physical_sector_size(&self) -> u32 {
         self.logical_sector_size()
     }
-    /// Re-reads the size of the backing store (online resize) and returns it. A store only
-    /// grows: a smaller size is ignored (shrinking a disk under a running guest loses data).
+    /// Re-reads the size of the backing store (online resize) and returns it, grown or
+    /// shrunk: a shrink is announced to the frontend as Linux's blkback and QEMU's xen-block
+    /// announce it (the data past the new end is gone either way; announcing it lets the
+    /// guest see so, instead of failing reads past the end of the file and letting writes
+    /// there extend it again).
     fn refresh_size(&self) -> io::Result<u64> {
         Ok(self.size())
     }
@@ -760,10 +763,10 @@ impl Storage for FileStorage {
             self.file.metadata()?.len()
         };
         let now = now - now % u64::from(self.sector_size);
-        Ok(self
-            .size
-            .fetch_max(now, std::sync::atomic::Ordering::Relaxed)
-            .max(now))
+        // Grown or shrunk: requests are checked against it from the next drain on (a read
+        // already under way past a shrunk end fails as a short transfer).
+        self.size.store(now, std::sync::atomic::Ordering::Relaxed);
+        Ok(now)
     }
 
     fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {

@@ -268,6 +268,28 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         RSP_OKAY,
         "the grown disk serves its new sectors"
     );
+    // And shrinks: announced too (as Linux's blkback does), and the lost sectors are refused.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let deadline = Instant::now() + T;
+    while xs.read_string(&format!("{be}/sectors")).unwrap() != "2048" {
+        assert!(
+            Instant::now() < deadline,
+            "the smaller size was not announced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(xenbus::read_state(&xs, be).unwrap(), XenbusState::Connected);
+    past.id = 6;
+    assert_eq!(
+        roundtrip(past),
+        RSP_ERROR,
+        "sector 3000 is past the disk again"
+    );
 
     // Close: the backend follows to Closed.
     xenbus::switch_state(&xs, fe, XenbusState::Closing).unwrap();
