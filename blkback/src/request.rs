@@ -207,7 +207,9 @@ pub fn validate(req: &BlkifRequest, limits: &Limits) -> Result<Plan, Refusal> {
             {
                 return Err(Refusal::Unsupported(op));
             }
-            if writes && limits.read_only && !(op == OP_FLUSH_DISKCACHE && n == 0) {
+            // A flush or a barrier without data writes nothing: served on a read-only device
+            // too (both are offered there), as ordering points.
+            if writes && limits.read_only && n > 0 {
                 return Err(Refusal::ReadOnly);
             }
             if n == 0 {
@@ -489,6 +491,15 @@ mod tests {
         assert_eq!(
             validate(&rw(OP_FLUSH_DISKCACHE, 0, &[]), &ro),
             Ok(Plan::Flush { barrier: false })
+        );
+        // A barrier is offered on a read-only device too: without data it is served.
+        assert_eq!(
+            validate(&rw(OP_WRITE_BARRIER, 0, &[]), &ro),
+            Ok(Plan::Flush { barrier: true })
+        );
+        assert_eq!(
+            validate(&rw(OP_WRITE_BARRIER, 0, &[(1, 0, 7)]), &ro),
+            Err(Refusal::ReadOnly)
         );
         assert_eq!(
             validate(&BlkifRequestDiscard::new(0, 0, 1, 0, 8).to_request(), &ro),
