@@ -479,6 +479,19 @@ where
         if info.read_only && matches!(kind, Kind::Write | Kind::Discard) {
             return done(Err(Error::ReadOnly));
         }
+        // The protocol wants whole discard units: refused here, with the reason, rather than
+        // by the backend with a bare error status.
+        if kind == Kind::Discard
+            && info.discard
+            && crate::export::trim_range(&info, offset, len) != Some((offset, len))
+        {
+            return done(Err(Error::DiscardUnaligned {
+                offset,
+                len,
+                granularity: info.discard_granularity,
+                alignment: info.discard_alignment,
+            }));
+        }
         let read_len = if kind == Kind::Read { len as usize } else { 0 };
         let chunk = Chunk {
             kind,

@@ -90,6 +90,22 @@ pub enum Error {
         /// The disk's logical sector size.
         sector_size: u32,
     },
+    /// A discard whose range is not made of whole discard units (`discard-granularity`,
+    /// offset by `discard-alignment`), which the protocol requires of a frontend.
+    #[error(
+        "discard {offset}+{len} is not aligned to the backend's discard granularity \
+         {granularity} (alignment {alignment})"
+    )]
+    DiscardUnaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// `discard-granularity`.
+        granularity: u64,
+        /// `discard-alignment`.
+        alignment: u64,
+    },
     /// The range is beyond the end of the disk.
     #[error("range {offset}+{len} is beyond the end of the disk ({size} bytes)")]
     OutOfRange {
@@ -136,7 +152,9 @@ impl Error {
         use std::io::ErrorKind as K;
         let kind = match self {
             Error::ReadOnly => K::PermissionDenied,
-            Error::Unaligned { .. } | Error::OutOfRange { .. } => K::InvalidInput,
+            Error::Unaligned { .. } | Error::DiscardUnaligned { .. } | Error::OutOfRange { .. } => {
+                K::InvalidInput
+            }
             Error::NotSupported(_) => K::Unsupported,
             _ => K::Other,
         };

@@ -62,6 +62,15 @@ fn round_trip(opts: Options, backend: xenpv_blkback::device::Config) {
     }
     dev.flush().unwrap();
     if info.discard {
+        // Not whole 4 KiB discard units (our blkback's granularity): refused locally.
+        assert_eq!(info.discard_granularity, 4096);
+        for (offset, len) in [(512u64, 4096u64), (4096, 512), (0, 6144)] {
+            let got = dev.discard(offset, len);
+            assert!(
+                matches!(got, Err(xenpv_blkfront::Error::DiscardUnaligned { .. })),
+                "{offset}+{len}: {got:?}"
+            );
+        }
         dev.discard(4 << 20, 1 << 20).unwrap();
         let mut buf = vec![1; 1 << 20];
         dev.read_at(&mut buf, 4 << 20).unwrap();
