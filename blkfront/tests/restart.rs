@@ -96,6 +96,16 @@ fn backend_restart_resumes_a_frontend_that_does_not_reconnect() {
     // happens. The new backend executes them again from the journal, and takes the rest from
     // the rings where the journal says the old one stopped.
     gate.wait_held(2);
+    // One thread per queue, each holding its queue's chunk.
+    let mut queue_threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("blkback-1-q"))
+        .collect();
+    queue_threads.sort();
+    assert_eq!(queue_threads, ["blkback-1-q0", "blkback-1-q1"]);
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     gate.open();
