@@ -250,17 +250,22 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         RSP_ERROR,
         "sector 3000 is past the 2048-sector disk"
     );
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
-    let deadline = Instant::now() + T;
-    while xs.read_string(&format!("{be}/sectors")).unwrap() != "4096" {
-        assert!(Instant::now() < deadline, "the new size was not announced");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The image takes `bytes`; the backend must announce it as `sectors`.
+    let resize = |bytes: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let want = (bytes / 512).to_string();
+        let deadline = Instant::now() + T;
+        while xs.read_string(&format!("{be}/sectors")).unwrap() != want {
+            assert!(Instant::now() < deadline, "{want} sectors not announced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    resize(2 << 20);
     assert_eq!(xenbus::read_state(&xs, be).unwrap(), XenbusState::Connected);
     past.id = 5;
     assert_eq!(
@@ -269,20 +274,7 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         "the grown disk serves its new sectors"
     );
     // And shrinks: announced too (as Linux's blkback does), and the lost sectors are refused.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let deadline = Instant::now() + T;
-    while xs.read_string(&format!("{be}/sectors")).unwrap() != "2048" {
-        assert!(
-            Instant::now() < deadline,
-            "the smaller size was not announced"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    resize(1 << 20);
     assert_eq!(xenbus::read_state(&xs, be).unwrap(), XenbusState::Connected);
     past.id = 6;
     assert_eq!(

@@ -390,37 +390,35 @@ fn a_backend_writing_to_the_old_ring_after_a_reconnect_changes_nothing() {
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let answering = answered.clone();
     let backend = std::thread::spawn(move || {
+        // A connection's ring: its gref, the ring, and the first request on it.
+        fn take(
+            s: &Scripted,
+        ) -> (
+            u32,
+            BackRing<Blkif, &xenpv_grant::local::LocalMapping>,
+            xenpv_ring::blkif::BlkifRequest,
+        ) {
+            let gref: u32 =
+                s.xs.read_string(&format!("{}/ring-ref", s.fe))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            let mut ring = BackRing::<Blkif, _>::new(&s.map).unwrap();
+            let req = loop {
+                if let Some(r) = ring.next_request().unwrap() {
+                    break r;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            (gref, ring, req)
+        }
         // First connection: take the read, never answer it, and leave with the ring mapped.
         let old = scripted_backend(&root, &fe, &be);
-        let old_gref: u32 = old
-            .xs
-            .read_string(&format!("{fe}/ring-ref"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut ring = BackRing::<Blkif, _>::new(&old.map).unwrap();
-        let req = loop {
-            if let Some(r) = ring.next_request().unwrap() {
-                break r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let (old_gref, mut ring, req) = take(&old);
         xenbus::switch_state(&old.xs, &be, XenbusState::Closed).unwrap();
         // Second connection: the frontend re-issues the read on a new ring.
         let new = scripted_backend(&root, &fe, &be);
-        let new_gref: u32 = new
-            .xs
-            .read_string(&format!("{fe}/ring-ref"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut ring2 = BackRing::<Blkif, _>::new(&new.map).unwrap();
-        let again = loop {
-            if let Some(r) = ring2.next_request().unwrap() {
-                break r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let (new_gref, mut ring2, again) = take(&new);
         assert_eq!(again.operation, OP_READ);
         assert_eq!({ again.sector_number }, { req.sector_number });
         let data_gref = again.seg[0].gref;
