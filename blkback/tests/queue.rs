@@ -1290,18 +1290,15 @@ fn a_write_barrier_flushes_writes_and_flushes() {
     }
 }
 
-/// A storage that checks, before it lets a write through and after it carries out a read,
-/// that the buffers it was given are the frontend's granted pages themselves: a byte the
-/// frontend changes in its page shows in the write's buffer at once, and a byte changed in
-/// the read's buffer shows in the frontend's page before any response.
-struct SameMemory {
-    inner: Arc<dyn Storage>,
-    /// The frontend's data pages: page 0 is written from, page 1 read into.
+/// Whether a storage's buffers are the frontend's granted pages themselves: a byte changed on
+/// one side must show on the other at once. Page 0 of `front` is written from, page 1 read
+/// into.
+struct Probe {
     front: Arc<<LocalGrants as GrantShare>::Shared>,
     checked: std::sync::atomic::AtomicUsize,
 }
 
-impl SameMemory {
+impl Probe {
     /// Whether `buf` and the frontend's page `page` are one memory: a byte written through
     /// `writer` (0: the frontend's page, 1: the buffer) is read back through the other one.
     fn shared(&self, buf: &VolatileSlice<'_>, page: usize, writer: usize) -> bool {
@@ -1326,76 +1323,155 @@ impl SameMemory {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         seen == marker
     }
+
+    /// Checks the buffers of a one-page transfer: a write's against page 0 (before it is
+    /// carried out), a read's against page 1.
+    fn check(&self, op: &Op<'_>) {
+        match op {
+            Op::Write { bufs, .. } => {
+                assert_eq!(bufs.len(), 1);
+                assert!(
+                    self.shared(&bufs[0], 0, 0),
+                    "the write comes from a buffer that is not the frontend's page"
+                );
+            }
+            Op::Read { bufs, .. } => {
+                assert_eq!(bufs.len(), 1);
+                assert!(
+                    self.shared(&bufs[0], 1, 1),
+                    "the read goes to a buffer that is not the frontend's page"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A storage whose transfers are checked by a [`Probe`], op by op or, with `pipelined`,
+/// through the engine's pipeline as each op starts.
+struct SameMemory {
+    inner: Arc<dyn Storage>,
+    probe: Arc<Probe>,
+    pipelined: bool,
 }
 
 impl Storage for SameMemory {
     delegate_io!(but_transfers);
     fn read_into(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
         self.inner.read_into(o, b)?;
-        assert_eq!(b.len(), 1);
-        assert!(
-            self.shared(&b[0], 1, 1),
-            "the read went to a buffer that is not the frontend's page"
-        );
+        self.probe.check(&Op::Read {
+            offset: o,
+            bufs: b.to_vec(),
+        });
         Ok(())
     }
     fn write_from(&self, o: u64, b: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        assert_eq!(b.len(), 1);
-        assert!(
-            self.shared(&b[0], 0, 0),
-            "the write comes from a buffer that is not the frontend's page"
-        );
+        self.probe.check(&Op::Write {
+            offset: o,
+            bufs: b.to_vec(),
+        });
         self.inner.write_from(o, b)
     }
     fn pipeline(&self) -> Option<Box<dyn Pipeline>> {
-        None
+        if !self.pipelined {
+            return None;
+        }
+        Some(Box::new(ProbedPipe {
+            inner: self.inner.pipeline()?,
+            probe: self.probe.clone(),
+        }))
+    }
+}
+
+/// An engine's pipeline whose ops are checked by a [`Probe`] as they start.
+struct ProbedPipe {
+    inner: Box<dyn Pipeline>,
+    probe: Arc<Probe>,
+}
+
+impl Pipeline for ProbedPipe {
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    unsafe fn start(&mut self, tag: u64, op: &Op<'_>) {
+        self.probe.check(op);
+        // SAFETY: the caller's promise for `op` (its buffers stay valid until its completion
+        // is returned) is passed on unchanged.
+        unsafe { self.inner.start(tag, op) }
+    }
+    fn submit(&mut self) {
+        self.inner.submit()
+    }
+    fn ready(&mut self) -> bool {
+        self.inner.ready()
+    }
+    fn reap(&mut self, out: &mut Vec<xenpv_blkback::storage::Completion>) -> usize {
+        self.inner.reap(out)
+    }
+    fn wait(
+        &mut self,
+        wake: Option<std::os::fd::BorrowedFd<'_>>,
+        out: &mut Vec<xenpv_blkback::storage::Completion>,
+    ) -> bool {
+        self.inner.wait(wake, out)
     }
 }
 
 /// Zero copy: the storage reads into and writes from the frontend's granted pages, mapped,
-/// with no buffer in between; with persistent grants (one mapping per page, cached) and
-/// without (the request's pages mapped together).
+/// with no buffer in between; op by op (psync) and through io_uring's pipeline, with
+/// persistent grants (one mapping per page, cached) and without (the request's pages mapped
+/// together).
 #[test]
 fn storage_reads_into_and_writes_from_the_granted_pages() {
-    for persistent in [false, true] {
-        let s = setup();
-        let (inner, _) = storage(&s, Kind::Psync);
-        let (ring_page, ring_map, data) = shared_ring(&s, 2);
-        let data = Arc::new(data);
-        let probe = Arc::new(SameMemory {
-            inner,
-            front: data.clone(),
-            checked: Default::default(),
-        });
-        let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
-        let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
-        let storage: Arc<dyn Storage> = probe.clone();
-        let mut q = queue(back, &s.back, 64, persistent, storage);
-        let g = data.grefs().to_vec();
-        data.volatile().fill(0, 4096, 0x6B).unwrap();
-        let mut w = BlkifRequest::new(OP_WRITE, 0, 1, 64);
-        w.nr_segments = 1;
-        w.seg[0] = BlkifRequestSegment::new(g[0], 0, 7);
-        front.produce(w).unwrap();
-        let _ = front.push_requests();
-        q.service().unwrap();
-        let mut r = BlkifRequest::new(OP_READ, 0, 2, 64);
-        r.nr_segments = 1;
-        r.seg[0] = BlkifRequestSegment::new(g[1], 0, 7);
-        front.produce(r).unwrap();
-        let _ = front.push_requests();
-        q.service().unwrap();
-        assert_eq!(okay_responses(&mut front), 2);
-        assert_eq!(
-            probe.checked.load(std::sync::atomic::Ordering::SeqCst),
-            2,
-            "persistent: {persistent}"
-        );
-        assert!(read_page(data.volatile(), 1).iter().all(|&b| b == 0x6B));
-        // The check tells a copy from the page: a buffer of our own is not the page.
-        let mut copy = read_page(data.volatile(), 0);
-        assert!(!probe.shared(&common::slice(&mut copy), 0, 0));
-        assert!(!probe.shared(&common::slice(&mut copy), 1, 1));
-        q.release_mappings();
+    for (kind, pipelined) in [(Kind::Psync, false), (Kind::IoUring, true)] {
+        for persistent in [false, true] {
+            let s = setup_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")));
+            let (inner, _) = storage(&s, kind);
+            let (ring_page, ring_map, data) = shared_ring(&s, 2);
+            let data = Arc::new(data);
+            let probe = Arc::new(Probe {
+                front: data.clone(),
+                checked: Default::default(),
+            });
+            let storage: Arc<dyn Storage> = Arc::new(SameMemory {
+                inner,
+                probe: probe.clone(),
+                pipelined,
+            });
+            let mut front = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+            let back = BackRing::<Blkif, _>::new(&ring_map).unwrap();
+            let mut q = queue(back, &s.back, 64, persistent, storage);
+            assert_eq!(q.pipelined(), pipelined);
+            let g = data.grefs().to_vec();
+            data.volatile().fill(0, 4096, 0x6B).unwrap();
+            let mut w = BlkifRequest::new(OP_WRITE, 0, 1, 64);
+            w.nr_segments = 1;
+            w.seg[0] = BlkifRequestSegment::new(g[0], 0, 7);
+            front.produce(w).unwrap();
+            let _ = front.push_requests();
+            q.service().unwrap();
+            let mut r = BlkifRequest::new(OP_READ, 0, 2, 64);
+            r.nr_segments = 1;
+            r.seg[0] = BlkifRequestSegment::new(g[1], 0, 7);
+            front.produce(r).unwrap();
+            let _ = front.push_requests();
+            q.service().unwrap();
+            let what = format!("{kind:?}, persistent: {persistent}");
+            assert_eq!(okay_responses(&mut front), 2, "{what}");
+            assert_eq!(
+                probe.checked.load(std::sync::atomic::Ordering::SeqCst),
+                2,
+                "{what}"
+            );
+            assert!(read_page(data.volatile(), 1).iter().all(|&b| b == 0x6B));
+            // The check tells a copy from the page: a buffer of our own is not the page.
+            let mut copy = read_page(data.volatile(), 0);
+            assert!(!probe.shared(&common::slice(&mut copy), 0, 0));
+            assert!(!probe.shared(&common::slice(&mut copy), 1, 1));
+            q.release_mappings();
+        }
     }
 }
