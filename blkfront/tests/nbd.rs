@@ -8,15 +8,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 /// Runs `cmd`; panics with its output unless it succeeds.
 fn succeed(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -40,9 +31,12 @@ fn assert_same(img: &std::path::Path, uri: &str) {
 
 #[test]
 fn nbd_export_with_real_tools() {
-    if !have("nbdinfo") || !have("qemu-img") || !have("fio") {
-        eprintln!("skipping: nbdinfo, qemu-img or fio missing");
-        return;
+    for (tool, package) in [
+        ("nbdinfo", "libnbd-bin"),
+        ("qemu-img", "qemu-utils"),
+        ("fio", "fio"),
+    ] {
+        need(tool, package);
     }
     let env = env(32 << 20);
     let _b = start_backend(&env, Default::default());
@@ -110,10 +104,8 @@ fn nbd_export_with_real_tools() {
 /// (it takes the largest request anyway), and the export still equals the image.
 #[test]
 fn export_with_the_largest_requests_and_a_small_pool() {
-    if !have("qemu-img") || !have("fio") {
-        eprintln!("skipping: qemu-img or fio missing");
-        return;
-    }
+    need("qemu-img", "qemu-utils");
+    need("fio", "fio");
     let env = env(64 << 20);
     let _b = start_backend(
         &env,
