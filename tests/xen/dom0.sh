@@ -79,6 +79,22 @@ s1() {
     case "$st " in *" $k=0 "*) fail "s1 no $k reached blkback: $st" ;; esac
   done
   case "$st" in *"errors=0 "*) ;; *) fail "s1 blkback counted errors: $st" ;; esac
+  # online resize: the image grows under the connected disk, then shrinks back
+  truncate -s 96M /tmp/s1.img
+  if ask size xvda 196608 80; then
+    if [ "$(sha /tmp/s1.img 80 1)" != "$(word 2)" ]; then
+      fail "s1 the write past the old end (80 MiB) is not in the image"
+    else
+      truncate -s 64M /tmp/s1.img
+      if ask size xvda 131072; then
+        pass "s1 online resize: Linux blkfront saw the disk grow to 96 MiB, wrote past the old end, and saw it shrink back"
+      else
+        fail "s1 Linux blkfront did not see the disk shrink: $RES"
+      fi
+    fi
+  else
+    fail "s1 Linux blkfront did not see the disk grow: $RES"
+  fi
   xenpv detach "$DOMID" xvda || fail "s1 detach"
   ask gone xvda || fail "s1 xvda still in the domU after detach: $RES"
   [ "$(sha /tmp/s1.img 0 16)" = "$S1SHA" ] || fail "s1 image (0..16 MiB) differs from what the domU wrote"

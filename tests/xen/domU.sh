@@ -30,6 +30,16 @@ do_s1_io() {
   echo "ok $(sha /tmp/a) $(sha /tmp/b2) queues=$(ls /sys/block/xvda/mq | wc -l)"
   rm -f /tmp/ra /tmp/rb /tmp/rz /tmp/b /tmp/b2 /tmp/z
 }
+# size DEV SECTORS [MIB]: wait (30 s at most) until the kernel sees DEV with SECTORS sectors (an
+# online resize); with MIB, then write 1 MiB of random data there and answer its sha256
+do_size() {
+  i=0; while [ "$(cat /sys/block/$1/size)" != "$2" ]; do i=$((i + 1)); [ $i -gt 150 ] && { echo "fail /sys/block/$1/size is $(cat /sys/block/$1/size) after 30 s, want $2"; return; }; sleep 0.2; done
+  [ -n "$3" ] || { echo ok; return; }
+  dd if=/dev/urandom of=/tmp/g bs=1M count=1 2>/dev/null
+  dd if=/tmp/g of=/dev/$1 bs=1M seek="$3" oflag=direct conv=fsync 2>/dev/null || { echo "fail write at $3 MiB"; return; }
+  echo "ok $(sha /tmp/g)"
+  rm -f /tmp/g
+}
 do_gone() {
   i=0; while [ -e "/sys/block/$1" ]; do i=$((i + 1)); [ $i -gt 150 ] && { echo "fail /dev/$1 still there after 30 s"; return; }; sleep 0.2; done
   echo ok
