@@ -102,6 +102,18 @@ s1() {
   [ "$(sha /tmp/s1.img 40 8)" = "$S1B" ] || fail "s1 image (40..48 MiB) differs from what the domU wrote"
   pass "s1 our blkback, Linux blkfront: 2 queues, persistent grants, indirect, flush, discard; image checked after detach"
 }
+# our blkback, Linux's blkfront, a read-only disk (access=ro)
+s1r() {
+  dd if=/dev/urandom of=/tmp/ro.img bs=1M count=16 2>/dev/null
+  ro=$(sha /tmp/ro.img 0 16)
+  xenpv attach-disk "$DOMID" "target=/tmp/ro.img,vdev=xvdf,access=ro" || { fail "s1r attach-disk"; return; }
+  ask ro xvdf || { fail "s1r read-only disk in the domU: $RES"; return; }
+  [ "$(word 2)" = "$ro" ] || fail "s1r the read-only disk reads back other data"
+  xenpv detach "$DOMID" xvdf || fail "s1r detach"
+  ask gone xvdf || fail "s1r xvdf still in the domU after detach: $RES"
+  [ "$(sha /tmp/ro.img 0 16)" = "$ro" ] || { fail "s1r the read-only image changed"; return; }
+  pass "s1r read-only disk: Linux blkfront sees it read-only, a write fails, reads match, image unchanged"
+}
 # ---------------------------------------------------------------- scenario 3
 # lifecycle: re-attach, then kill and restart blkback under I/O
 s3() {
@@ -175,6 +187,7 @@ s2() {
 }
 FAILED=0
 s1
+s1r
 # Linux's blkback would claim every vbd in dom0 too: ours stops while it runs
 kill $BB; wait $BB 2>/dev/null
 s2

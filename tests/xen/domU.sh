@@ -40,6 +40,13 @@ do_size() {
   echo "ok $(sha /tmp/g)"
   rm -f /tmp/g
 }
+# ro DEV: the disk is read-only to the kernel, a write to it fails; answers the sha256 of 16 MiB
+do_ro() {
+  waitdev "$1" || { echo "fail no /dev/$1 after 60 s"; return; }
+  [ "$(cat /sys/block/$1/ro)" = 1 ] || { echo "fail /sys/block/$1/ro is $(cat /sys/block/$1/ro), want 1"; return; }
+  if dd if=/dev/zero of=/dev/$1 bs=4k count=1 oflag=direct 2>/dev/null; then echo "fail a write to the read-only disk succeeded"; return; fi
+  echo "ok $(dd if=/dev/$1 bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+}
 do_gone() {
   i=0; while [ -e "/sys/block/$1" ]; do i=$((i + 1)); [ $i -gt 150 ] && { echo "fail /dev/$1 still there after 30 s"; return; }; sleep 0.2; done
   echo ok
