@@ -62,6 +62,7 @@ if ! ASK_TIMEOUT=120 ask hello; then
 fi
 
 BE=/local/domain/0/backend/vbd/$DOMID/51712
+BE4K=/local/domain/0/backend/vbd/$DOMID/51808
 FE=/local/domain/$DOMID/device/vbd/51712
 # ---------------------------------------------------------------- scenario 1
 # our blkback, Linux's blkfront
@@ -113,6 +114,32 @@ s1r() {
   ask gone xvdf || fail "s1r xvdf still in the domU after detach: $RES"
   [ "$(sha /tmp/ro.img 0 16)" = "$ro" ] || { fail "s1r the read-only image changed"; return; }
   pass "s1r read-only disk: Linux blkfront sees it read-only, a write fails, reads match, image unchanged"
+}
+# our blkback, Linux's blkfront, a block device of 4096-byte logical sectors (a loop device)
+s1s() {
+  [ -e /sys/module/loop ] || mod drivers/block/loop
+  dd if=/dev/urandom of=/tmp/s4k.img bs=1M count=16 2>/dev/null
+  img=$(sha /tmp/s4k.img 0 16)
+  losetup /dev/loop1 /tmp/s4k.img || { fail "s1s losetup"; return; }
+  if ! xenpv-rig loop-block-size /dev/loop1 4096; then
+    fail "s1s 4096-byte sectors on /dev/loop1"
+    losetup -d /dev/loop1
+    return
+  fi
+  xenpv attach-disk "$DOMID" "target=/dev/loop1,vdev=xvdg,access=rw" || { fail "s1s attach-disk"; losetup -d /dev/loop1; return; }
+  ok=1
+  ask s4k xvdg || { fail "s1s 4096-byte-sector disk in the domU: $RES"; ok=0; }
+  echo "dom0: backend announced sector-size=$(xenstore-read "$BE4K/sector-size") physical-sector-size=$(xenstore-read "$BE4K/physical-sector-size") sectors=$(xenstore-read "$BE4K/sectors")"
+  before=$(word 2) w1=$(word 3) w4=$(word 4)
+  xenpv detach "$DOMID" xvdg || fail "s1s detach"
+  ask gone xvdg || fail "s1s xvdg still in the domU after detach: $RES"
+  losetup -d /dev/loop1
+  [ $ok = 1 ] || return
+  [ "$before" = "$img" ] || { fail "s1s the disk read other data than the image holds"; return; }
+  [ "$(sha /tmp/s4k.img 4 1)" = "$w1" ] || { fail "s1s the 1 MiB write is not in the image"; return; }
+  [ "$(dd if=/tmp/s4k.img bs=4k skip=3073 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$w4" ] ||
+    { fail "s1s the 4 KiB write is not in the image"; return; }
+  pass "s1s 4096-byte sectors: Linux blkfront takes up sector-size and physical-sector-size, 1 MiB and 4 KiB direct I/O reach the image"
 }
 # ---------------------------------------------------------------- scenario 3
 # lifecycle: re-attach, then kill and restart blkback under I/O
@@ -170,7 +197,7 @@ s2_one() {
 }
 s2() {
   ask s2-prep || { fail "s2 domU preparation: $RES"; return; }
-  mod drivers/block/loop
+  [ -e /sys/module/loop ] || mod drivers/block/loop
   mod drivers/block/xen-blkback/xen-blkback
   truncate -s 64M /tmp/s2.img
   losetup /dev/loop0 /tmp/s2.img || fail "s2 losetup"
@@ -188,6 +215,7 @@ s2() {
 FAILED=0
 s1
 s1r
+s1s
 # Linux's blkback would claim every vbd in dom0 too: ours stops while it runs
 kill $BB; wait $BB 2>/dev/null
 s2

@@ -47,6 +47,25 @@ do_ro() {
   if dd if=/dev/zero of=/dev/$1 bs=4k count=1 oflag=direct 2>/dev/null; then echo "fail a write to the read-only disk succeeded"; return; fi
   echo "ok $(dd if=/dev/$1 bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
 }
+# s4k DEV: a disk of 4096-byte logical sectors (16 MiB): the kernel takes the sizes up, direct
+# I/O of 1 MiB and of one 4 KiB block works; answers the sha256 of the disk as found, then of
+# the 1 MiB written at 4 MiB and of the 4 KiB block written at 12 MiB + 4 KiB
+do_s4k() {
+  waitdev "$1" || { echo "fail no /dev/$1 after 60 s"; return; }
+  q=/sys/block/$1/queue
+  [ "$(cat $q/logical_block_size)" = 4096 ] || { echo "fail logical_block_size $(cat $q/logical_block_size), want 4096"; return; }
+  [ "$(cat $q/physical_block_size)" = 4096 ] || { echo "fail physical_block_size $(cat $q/physical_block_size), want 4096"; return; }
+  [ "$(cat /sys/block/$1/size)" = 32768 ] || { echo "fail size $(cat /sys/block/$1/size) sectors of 512 bytes, want 32768"; return; }
+  before=$(dd if=/dev/$1 bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  dd if=/dev/urandom of=/tmp/w bs=1M count=1 2>/dev/null
+  dd if=/dev/urandom of=/tmp/w4 bs=4k count=1 2>/dev/null
+  dd if=/tmp/w of=/dev/$1 bs=1M seek=4 oflag=direct conv=fsync 2>/dev/null || { echo "fail 1 MiB write"; return; }
+  dd if=/tmp/w4 of=/dev/$1 bs=4k seek=3073 oflag=direct conv=fsync 2>/dev/null || { echo "fail 4 KiB write"; return; }
+  dd if=/dev/$1 of=/tmp/r bs=1M skip=4 count=1 iflag=direct 2>/dev/null || { echo "fail 1 MiB read"; return; }
+  [ "$(sha /tmp/r)" = "$(sha /tmp/w)" ] || { echo "fail 1 MiB read back differs"; return; }
+  echo "ok $before $(sha /tmp/w) $(sha /tmp/w4)"
+  rm -f /tmp/w /tmp/w4 /tmp/r
+}
 do_gone() {
   i=0; while [ -e "/sys/block/$1" ]; do i=$((i + 1)); [ $i -gt 150 ] && { echo "fail /dev/$1 still there after 30 s"; return; }; sleep 0.2; done
   echo ok

@@ -6,6 +6,8 @@
 //! xenpv-rig wait PATH PREFIX SECONDS   wait until PATH's value starts with PREFIX; print it
 //! xenpv-rig gone PATH SECONDS          wait until PATH does not exist
 //! xenpv-rig domid                      print this domain's id (the `domid` node)
+//! xenpv-rig loop-block-size DEV BYTES  set loop device DEV's logical block size (busybox's
+//!                                      losetup has no --sector-size)
 //! ```
 //! Exit status 0 on success, 1 on a timeout or an error (with the reason on stderr).
 
@@ -14,7 +16,34 @@ use std::time::{Duration, Instant};
 use xenpv_xenstore::{Client, XsOps};
 
 fn usage() -> String {
-    "usage: xenpv-rig wait PATH PREFIX SECONDS | gone PATH SECONDS | domid".into()
+    "usage: xenpv-rig wait PATH PREFIX SECONDS | gone PATH SECONDS | domid | loop-block-size DEV BYTES"
+        .into()
+}
+
+/// `LOOP_SET_BLOCK_SIZE` of `<linux/loop.h>`.
+const LOOP_SET_BLOCK_SIZE: libc::c_ulong = 0x4C09;
+
+/// Sets the logical block size of the loop device at `dev` to `bytes`.
+fn loop_block_size(dev: &str, bytes: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_ulong = bytes
+        .parse()
+        .map_err(|_| format!("{bytes:?}: not a block size in bytes"))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .map_err(|e| format!("{dev}: {e}"))?;
+    // SAFETY: LOOP_SET_BLOCK_SIZE takes its argument by value (no pointer); the descriptor is
+    // open for the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_BLOCK_SIZE, size) };
+    if r < 0 {
+        return Err(format!(
+            "{dev}: LOOP_SET_BLOCK_SIZE {size}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -78,6 +107,7 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("{}", v.trim());
             Ok(())
         }
+        [cmd, dev, bytes] if cmd == "loop-block-size" => loop_block_size(dev, bytes),
         _ => Err(usage()),
     }
 }
