@@ -642,11 +642,15 @@ where
     fn take(&mut self) -> xenpv_ring::Result<usize> {
         let mut n = 0;
         // The frontend filled every slot: those it sent now and those still awaiting their
-        // answers (`check_req_prod` bounds the sum by the ring's size).
-        let unconsumed = self.ring.unconsumed_requests()?;
-        let unanswered = self.ring.req_cons().wrapping_sub(self.ring.rsp_prod_pvt());
-        if unconsumed > 0 && unanswered.saturating_add(unconsumed) >= self.ring.size() {
-            Stats::add(&self.stats.ring_full, 1);
+        // answers (`check_req_prod` bounds the sum by the ring's size). Counted only when
+        // requests can be taken now: a queue out of room (its page window used up) is called
+        // again every round while the same requests wait, and would count them each time.
+        if self.has_room() {
+            let unconsumed = self.ring.unconsumed_requests()?;
+            let unanswered = self.ring.req_cons().wrapping_sub(self.ring.rsp_prod_pvt());
+            if unconsumed > 0 && unanswered.saturating_add(unconsumed) >= self.ring.size() {
+                Stats::add(&self.stats.ring_full, 1);
+            }
         }
         while self.has_room() {
             let Some((slot, idx, p)) = self.take_request()? else {

@@ -214,7 +214,7 @@ where
 
     /// Size in bytes: the backend's latest announcement (it follows an online resize).
     pub fn size(&self) -> u64 {
-        // Checked at negotiation; saturating all the same.
+        // `capacity()` checked it wherever it was set; saturating all the same.
         lock(&self.dev.info).sectors.saturating_mul(512)
     }
 
