@@ -169,15 +169,7 @@ s3() {
 # the next call reuses it (S2_KEEP=1).
 s2_one() {
   name=$1 vdev=$2 devid=$3 args=$4 again=${5:-}
-  B=/local/domain/0/backend/vbd/$DOMID/$devid
-  F=/local/domain/$DOMID/device/vbd/$devid
-  # what libxl and its block hotplug script write for a phy disk (physical-device in hex)
-  [ -n "$again" ] || xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
-    "$B/bootable" 0 "$B/state" 1 "$B/dev" "$vdev" "$B/type" phy "$B/mode" w "$B/device-type" disk \
-    "$B/params" /dev/loop0 "$B/physical-device" 7:0 "$B/physical-device-path" /dev/loop0 \
-    "$F/backend" "$B" "$F/backend-id" 0 "$F/state" 1 "$F/virtual-device" "$devid" "$F/device-type" disk
-  [ -n "$again" ] || xenstore-chmod -r "$B" n0 "r$DOMID"
-  [ -n "$again" ] || xenstore-chmod -r "$F" "n$DOMID" r0
+  [ -n "$again" ] || s2_nodes "$vdev" "$devid"
   if ask s2-io "$vdev" $args; then
     if [ "$(sha /dev/loop0 0 16)" = "$(word 2)" ]; then
       pass "s2 $name: our blkfront ($args), Linux blkback: checksums match"
@@ -195,6 +187,45 @@ s2_one() {
   [ -n "${S2_KEEP:-}" ] && return
   xenpv detach "$DOMID" "$vdev" || xenpv detach --force "$DOMID" "$vdev" || fail "s2 $name: detach"
 }
+# s2_nodes VDEV DEVID: what libxl and its block hotplug script write for a phy disk on
+# /dev/loop0 (physical-device in hex); sets B and F to the backend's and frontend's paths
+s2_nodes() {
+  B=/local/domain/0/backend/vbd/$DOMID/$2
+  F=/local/domain/$DOMID/device/vbd/$2
+  xenstore-write "$B/frontend" "$F" "$B/frontend-id" "$DOMID" "$B/online" 1 "$B/removable" 0 \
+    "$B/bootable" 0 "$B/state" 1 "$B/dev" "$1" "$B/type" phy "$B/mode" w "$B/device-type" disk \
+    "$B/params" /dev/loop0 "$B/physical-device" 7:0 "$B/physical-device-path" /dev/loop0 \
+    "$F/backend" "$B" "$F/backend-id" 0 "$F/state" 1 "$F/virtual-device" "$2" "$F/device-type" disk
+  xenstore-chmod -r "$B" n0 "r$DOMID"
+  xenstore-chmod -r "$F" "n$DOMID" r0
+}
+# online resize with Linux's blkback: the loop device under the connected disk grows to 96 MiB
+# (Linux's blkback rewrites `sectors`, then `state`), our blkfront takes the new size up (a new
+# NBD connection sees it and writes past the old end), then shrinks back to 64 MiB
+s2_resize() {
+  s2_nodes xvdh 51824
+  ask s2-io xvdh || { fail "s2 resize: I/O through xenpv-blkfront: $RES"; ask s2-end; xenpv detach --force "$DOMID" xvdh; return; }
+  truncate -s 96M /tmp/s2.img
+  if ! xenpv-rig loop-capacity /dev/loop0; then
+    fail "s2 resize: the loop device did not grow"
+  elif ! ask s2-size 196608 80; then
+    fail "s2 resize: our blkfront did not see Linux's blkback grow the disk: $RES"
+  elif [ "$(sha /dev/loop0 80 1)" != "$(word 2)" ]; then
+    fail "s2 resize: the write past the old end (80 MiB) is not on the loop device"
+  else
+    truncate -s 64M /tmp/s2.img
+    if ! xenpv-rig loop-capacity /dev/loop0; then
+      fail "s2 resize: the loop device did not shrink"
+    elif ! ask s2-size 131072; then
+      fail "s2 resize: our blkfront did not see Linux's blkback shrink the disk: $RES"
+    else
+      pass "s2 resize: our blkfront followed Linux's blkback as the disk grew to 96 MiB (a write past the old end reached it) and shrank back"
+    fi
+  fi
+  echo "dom0: Linux blkback: $(xenstore-ls -f "$B" | grep -E 'state|sectors' | tr '\n' ' ')"
+  ask s2-end || fail "s2 resize: stopping xenpv-blkfront: $RES"
+  xenpv detach "$DOMID" xvdh || xenpv detach --force "$DOMID" xvdh || fail "s2 resize: detach"
+}
 s2() {
   ask s2-prep || { fail "s2 domU preparation: $RES"; return; }
   [ -e /sys/module/loop ] || mod drivers/block/loop
@@ -206,6 +237,7 @@ s2() {
   s2_one persistent xvdd 51760 "--no-indirect"
   S2_KEEP=1 s2_one all xvde 51776 "--queues 2 --ring-order 1"
   s2_one again xvde 51776 "--queues 2 --ring-order 1" again
+  s2_resize
   # the kernel lets its last device go a moment after the nodes are removed
   i=0; until rmmod xen_blkback 2>/dev/null; do
     i=$((i + 1)); [ $i -gt 50 ] && { fail "s2 rmmod xen_blkback: still in use after 10 s"; break; }; sleep 0.2

@@ -128,6 +128,35 @@ do_s2_io() {
   }
   echo "ok $(sha /tmp/d)"
 }
+# s2-size SECTORS [MIB]: wait (60 s at most) until xenpv-blkfront (of s2-io) logs that the
+# backend resized the disk to SECTORS sectors, poking the disk with a read through nbd0 now and
+# then (Linux's blkback looks at the size between requests); then a new NBD connection must see
+# the new size; with MIB, write 1 MiB of random data there through it and answer its sha256
+do_s2_size() {
+  i=0; until grep -q " sectors=$1" /tmp/blkfront.log; do
+    i=$((i + 1)); [ $i -gt 120 ] && { echo "fail xenpv-blkfront logged no resize to $1 sectors after 60 s: $(tail -2 /tmp/blkfront.log | tr '\n' ' ')"; return; }
+    dd if=/dev/nbd0 of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
+    sleep 0.5
+  done
+  nbd-client -u /tmp/xvdb.sock /dev/nbd1 >/tmp/nbd1.log 2>&1 || nbd-client -unix /tmp/xvdb.sock /dev/nbd1 >>/tmp/nbd1.log 2>&1 ||
+    { echo "fail nbd-client (a second connection): $(tr '\n' ' ' </tmp/nbd1.log)"; return; }
+  size=$(cat /sys/block/nbd1/size)
+  if [ "$size" != "$1" ]; then
+    nbd-client -d /dev/nbd1 >/dev/null 2>&1
+    echo "fail a new NBD connection sees $size sectors, want $1"
+    return
+  fi
+  if [ -n "$2" ]; then
+    dd if=/dev/urandom of=/tmp/g bs=1M count=1 2>/dev/null
+    if ! dd if=/tmp/g of=/dev/nbd1 bs=1M seek="$2" oflag=direct conv=fsync 2>/dev/null; then
+      nbd-client -d /dev/nbd1 >/dev/null 2>&1
+      echo "fail write at $2 MiB through the new NBD connection"
+      return
+    fi
+  fi
+  nbd-client -d /dev/nbd1 >/dev/null 2>&1
+  if [ -n "$2" ]; then echo "ok $(sha /tmp/g)"; rm -f /tmp/g; else echo ok; fi
+}
 do_s2_end() {
   nbd-client -d /dev/nbd0 >/dev/null 2>&1
   pid=$(cat /tmp/blkfront.pid)

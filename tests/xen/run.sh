@@ -38,4 +38,4 @@ mkdir -p "$OUT/logs"
 LOG=$OUT/logs/rig-$(date +%Y%m%d-%H%M%S).txt
 echo "==> rig: booting Xen in QEMU (TCG); set-up took $((t1 - t0)) s"
 "$HERE/boot.py" "$OUT" "$LOG" "${XENPV_RIG_TIMEOUT:-300}" "s1 our blkback" "s1 online resize" s1r s1s s3a "s3 domU I/O completed across SIGKILL" \
-  "s3 domU I/O completed across SIGTERM" "s2 plain" "s2 indirect" "s2 persistent" "s2 all" "s2 again"
+  "s3 domU I/O completed across SIGTERM" "s2 plain" "s2 indirect" "s2 persistent" "s2 all" "s2 again" "s2 resize"

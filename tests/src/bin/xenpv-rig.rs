@@ -8,6 +8,8 @@
 //! xenpv-rig domid                      print this domain's id (the `domid` node)
 //! xenpv-rig loop-block-size DEV BYTES  set loop device DEV's logical block size (busybox's
 //!                                      losetup has no --sector-size)
+//! xenpv-rig loop-capacity DEV          loop device DEV takes up its file's new size
+//!                                      (`losetup -c`, which busybox's losetup lacks)
 //! ```
 //! Exit status 0 on success, 1 on a timeout or an error (with the reason on stderr).
 
@@ -16,34 +18,44 @@ use std::time::{Duration, Instant};
 use xenpv_xenstore::{Client, XsOps};
 
 fn usage() -> String {
-    "usage: xenpv-rig wait PATH PREFIX SECONDS | gone PATH SECONDS | domid | loop-block-size DEV BYTES"
+    "usage: xenpv-rig wait PATH PREFIX SECONDS | gone PATH SECONDS | domid | loop-block-size DEV BYTES \
+     | loop-capacity DEV"
         .into()
 }
 
 /// `LOOP_SET_BLOCK_SIZE` of `<linux/loop.h>`.
 const LOOP_SET_BLOCK_SIZE: libc::c_ulong = 0x4C09;
 
-/// Sets the logical block size of the loop device at `dev` to `bytes`.
-fn loop_block_size(dev: &str, bytes: &str) -> Result<(), String> {
+/// `LOOP_SET_CAPACITY` of `<linux/loop.h>`.
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+
+/// Runs the loop ioctl `req` (named `what` in errors) with the by-value argument `arg` on the
+/// loop device at `dev`.
+fn loop_ioctl(dev: &str, req: libc::c_ulong, what: &str, arg: libc::c_ulong) -> Result<(), String> {
     use std::os::fd::AsRawFd;
-    let size: libc::c_ulong = bytes
-        .parse()
-        .map_err(|_| format!("{bytes:?}: not a block size in bytes"))?;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)
         .map_err(|e| format!("{dev}: {e}"))?;
-    // SAFETY: LOOP_SET_BLOCK_SIZE takes its argument by value (no pointer); the descriptor is
-    // open for the call.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_BLOCK_SIZE, size) };
+    // SAFETY: the loop ioctls used here (LOOP_SET_BLOCK_SIZE, LOOP_SET_CAPACITY) take their
+    // argument by value (no pointer); the descriptor is open for the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, arg) };
     if r < 0 {
         return Err(format!(
-            "{dev}: LOOP_SET_BLOCK_SIZE {size}: {}",
+            "{dev}: {what} {arg}: {}",
             std::io::Error::last_os_error()
         ));
     }
     Ok(())
+}
+
+/// Sets the logical block size of the loop device at `dev` to `bytes`.
+fn loop_block_size(dev: &str, bytes: &str) -> Result<(), String> {
+    let size: libc::c_ulong = bytes
+        .parse()
+        .map_err(|_| format!("{bytes:?}: not a block size in bytes"))?;
+    loop_ioctl(dev, LOOP_SET_BLOCK_SIZE, "LOOP_SET_BLOCK_SIZE", size)
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -108,6 +120,9 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         [cmd, dev, bytes] if cmd == "loop-block-size" => loop_block_size(dev, bytes),
+        [cmd, dev] if cmd == "loop-capacity" => {
+            loop_ioctl(dev, LOOP_SET_CAPACITY, "LOOP_SET_CAPACITY", 0)
+        }
         _ => Err(usage()),
     }
 }
