@@ -10,8 +10,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # Debian packages: Xen's public headers and a 32-bit C toolchain for the ABI probe; xenstore-utils
 # (the C xenstore tools) to drive our xenstored in xenstore/tests/xenstore_utils.rs; qemu-utils,
 # nbdkit, libnbd-bin and fio as real NBD peers for nbd/tests/ and blkback/tests/ (NBD engine);
-# systemd for systemd-analyze, which checks deploy/'s unit (blkback/tests/daemon.rs).
-packages=(libxen-dev gcc-multilib pkg-config xenstore-utils qemu-utils nbdkit libnbd-bin fio qemu-system-x86 cpio systemd)
+# systemd for systemd-analyze, which checks deploy/'s unit (blkback/tests/daemon.rs), and
+# systemd-container to run that unit under a real systemd (tests/systemd/run.sh).
+packages=(libxen-dev gcc-multilib pkg-config xenstore-utils qemu-utils nbdkit libnbd-bin fio qemu-system-x86 cpio systemd systemd-container)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -91,6 +92,13 @@ else
   echo "fetch one. Where rustup can reach static.rust-lang.org, run:"
   echo "  rustup component add --toolchain nightly miri rust-src"
   echo "  cargo +nightly miri test -p xenpv-ring --test ring"
+fi
+
+step "deploy/'s systemd unit under a real systemd, in a container (tests/systemd/run.sh, about 15 s)"
+if [ "$(id -u)" = 0 ]; then
+  tests/systemd/run.sh
+else
+  as_root env PATH="$PATH" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" tests/systemd/run.sh
 fi
 
 step "real Xen: Xen 4.17 + Linux dom0/domU in QEMU (tests/xen/run.sh, about 3 minutes)"
