@@ -79,7 +79,7 @@ mkdir -p "$S" "$W/layers" "$W/root"
 PIDS+=($!)
 for _ in $(seq 100); do grep -q XENSTORED_PATH "$S/local.log" && break; sleep 0.1; done
 grep -q XENSTORED_PATH "$S/local.log" || die "the local platform did not start: $(cat "$S/local.log")"
-D=$("$B/xenpv" --state-dir "$S" domain create --name guest)
+D=$("$B/xenpv" --state-dir "$S" domain create --name guest) || die "xenpv domain create"
 truncate -s 64M "$S/disk.img"
 
 # The container: this machine's root, writes going to a tmpfs; the unit installed as its
@@ -129,8 +129,8 @@ done
 [ "$state" = active ] || die "$UNIT is '$state' 30 s after boot, not active (READY=1 never reached systemd?)"
 echo "ok: $UNIT active (Type=notify: READY=1 reached systemd)"
 f=$FAILS
-pid=$(prop MainPID)
-st=$(ct cat "/proc/$pid/status")
+pid=$(prop MainPID) || die "no MainPID for $UNIT"
+st=$(ct cat "/proc/$pid/status") || die "cannot read the daemon's /proc/$pid/status in the container"
 grep -q '^NoNewPrivs:[[:space:]]*1$' <<<"$st" || fail "the daemon runs without NoNewPrivs"
 grep -q '^Seccomp:[[:space:]]*2$' <<<"$st" || fail "the daemon runs without a seccomp filter"
 # CAP_DAC_OVERRIDE (1) and CAP_IPC_LOCK (14)
@@ -139,7 +139,8 @@ grep -q '^CapBnd:[[:space:]]*0000000000004002$' <<<"$st" ||
 ok "$f" "the daemon runs sandboxed (NoNewPrivs, seccomp, CapBnd 0x4002)"
 
 # A disk served by the daemon in the container to a frontend outside it.
-"$B/xenpv" --state-dir "$S" attach-disk "$D" "vdev=xvda,access=rw,target=$S/disk.img" >/dev/null
+"$B/xenpv" --state-dir "$S" attach-disk "$D" "vdev=xvda,access=rw,target=$S/disk.img" >/dev/null ||
+  die "xenpv attach-disk"
 "$B/xenpv-blkfront" --platform local --state-dir "$S" --domid "$D" --device xvda --nbd-socket "$S/nbd.sock" \
   >"$S/blkfront.log" 2>&1 &
 PIDS+=($!)
@@ -159,9 +160,9 @@ echo "ok: 16 MiB written and verified through the served disk"
 
 # WatchdogSec=2: pings recorded, no restart for want of them.
 f=$FAILS
-w1=$(prop WatchdogTimestampMonotonic)
+w1=$(prop WatchdogTimestampMonotonic) || w1=0
 sleep 3
-w2=$(prop WatchdogTimestampMonotonic)
+w2=$(prop WatchdogTimestampMonotonic) || w2=0
 [ "$w1" -gt 0 ] && [ "$w2" -gt "$w1" ] || fail "systemd recorded no new watchdog ping in 3 s ($w1, then $w2)"
 [ "$(prop NRestarts)" = 0 ] || fail "$UNIT was restarted $(prop NRestarts) times (the watchdog?)"
 [ "$(prop ActiveState)" = active ] || fail "$UNIT is $(prop ActiveState) after 3 s of watchdog"
@@ -183,7 +184,7 @@ f=$FAILS
 fio_job kill 32M &
 FIO=$!
 sleep 1
-ct systemctl kill -s KILL "$UNIT"
+ct systemctl kill -s KILL "$UNIT" || fail "systemctl kill -s KILL $UNIT"
 for _ in $(seq 100); do
   [ "$(prop NRestarts)" = 1 ] && [ "$(prop ActiveState)" = active ] && break
   sleep 0.1
@@ -197,7 +198,7 @@ ok "$f" "the frontend never saw the device leave Connected"
 
 # systemctl stop: a clean exit
 f=$FAILS
-ct systemctl stop "$UNIT"
+ct systemctl stop "$UNIT" || fail "systemctl stop $UNIT"
 [ "$(prop ActiveState)" = inactive ] || fail "$UNIT is $(prop ActiveState) after systemctl stop"
 [ "$(prop Result)" = success ] || fail "$UNIT stopped with result $(prop Result)"
 ok "$f" "systemctl stop: $(prop ActiveState), result $(prop Result)"
