@@ -122,7 +122,8 @@ fn run(args: Args) -> Result<(), String> {
                 .into(),
         );
     }
-    if let Some(w) = pool_warning(args.pool_pages) {
+    // Without persistent grants there is no pool for the backend to cache.
+    if let Some(w) = pool_warning(args.pool_pages).filter(|_| !args.no_persistent) {
         tracing::warn!("{w}");
     }
     let opts = Options {

@@ -55,7 +55,6 @@ cleanup() {
 }
 trap cleanup EXIT
 cleanup
-trap cleanup EXIT
 FAILS=0
 fail() { echo "FAIL: $*"; FAILS=$((FAILS + 1)); }
 # ok SINCE MSG: print "ok: MSG" if no check failed since FAILS was SINCE
