@@ -13,23 +13,31 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # systemd for systemd-analyze, which checks deploy/'s unit (blkback/tests/daemon.rs), and
 # systemd-container to run that unit under a real systemd (tests/systemd/run.sh).
 packages=(libxen-dev gcc-multilib pkg-config xenstore-utils qemu-utils nbdkit libnbd-bin fio qemu-system-x86 cpio systemd systemd-container)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
+missing_packages() {
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+}
+missing_packages
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  as_root apt-get install -y "${missing[@]}" || { as_root apt-get update && as_root apt-get install -y "${missing[@]}"; } ||
-    {
-      # A machine whose qemu-utils came from elsewhere (a backport) cannot take the release's
-      # qemu-system-x86 beside it: install both at the release's version. Any other failure
-      # stays a failure (no downgrade for it).
-      [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] || exit 1
-      v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-      step "installing qemu-utils and qemu-system-x86 at the same version ($v)"
-      as_root apt-get install -y --allow-downgrades "${missing[@]}" "qemu-utils=$v"
-    }
+  as_root apt-get install -y "${missing[@]}" || { as_root apt-get update && as_root apt-get install -y "${missing[@]}"; } || true
+  # apt may have made room for one package by removing another: a machine whose qemu-utils came
+  # from elsewhere (a backport) cannot keep it beside the release's qemu-system-x86, and apt
+  # either refuses or removes qemu-utils. Either way, install what is still missing with
+  # qemu-utils at qemu-system-x86's version; anything else still missing stays a failure.
+  missing_packages
+  if [ ${#missing[@]} -gt 0 ]; then
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    step "installing ${missing[*]} (qemu-utils and qemu-system-x86 at the same version, $v)"
+    others=()
+    for p in "${missing[@]}"; do [[ $p == qemu-utils || $p == qemu-system-x86 ]] || others+=("$p"); done
+    as_root apt-get install -y --allow-downgrades "${others[@]}" "qemu-utils=$v" "qemu-system-x86=$v"
+    missing_packages
+    [ ${#missing[@]} -eq 0 ] || { echo "could not install: ${missing[*]}" >&2; exit 1; }
+  fi
 fi
 
 if ! command -v cargo >/dev/null; then
