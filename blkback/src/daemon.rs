@@ -81,7 +81,7 @@ fn write_status(path: &Path, devices: &HashMap<String, Served>) -> Result<(), Er
             Some(s) => {
                 let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                 format!(
-                    "{k} reads={} writes={} flushes={} discards={} sectors_read={} sectors_written={} errors={} ring_full={} notifications={} indirect={}\n",
+                    "{k} reads={} writes={} flushes={} discards={} sectors_read={} sectors_written={} errors={} ring_full={} notifications={} indirect={} uncached={}\n",
                     g(&s.reads),
                     g(&s.writes),
                     g(&s.flushes),
@@ -91,7 +91,8 @@ fn write_status(path: &Path, devices: &HashMap<String, Served>) -> Result<(), Er
                     g(&s.errors),
                     g(&s.ring_full),
                     g(&s.notifications),
-                    g(&s.indirect)
+                    g(&s.indirect),
+                    g(&s.uncached)
                 )
             }
             None => format!("{k} starting\n"),
@@ -129,6 +130,13 @@ where
     let watchdog = watchdog_interval();
     let _ = sd_notify("READY=1\nSTATUS=serving vbd devices");
     tracing::info!(domid, "xenpv-blkback ready, watching {base}");
+    if cfg.persistent {
+        tracing::info!(
+            "persistent grants: at most {} mappings per queue, {} for all devices together",
+            cfg.persistent_capacity,
+            cfg.persistent_budget.total()
+        );
+    }
     let mut last_ping = Instant::now();
     let mut last_status = Instant::now() - Duration::from_secs(10);
     while !stop.load(Ordering::SeqCst) {

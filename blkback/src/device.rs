@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xenpv_evtchn::{EventChannel, HybridPoll, SpinBudget};
-use xenpv_grant::{Access, DomId, GrantMap, MapCache};
+use xenpv_grant::{Access, DomId, GrantMap, MapBudget, MapCache};
 use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
 use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
@@ -35,6 +35,12 @@ pub struct Config {
     /// its duration, as without persistent grants). 1024 by default, what our frontend keeps
     /// granted per queue at most; Linux's blkback keeps 1056.
     pub persistent_capacity: usize,
+    /// Persistent mappings kept by all the devices and queues of the daemon together (clones of
+    /// a `Config` share it). Every cached mapping is a memory mapping of the process, and Linux
+    /// allows a process `vm.max_map_count` of them (65530 by default): 16 guests with 4 queues
+    /// of 1024 would reach it, and then maps fail. A queue that finds the budget spent serves
+    /// its requests as when its own cache is full. By default half of `vm.max_map_count`.
+    pub persistent_budget: MapBudget,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,
     /// Hybrid polling budget of a queue thread: it polls the ring (and its completions) this
@@ -59,6 +65,7 @@ impl Default for Config {
             max_queues: 4,
             persistent: true,
             persistent_capacity: 1024,
+            persistent_budget: MapBudget::half_of_max_map_count(),
             direct_io: false,
             spin: SpinBudget::default(),
             engine: Engine::default(),
@@ -660,16 +667,17 @@ where
                 let stop = running.stop.clone();
                 let grants = self.p.grants.clone();
                 let qj = journal.as_ref().and_then(|j| j.queue(q));
-                let (storage, stats, spin, cap) = (
+                let (storage, stats, spin, cap, budget) = (
                     self.storage.clone(),
                     self.stats.clone(),
                     cfg.spin,
                     cfg.persistent_capacity,
+                    cfg.persistent_budget.clone(),
                 );
                 let t = std::thread::Builder::new()
                     .name(format!("blkback-{fe_id}-q{q}"))
                     .spawn(move || {
-                        let maps = MapCache::new(grants, cap);
+                        let maps = MapCache::with_budget(grants, cap, budget);
                         let io = QueueIo {
                             fe_id,
                             maps,

@@ -70,6 +70,7 @@ struct File {
     max_indirect_segments: Option<u32>,
     persistent: Option<bool>,
     persistent_capacity: Option<usize>,
+    persistent_budget: Option<usize>,
     direct_io: Option<bool>,
     spin_us: Option<u64>,
     status_file: Option<PathBuf>,
@@ -114,6 +115,21 @@ fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
     }
     if let Some(v) = file.persistent_capacity {
         c.persistent_capacity = v;
+    }
+    if let Some(v) = file.persistent_budget {
+        let most = xenpv_grant::max_map_count();
+        if v == 0 {
+            return Err(
+                "persistent_budget = 0: at least 1 (to offer no persistent grants, set persistent = false)"
+                    .into(),
+            );
+        }
+        if v >= most {
+            return Err(format!(
+                "persistent_budget = {v}: vm.max_map_count is {most}, and mappings would fail before the budget is spent; raise it first (sysctl -w vm.max_map_count=N) or choose less than {most}"
+            ));
+        }
+        c.persistent_budget = xenpv_grant::MapBudget::new(v);
     }
     if let Some(v) = file.direct_io {
         c.direct_io = v;

@@ -76,6 +76,10 @@ pub struct Stats {
     pub notifications: AtomicU64,
     /// Reads and writes answered OKAY that came with indirect descriptors.
     pub indirect: AtomicU64,
+    /// Reads and writes with persistent grants whose pages found no room among the cached
+    /// mappings (the queue's capacity or the daemon's budget spent, the rest in use): mapped
+    /// for their duration only.
+    pub uncached: AtomicU64,
 }
 
 impl Stats {
@@ -868,6 +872,9 @@ where
                 let pages = match cached {
                     Some(maps) => Pages::Persistent(maps),
                     None => {
+                        if self.persistent {
+                            Stats::add(&self.stats.uncached, 1);
+                        }
                         let refs: Vec<_> =
                             segments.iter().map(|s| (self.frontend, s.gref)).collect();
                         Pages::Whole(self.maps.grants().map(&refs, access)?)

@@ -344,6 +344,24 @@ fn missing_platform_and_bad_arguments_are_explained() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A budget of persistent mappings the process could never map gets the fix in the error.
+    let most = xenpv_grant::max_map_count();
+    for (text, wanted) in [
+        ("persistent_budget = 0\n".to_string(), "persistent = false"),
+        (
+            format!("persistent_budget = {most}\n"),
+            "sysctl -w vm.max_map_count",
+        ),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(wanted), "{err}");
+    }
     std::fs::write(&cfg, "colour = 1\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_xenpv-blkback"))
         .arg("--config")

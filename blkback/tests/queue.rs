@@ -9,6 +9,7 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use xenpv_blkback::queue::{Queue, Stats};
@@ -16,7 +17,9 @@ use xenpv_blkback::request::Limits;
 use xenpv_blkback::storage::{open_storage, Engine, Op, Pipeline, Storage, StorageOptions};
 use xenpv_grant::local::{Broker, BrokerConfig, LocalGrants};
 use xenpv_grant::VolatileSlice;
-use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, GrantShare, MapCache, SharedPages};
+use xenpv_grant::{
+    Access, DomId, GrantMap, GrantMemory, GrantShare, MapBudget, MapCache, SharedPages,
+};
 use xenpv_ring::blkif::*;
 use xenpv_ring::{BackRing, FrontRing, RingMemory};
 
@@ -570,6 +573,78 @@ fn requests_the_cache_has_no_room_for_are_mapped_whole_in_one_call() {
     // (page by page it was 4 + 2 × 12 = 28).
     assert_eq!(asked, 4 + 2 * 3, "broker round trips");
     q.release_mappings();
+}
+
+/// Queues sharing a budget of persistent mappings (a daemon's devices) keep no more than it
+/// together: a queue that finds it spent still serves its requests, mapped whole for their
+/// duration and counted in `uncached`, and caches again once another queue gives its mappings
+/// back (a disconnect).
+#[test]
+fn queues_sharing_a_budget_serve_past_it_and_cache_again_when_it_frees() {
+    let s = setup();
+    let (storage, _server) = storage(&s, Kind::Psync);
+    let budget = MapBudget::new(6);
+    let (ring_a, map_a, data_a) = shared_ring(&s, 8);
+    let (ring_b, map_b, data_b) = shared_ring(&s, 8);
+    let queue = |ring_map| {
+        let stats = Arc::new(Stats::default());
+        let q = Queue::new(
+            BackRing::<Blkif, _>::new(ring_map).unwrap(),
+            FRONT,
+            MapCache::with_budget(&s.back, 8, budget.clone()),
+            true,
+            storage.clone(),
+            limits(),
+            stats.clone(),
+        );
+        (q, stats)
+    };
+    let (mut fa, mut fb) = (
+        FrontRing::<Blkif, _>::init(&ring_a).unwrap(),
+        FrontRing::<Blkif, _>::init(&ring_b).unwrap(),
+    );
+    let ((mut qa, sa), (mut qb, sb)) = (queue(&map_a), queue(&map_b));
+    // A read of pages `first..first + 4` of queue `i`'s data, at sector `at`; checks the data.
+    let read = |front: &mut FrontRing<Blkif, _>,
+                q: &mut Queue<Blkif, _, _>,
+                data: &<LocalGrants as GrantShare>::Shared,
+                first: usize,
+                at: u64| {
+        let g = data.grefs();
+        let mut req = BlkifRequest::new(OP_READ, 0, at, at);
+        req.nr_segments = 4;
+        for k in 0..4 {
+            req.seg[k] = BlkifRequestSegment::new(g[first + k], 0, 7);
+        }
+        front.produce(req).unwrap();
+        let _ = front.push_requests();
+        q.service().unwrap();
+        let rsp = front.next_response().unwrap().expect("a response");
+        assert_eq!(rsp.status, RSP_OKAY);
+        for k in 0..4 {
+            assert_eq!(
+                read_page(data.volatile(), first + k),
+                image_bytes(&s, at * 512 + k as u64 * 4096, 4096),
+                "page {k}"
+            );
+        }
+    };
+    // Queue A caches its 4 pages: 2 of the budget are left.
+    read(&mut fa, &mut qa, &data_a, 0, 64);
+    assert_eq!(budget.in_use(), 4);
+    assert_eq!(sa.uncached.load(Ordering::Relaxed), 0);
+    // Queue B's 4 pages find no room: served all the same, mapped whole, nothing cached.
+    read(&mut fb, &mut qb, &data_b, 0, 128);
+    assert_eq!(sb.uncached.load(Ordering::Relaxed), 1);
+    assert_eq!(budget.in_use(), 4);
+    // A gives its mappings back: B caches its next request.
+    qa.release_mappings();
+    assert_eq!(budget.in_use(), 0);
+    read(&mut fb, &mut qb, &data_b, 4, 192);
+    assert_eq!(sb.uncached.load(Ordering::Relaxed), 1);
+    assert_eq!(budget.in_use(), 4);
+    qb.release_mappings();
+    assert_eq!(budget.in_use(), 0);
 }
 
 #[test]

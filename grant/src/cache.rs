@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::{Access, DomId, GrantMap, GrantMemory, GrantRef, Result};
@@ -27,6 +28,87 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// A bound on the mappings that several [`MapCache`]s keep together: all the devices and queues
+/// of one daemon. Each cache is bounded by its own capacity; the budget bounds their sum, so that
+/// many peers, each within its bounds, cannot together exhaust what the process may map (every
+/// cached mapping is a memory mapping of its own, and Linux refuses a process more than
+/// `vm.max_map_count` of them: 65530 by default, 64 queues of 1024). A cache that finds the
+/// budget spent serves its misses uncached, as when its own capacity is spent.
+///
+/// Clones share the budget.
+#[derive(Clone)]
+pub struct MapBudget {
+    total: usize,
+    left: Arc<AtomicUsize>,
+}
+
+impl core::fmt::Debug for MapBudget {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MapBudget")
+            .field("total", &self.total)
+            .field("in_use", &self.in_use())
+            .finish()
+    }
+}
+
+impl MapBudget {
+    /// A budget of `total` cached mappings.
+    pub fn new(total: usize) -> Self {
+        Self {
+            total,
+            left: Arc::new(AtomicUsize::new(total)),
+        }
+    }
+
+    /// No bound beyond each cache's capacity.
+    pub fn unlimited() -> Self {
+        Self::new(usize::MAX)
+    }
+
+    /// Half of what this process may map (`/proc/sys/vm/max_map_count`, 65530 when it cannot be
+    /// read), leaving the other half to mappings made per request, rings and libraries.
+    pub fn half_of_max_map_count() -> Self {
+        Self::new(max_map_count() / 2)
+    }
+
+    /// The bound.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Mappings held against the budget now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.left.load(Ordering::Relaxed)
+    }
+
+    /// What is left.
+    fn left(&self) -> usize {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// Takes one mapping's share, if any is left.
+    fn take(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Gives `n` shares back.
+    fn give(&self, n: usize) {
+        if n > 0 {
+            self.left.fetch_add(n, Ordering::AcqRel);
+        }
+    }
+}
+
+/// `vm.max_map_count`: how many memory mappings Linux lets one process have.
+pub fn max_map_count() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65530)
+}
+
 struct Slot<M> {
     key: u64,
     mapping: Arc<M>,
@@ -49,13 +131,15 @@ pub struct CacheStats {
 /// A bounded cache of single-page grant mappings keyed by `(domid, gref)`, with clock
 /// (second-chance) eviction. A hit is a hash lookup and an `Arc` clone.
 ///
-/// The cache never holds more than `capacity` mappings. A mapping handed out stays valid while
+/// The cache never holds more than `capacity` mappings, nor more than its [`MapBudget`] has
+/// left (shared with other caches). A mapping handed out stays valid while
 /// the caller holds it, even if evicted meanwhile; mappings in use are not evicted, and when all
 /// are in use a miss is served with an uncached mapping (dropped by its user). Call
 /// [`clear`](Self::clear) or [`forget_domain`](Self::forget_domain) on disconnect (XSA-371).
 pub struct MapCache<G: GrantMap> {
     grants: G,
     capacity: usize,
+    budget: MapBudget,
     index: HashMap<u64, usize, BuildHasherDefault<KeyHasher>>,
     slots: Vec<Slot<G::Mapping>>,
     hand: usize,
@@ -67,6 +151,7 @@ impl<G: GrantMap> core::fmt::Debug for MapCache<G> {
         f.debug_struct("MapCache")
             .field("capacity", &self.capacity)
             .field("len", &self.slots.len())
+            .field("budget", &self.budget)
             .field("stats", &self.stats)
             .finish()
     }
@@ -77,14 +162,22 @@ fn key(domid: DomId, gref: GrantRef) -> u64 {
 }
 
 impl<G: GrantMap> MapCache<G> {
-    /// A cache of at most `capacity` mappings (at least 1) made through `grants`.
+    /// A cache of at most `capacity` mappings (at least 1) made through `grants`, with no
+    /// budget shared with other caches.
     pub fn new(grants: G, capacity: usize) -> Self {
+        Self::with_budget(grants, capacity, MapBudget::unlimited())
+    }
+
+    /// A cache of at most `capacity` mappings (at least 1) made through `grants`, and of no more
+    /// than `budget` has left.
+    pub fn with_budget(grants: G, capacity: usize, budget: MapBudget) -> Self {
         let capacity = capacity.max(1);
         let mut index = HashMap::default();
         index.reserve(capacity);
         Self {
             grants,
             capacity,
+            budget,
             index,
             slots: Vec::with_capacity(capacity),
             hand: 0,
@@ -140,7 +233,7 @@ impl<G: GrantMap> MapCache<G> {
         }
         let m = Arc::new(self.grants.map(&[(domid, gref)], access)?);
         self.stats.misses += 1;
-        if self.slots.len() < self.capacity {
+        if self.slots.len() < self.capacity && self.budget.take() {
             self.index.insert(k, self.slots.len());
             self.slots.push(Slot {
                 key: k,
@@ -226,7 +319,8 @@ impl<G: GrantMap> MapCache<G> {
             .iter()
             .filter(|s| Arc::strong_count(&s.mapping) == 1)
             .count();
-        self.capacity.saturating_sub(self.slots.len()) + idle
+        let free = self.capacity.saturating_sub(self.slots.len());
+        free.min(self.budget.left()) + idle
     }
 
     /// Clock: the first slot not in use whose second chance is spent.
@@ -254,6 +348,7 @@ impl<G: GrantMap> MapCache<G> {
             return false;
         };
         self.slots.swap_remove(i);
+        self.budget.give(1);
         if let Some(moved) = self.slots.get(i) {
             self.index.insert(moved.key, i);
         }
@@ -278,8 +373,15 @@ impl<G: GrantMap> MapCache<G> {
 
     /// Drops every cached mapping.
     pub fn clear(&mut self) {
+        self.budget.give(self.slots.len());
         self.slots.clear();
         self.index.clear();
         self.hand = 0;
+    }
+}
+
+impl<G: GrantMap> Drop for MapCache<G> {
+    fn drop(&mut self) {
+        self.budget.give(self.slots.len());
     }
 }

@@ -619,6 +619,70 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
     cache.clear();
 }
 
+/// Caches sharing a budget keep no more mappings together than it allows: a cache that finds it
+/// spent serves its misses uncached (or leaves a request whole), evicts among its own, and gets
+/// room again when another cache gives mappings back.
+#[test]
+fn caches_sharing_a_budget_stay_within_it_together() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = front.share(BACK, 12, Access::Writable).unwrap();
+    for i in 0..12 {
+        s.volatile().write_u32(i * PAGE_SIZE, i as u32 + 1).unwrap();
+    }
+    let g = s.grefs();
+    let budget = MapBudget::new(6);
+    let mut one = MapCache::with_budget(&back, 8, budget.clone());
+    let mut two = MapCache::with_budget(&back, 8, budget.clone());
+    // `one` takes 4 of the 6, each cache could hold 8.
+    let a = one
+        .get_all(FRONT, g[..4].iter().copied(), Access::ReadOnly)
+        .unwrap()
+        .expect("room for 4");
+    assert_eq!((one.len(), budget.in_use()), (4, 4));
+    // `two` finds 2 left: a request of 4 pages has no room and is left whole, untouched.
+    let asked = p.broker.requests();
+    assert!(two
+        .get_all(FRONT, g[4..8].iter().copied(), Access::ReadOnly)
+        .unwrap()
+        .is_none());
+    assert_eq!(p.broker.requests(), asked, "nothing mapped");
+    // Single pages: 2 cached, then the budget is spent and the third is served uncached.
+    let b: Vec<_> = g[4..7]
+        .iter()
+        .map(|&r| two.get(FRONT, r, Access::ReadOnly).unwrap())
+        .collect();
+    assert_eq!(b[2].volatile().read_u32(0).unwrap(), 7);
+    assert_eq!((two.len(), budget.in_use()), (2, 6));
+    assert_eq!(two.stats().uncached, 4 + 1);
+    // With the budget spent, a cache still evicts among its own idle mappings.
+    drop(b);
+    let c = two.get(FRONT, g[8], Access::ReadOnly).unwrap();
+    assert_eq!(c.volatile().read_u32(0).unwrap(), 9);
+    assert_eq!((two.len(), budget.in_use()), (2, 6));
+    assert!(two.contains(FRONT, g[8]));
+    // `one` gives its mappings back (a disconnect): `two` has room again.
+    drop(a);
+    one.forget_domain(FRONT);
+    assert_eq!(budget.in_use(), 2);
+    let d = two
+        .get_all(FRONT, g[9..12].iter().copied(), Access::ReadOnly)
+        .unwrap()
+        .expect("room again");
+    assert_eq!(d[2].volatile().read_u32(0).unwrap(), 12);
+    assert_eq!((two.len(), budget.in_use()), (5, 5));
+    // Dropping a cache gives back what it held.
+    drop((c, d));
+    drop(two);
+    assert_eq!(budget.in_use(), 0);
+    drop(one);
+    assert_eq!(budget.in_use(), 0);
+    assert_eq!(
+        MapBudget::half_of_max_map_count().total(),
+        xenpv_grant::max_map_count() / 2
+    );
+}
+
 #[test]
 fn a_mapping_of_frames_in_any_order_shows_each_grant_at_its_place() {
     let p = Platform::new();
