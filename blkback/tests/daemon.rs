@@ -1,6 +1,6 @@
 //! `xenpv-blkback` as a process on the local platform: systemd readiness and watchdog through a
 //! `NOTIFY_SOCKET` this test creates, a frontend (played here) connecting and doing I/O that
-//! reaches the image, the status file, the error for a missing platform, and a clean SIGTERM.
+//! reaches the image, the status file (and a daemon-wide budget of persistent mappings), the error for a missing platform, and a clean SIGTERM.
 
 use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
@@ -149,8 +149,13 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         let notify = dir.join("notify.sock");
         let sd = Systemd::listen(&notify);
         let status = dir.join("status");
+        // A budget of one persistent mapping for the whole daemon (checked below).
+        let config = dir.join("blkback.toml");
+        std::fs::write(&config, "persistent_budget = 1\n").unwrap();
         cmd.arg("--status-file")
             .arg(&status)
+            .arg("--config")
+            .arg(&config)
             .env("NOTIFY_SOCKET", &notify)
             .env("WATCHDOG_USEC", "200000");
         (sd, status)
@@ -183,6 +188,8 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         .unwrap();
     xs.write_str(&format!("{fe}/protocol"), "x86_64-abi")
         .unwrap();
+    xs.write_str(&format!("{fe}/feature-persistent"), "1")
+        .unwrap();
     xenbus::switch_state(&xs, fe, XenbusState::Initialised).unwrap();
     xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Connected, T).unwrap();
     assert_eq!(xs.read_string(&format!("{be}/sectors")).unwrap(), "2048");
@@ -212,20 +219,43 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         .map(|r| (r.id, r.status))
         .collect();
     assert_eq!(got, [(1, RSP_OKAY), (2, RSP_OKAY), (3, RSP_OKAY)]);
+    // A read of both pages finds the budget spent, whichever page holds the one mapping (the
+    // first read found it in use by the write when both were in flight, or took it over): it
+    // is mapped whole, uncached. With the default budget nothing would be.
+    let mut r2 = BlkifRequest::new(OP_READ, 0, 5, 8);
+    r2.nr_segments = 2;
+    r2.seg[0] = BlkifRequestSegment::new(data.grefs()[0], 0, 7);
+    r2.seg[1] = BlkifRequestSegment::new(data.grefs()[1], 0, 7);
+    ring.produce(r2).unwrap();
+    if ring.push_requests() {
+        evtchn.notify(port).unwrap();
+    }
+    assert_eq!(responses(&mut ring, &evtchn, 1)[0].status, RSP_OKAY);
     let img = std::fs::read(&image).unwrap();
     assert!(
         img[4096..8192].iter().all(|&b| b == 0x5A),
         "the write reached the image"
     );
     let mut page = vec![0u8; 4096];
-    data.volatile().read(4096, &mut page).unwrap();
+    data.volatile().read(0, &mut page).unwrap();
     assert!(page.iter().all(|&b| b == 0x5A), "the read came back");
+    data.volatile().read(4096, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0), "the read came back");
 
-    // The status file counts the I/O.
+    // The status file counts the I/O, and the requests that found the budget spent (the last
+    // read, perhaps the first).
     let deadline = Instant::now() + T;
     loop {
         let s = std::fs::read_to_string(&status).unwrap_or_default();
-        if s.contains("writes=1") && s.contains("reads=1") && s.contains("flushes=1") {
+        let uncached = s
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("uncached="))
+            .and_then(|v| v.parse::<u64>().ok());
+        if s.contains("writes=1")
+            && s.contains("reads=2")
+            && s.contains("flushes=1")
+            && matches!(uncached, Some(1 | 2))
+        {
             assert!(s.starts_with(be), "{s}");
             break;
         }
