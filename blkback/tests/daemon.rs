@@ -1,6 +1,7 @@
 //! `xenpv-blkback` as a process on the local platform: systemd readiness and watchdog through a
 //! `NOTIFY_SOCKET` this test creates, a frontend (played here) connecting and doing I/O that
-//! reaches the image, the status file (and a daemon-wide budget of persistent mappings), the error for a missing platform, and a clean SIGTERM.
+//! reaches the image, the status file (and a daemon-wide budget of persistent mappings), the
+//! error for a missing platform, and a clean SIGTERM.
 
 use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
