@@ -512,14 +512,20 @@ fn destroyed_domain_keeps_mappings_refuses_new_ones() {
     std::mem::forget(s);
 }
 
+/// `n` pages `front` shares with the backend writable, page `i` starting with the number `i + 1`.
+fn numbered_pages(front: &LocalGrants, n: usize) -> <LocalGrants as GrantShare>::Shared {
+    let s = front.share(BACK, n, Access::Writable).unwrap();
+    for i in 0..n {
+        s.volatile().write_u32(i * PAGE_SIZE, i as u32 + 1).unwrap();
+    }
+    s
+}
+
 #[test]
 fn mapping_cache_hits_evicts_and_stays_bounded() {
     let p = Platform::new();
     let (front, back) = (p.client(FRONT), p.client(BACK));
-    let s = front.share(BACK, 10, Access::Writable).unwrap();
-    for (i, _) in s.grefs().iter().enumerate() {
-        s.volatile().write_u32(i * PAGE_SIZE, i as u32 + 1).unwrap();
-    }
+    let s = numbered_pages(&front, 10);
     let mut cache = MapCache::new(back, 4);
     for round in 0..3 {
         for (i, &g) in s.grefs().iter().enumerate() {
@@ -567,10 +573,7 @@ fn mapping_cache_hits_evicts_and_stays_bounded() {
 fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_room() {
     let p = Platform::new();
     let (front, back) = (p.client(FRONT), p.client(BACK));
-    let s = front.share(BACK, 12, Access::Writable).unwrap();
-    for i in 0..12 {
-        s.volatile().write_u32(i * PAGE_SIZE, i as u32 + 1).unwrap();
-    }
+    let s = numbered_pages(&front, 12);
     let g = s.grefs();
     let mut cache = MapCache::new(back, 6);
     // Room for all: one mapping per page, cached.
@@ -626,10 +629,7 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
 fn caches_sharing_a_budget_stay_within_it_together() {
     let p = Platform::new();
     let (front, back) = (p.client(FRONT), p.client(BACK));
-    let s = front.share(BACK, 12, Access::Writable).unwrap();
-    for i in 0..12 {
-        s.volatile().write_u32(i * PAGE_SIZE, i as u32 + 1).unwrap();
-    }
+    let s = numbered_pages(&front, 12);
     let g = s.grefs();
     let budget = MapBudget::new(6);
     let mut one = MapCache::with_budget(&back, 8, budget.clone());
