@@ -131,10 +131,10 @@ pub struct CacheStats {
 /// A bounded cache of single-page grant mappings keyed by `(domid, gref)`, with clock
 /// (second-chance) eviction. A hit is a hash lookup and an `Arc` clone.
 ///
-/// The cache never holds more than `capacity` mappings, nor more than its [`MapBudget`] has
-/// left (shared with other caches). A mapping handed out stays valid while
-/// the caller holds it, even if evicted meanwhile; mappings in use are not evicted, and when all
-/// are in use a miss is served with an uncached mapping (dropped by its user). Call
+/// The cache never holds more than `capacity` mappings, nor more than its [`MapBudget`] (shared
+/// with other caches) has left. A mapping handed out stays valid while the caller holds it, even
+/// if evicted meanwhile; mappings in use are not evicted, and when all are in use (or the budget
+/// is spent and none is idle) a miss is served with an uncached mapping (dropped by its user). Call
 /// [`clear`](Self::clear) or [`forget_domain`](Self::forget_domain) on disconnect (XSA-371).
 pub struct MapCache<G: GrantMap> {
     grants: G,
