@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use xenpv_evtchn::{EventChannel, HybridPoll, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapBudget, MapCache};
@@ -41,6 +41,10 @@ pub struct Config {
     /// of 1024 would reach it, and then maps fail. A queue that finds the budget spent serves
     /// its requests as when its own cache is full. By default half of `vm.max_map_count`.
     pub persistent_budget: MapBudget,
+    /// A persistent mapping unused this long (give or take half of it) is unmapped, as Linux's
+    /// blkback does after `pgrant_timeout` (60 s): an idle guest then keeps no share of the
+    /// budget. Checked while a queue is idle. Zero: never.
+    pub persistent_timeout: Duration,
     /// Open images with `O_DIRECT` (when the toolstack says `direct-io-safe`).
     pub direct_io: bool,
     /// Hybrid polling budget of a queue thread: it polls the ring (and its completions) this
@@ -66,6 +70,7 @@ impl Default for Config {
             persistent: true,
             persistent_capacity: 1024,
             persistent_budget: MapBudget::half_of_max_map_count(),
+            persistent_timeout: Duration::from_secs(60),
             direct_io: false,
             spin: SpinBudget::default(),
             engine: Engine::default(),
@@ -667,12 +672,13 @@ where
                 let stop = running.stop.clone();
                 let grants = self.p.grants.clone();
                 let qj = journal.as_ref().and_then(|j| j.queue(q));
-                let (storage, stats, spin, cap, budget) = (
+                let (storage, stats, spin, cap, budget, timeout) = (
                     self.storage.clone(),
                     self.stats.clone(),
                     cfg.spin,
                     cfg.persistent_capacity,
                     cfg.persistent_budget.clone(),
+                    cfg.persistent_timeout,
                 );
                 let t = std::thread::Builder::new()
                     .name(format!("blkback-{fe_id}-q{q}"))
@@ -687,6 +693,7 @@ where
                             stats,
                             journal: qj,
                             spin,
+                            sweep: Sweep::new(timeout),
                         };
                         let r = if x86_32 {
                             run_queue::<BlkifX86_32, _, _, _>(s, io, &stop)
@@ -931,6 +938,36 @@ struct QueueIo<G: GrantMap> {
     stats: Arc<Stats>,
     journal: Option<QueueJournal>,
     spin: SpinBudget,
+    sweep: Sweep,
+}
+
+/// When an idle queue next unmaps the persistent mappings left unused
+/// ([`Queue::sweep_mappings`]): every half [`Config::persistent_timeout`].
+struct Sweep {
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl Sweep {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            every: (!timeout.is_zero()).then(|| timeout / 2),
+            last: Instant::now(),
+        }
+    }
+
+    /// Sweeps `q` if a period has passed since the last sweep.
+    fn run<P: Abi, M: RingMemory, G: GrantMap>(&mut self, q: &mut Queue<P, M, G>) {
+        if let Some(every) = self.every {
+            if self.last.elapsed() >= every {
+                let n = q.sweep_mappings();
+                if n > 0 {
+                    tracing::debug!("unmapped {n} persistent grants left unused");
+                }
+                self.last = Instant::now();
+            }
+        }
+    }
 }
 
 fn run_queue<P, M, G, E>(
@@ -1001,8 +1038,9 @@ where
                 evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
             }
         }
+        let mut sweep = io.sweep;
         if q.pipelined() {
-            return pipeline_loop(&mut q, &evtchn, port, io.spin, stop);
+            return pipeline_loop(&mut q, &evtchn, port, io.spin, &mut sweep, stop);
         }
         let protocol = |e: xenpv_ring::Error| format!("ring protocol error: {e}");
         let mut poller = HybridPoll::new(io.spin);
@@ -1026,6 +1064,7 @@ where
             if poller.poll(|| q.work_waiting()) || q.final_check().map_err(protocol)? {
                 continue;
             }
+            sweep.run(&mut q);
             ports.clear();
             evtchn
                 .wait(&mut ports, Some(Duration::from_millis(100)))
@@ -1062,6 +1101,7 @@ fn pipeline_loop<P, M, G, E>(
     evtchn: &E,
     port: u32,
     spin: SpinBudget,
+    sweep: &mut Sweep,
     stop: &AtomicBool,
 ) -> std::result::Result<(), String>
 where
@@ -1118,6 +1158,7 @@ where
                     .map_err(|e| format!("event channel: {e}"))?;
             }
         } else {
+            sweep.run(q);
             evtchn
                 .wait(&mut ports, Some(Duration::from_millis(100)))
                 .map_err(|e| format!("event channel: {e}"))?;

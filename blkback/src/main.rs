@@ -71,6 +71,7 @@ struct File {
     persistent: Option<bool>,
     persistent_capacity: Option<usize>,
     persistent_budget: Option<usize>,
+    persistent_timeout_s: Option<u64>,
     direct_io: Option<bool>,
     spin_us: Option<u64>,
     status_file: Option<PathBuf>,
@@ -130,6 +131,9 @@ fn config(args: &Args) -> Result<(Config, Option<PathBuf>), String> {
             ));
         }
         c.persistent_budget = xenpv_grant::MapBudget::new(v);
+    }
+    if let Some(v) = file.persistent_timeout_s {
+        c.persistent_timeout = Duration::from_secs(v);
     }
     if let Some(v) = file.direct_io {
         c.direct_io = v;

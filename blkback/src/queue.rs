@@ -439,6 +439,13 @@ where
         Ok(owed)
     }
 
+    /// Unmaps the persistently mapped grants not used since the previous call and not in use
+    /// ([`MapCache::sweep`]); returns how many. The queue's loop calls it every half
+    /// [`Config::persistent_timeout`](crate::device::Config::persistent_timeout).
+    pub fn sweep_mappings(&mut self) -> usize {
+        self.maps.sweep()
+    }
+
     /// Unmaps every persistently mapped grant (on disconnect). Requests still in flight are
     /// waited for and dropped unanswered (the device is going away).
     pub fn release_mappings(&mut self) {

@@ -150,9 +150,10 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         let notify = dir.join("notify.sock");
         let sd = Systemd::listen(&notify);
         let status = dir.join("status");
-        // A budget of one persistent mapping for the whole daemon (checked below).
+        // A budget of one persistent mapping for the whole daemon, unmapped after a second
+        // unused (both checked below).
         let config = dir.join("blkback.toml");
-        std::fs::write(&config, "persistent_budget = 1\n").unwrap();
+        std::fs::write(&config, "persistent_budget = 1\npersistent_timeout_s = 1\n").unwrap();
         cmd.arg("--status-file")
             .arg(&status)
             .arg("--config")
@@ -232,6 +233,15 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         evtchn.notify(port).unwrap();
     }
     assert_eq!(responses(&mut ring, &evtchn, 1)[0].status, RSP_OKAY);
+    // The frontend's grant entries show which pages the backend has mapped.
+    let mapped = |g| {
+        let busy = xenpv_grant::flags::GTF_READING | xenpv_grant::flags::GTF_WRITING;
+        grants.own_flags(g).unwrap() & busy != 0
+    };
+    assert!(
+        data.grefs().iter().any(|&g| mapped(g)),
+        "a grant mapped persistently"
+    );
     let img = std::fs::read(&image).unwrap();
     assert!(
         img[4096..8192].iter().all(|&b| b == 0x5A),
@@ -262,6 +272,16 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
         }
         assert!(Instant::now() < deadline, "status file: {s}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Left unused, the persistent mapping is unmapped after 0.5-1 s.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while data.grefs().iter().any(|&g| mapped(g)) {
+        assert!(
+            Instant::now() < deadline,
+            "a persistent mapping outlived its timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     // Online resize: the image grows, the backend announces the new size, and the new

@@ -113,6 +113,8 @@ struct Slot<M> {
     key: u64,
     mapping: Arc<M>,
     referenced: bool,
+    /// Used since the last [`MapCache::sweep`].
+    used: bool,
 }
 
 /// Hit, miss and eviction counters of a [`MapCache`].
@@ -229,6 +231,7 @@ impl<G: GrantMap> MapCache<G> {
             let s = &mut self.slots[i];
             s.mapping = m.clone();
             s.referenced = true;
+            s.used = true;
             return Ok(m);
         }
         let m = Arc::new(self.grants.map(&[(domid, gref)], access)?);
@@ -239,6 +242,7 @@ impl<G: GrantMap> MapCache<G> {
                 key: k,
                 mapping: m.clone(),
                 referenced: true,
+                used: true,
             });
             return Ok(m);
         }
@@ -251,6 +255,7 @@ impl<G: GrantMap> MapCache<G> {
                         key: k,
                         mapping: m.clone(),
                         referenced: true,
+                        used: true,
                     },
                 );
                 self.index.remove(&old.key);
@@ -270,6 +275,7 @@ impl<G: GrantMap> MapCache<G> {
             return None;
         }
         s.referenced = true;
+        s.used = true;
         self.stats.hits += 1;
         Some(s.mapping.clone())
     }
@@ -356,6 +362,27 @@ impl<G: GrantMap> MapCache<G> {
             self.hand = 0;
         }
         true
+    }
+
+    /// Unmaps the cached mappings that nobody used since the previous sweep and nobody holds
+    /// now, and starts a new period; returns how many went. Called every `t`, it unmaps a
+    /// mapping left unused for between `t` and `2t`, as Linux's blkback unmaps persistent grants
+    /// unused for `pgrant_timeout` (60 s): an idle peer then keeps no share of a
+    /// [`MapBudget`], and a peer's working set that moved on does not stay mapped.
+    pub fn sweep(&mut self) -> usize {
+        let stale: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| !s.used && Arc::strong_count(&s.mapping) == 1)
+            .map(|s| s.key)
+            .collect();
+        for &k in &stale {
+            self.remove((k >> 32) as DomId, k as GrantRef);
+        }
+        for s in &mut self.slots {
+            s.used = false;
+        }
+        stale.len()
     }
 
     /// Drops every cached mapping of `domid` (disconnect of that domain's device).

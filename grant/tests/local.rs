@@ -683,6 +683,42 @@ fn caches_sharing_a_budget_stay_within_it_together() {
     );
 }
 
+/// A sweep unmaps what nobody used since the sweep before and nobody holds, and gives its share
+/// of the budget back; what was used, or is held, stays.
+#[test]
+fn a_sweep_unmaps_mappings_unused_for_a_period() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = numbered_pages(&front, 4);
+    let g = s.grefs();
+    let budget = MapBudget::new(8);
+    let mut cache = MapCache::with_budget(&back, 8, budget.clone());
+    let mapped = |g: GrantRef| front.own_flags(g).unwrap() & (GTF_READING | GTF_WRITING) != 0;
+    let held = cache.get(FRONT, g[0], Access::ReadOnly).unwrap();
+    for &r in &g[1..4] {
+        cache.get(FRONT, r, Access::ReadOnly).unwrap();
+    }
+    // Everything was used in this period: nothing goes.
+    assert_eq!(cache.sweep(), 0);
+    assert_eq!(budget.in_use(), 4);
+    // Page 1 used again; page 0 unused but held: both stay. Pages 2 and 3 go.
+    cache.get(FRONT, g[1], Access::ReadOnly).unwrap();
+    assert_eq!(cache.sweep(), 2);
+    assert_eq!((cache.len(), budget.in_use()), (2, 2));
+    assert!(cache.contains(FRONT, g[0]) && cache.contains(FRONT, g[1]));
+    assert!(!mapped(g[2]) && !mapped(g[3]), "unmapped");
+    assert!(mapped(g[0]) && mapped(g[1]));
+    assert_eq!(held.volatile().read_u32(0).unwrap(), 1);
+    // Released and unused for a whole period: the rest go too.
+    drop(held);
+    assert_eq!(cache.sweep(), 2);
+    assert!(cache.is_empty());
+    assert_eq!(budget.in_use(), 0);
+    assert!(g.iter().all(|&r| !mapped(r)));
+    // A sweep of an empty cache does nothing.
+    assert_eq!(cache.sweep(), 0);
+}
+
 #[test]
 fn a_mapping_of_frames_in_any_order_shows_each_grant_at_its_place() {
     let p = Platform::new();
