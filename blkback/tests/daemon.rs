@@ -146,6 +146,19 @@ impl Drop for Systemd {
 
 #[test]
 fn daemon_serves_a_frontend_and_talks_to_systemd() {
+    serve_and_talk_to_systemd("io_uring");
+}
+
+/// The same with the psync engine, whose queues run the serial loop rather than the pipeline.
+#[test]
+fn daemon_serves_a_frontend_with_the_psync_engine() {
+    serve_and_talk_to_systemd("psync");
+}
+
+/// xenpv-blkback with `engine` for its images: readiness and watchdog, a frontend's I/O
+/// reaching the image, the status file, the budget and timeout of persistent mappings, online
+/// resize and a clean SIGTERM.
+fn serve_and_talk_to_systemd(engine: &str) {
     let (mut setup, (sd, status)) = setup_with(|dir, cmd| {
         let notify = dir.join("notify.sock");
         let sd = Systemd::listen(&notify);
@@ -158,6 +171,7 @@ fn daemon_serves_a_frontend_and_talks_to_systemd() {
             .arg(&status)
             .arg("--config")
             .arg(&config)
+            .args(["--engine", engine])
             .env("NOTIFY_SOCKET", &notify)
             .env("WATCHDOG_USEC", "200000");
         (sd, status)
