@@ -78,7 +78,7 @@ impl MapBudget {
 
     /// Mappings held against the budget now.
     pub fn in_use(&self) -> usize {
-        self.total - self.left.load(Ordering::Relaxed)
+        self.total.saturating_sub(self.left.load(Ordering::Relaxed))
     }
 
     /// What is left.
@@ -370,32 +370,30 @@ impl<G: GrantMap> MapCache<G> {
     /// unused for `pgrant_timeout` (60 s): an idle peer then keeps no share of a
     /// [`MapBudget`], and a peer's working set that moved on does not stay mapped.
     pub fn sweep(&mut self) -> usize {
-        let stale: Vec<u64> = self
-            .slots
-            .iter()
-            .filter(|s| !s.used && Arc::strong_count(&s.mapping) == 1)
-            .map(|s| s.key)
-            .collect();
-        for &k in &stale {
-            self.remove((k >> 32) as DomId, k as GrantRef);
-        }
+        let n = self.remove_where(|s| !s.used && Arc::strong_count(&s.mapping) == 1);
         for s in &mut self.slots {
             s.used = false;
         }
-        stale.len()
+        n
     }
 
     /// Drops every cached mapping of `domid` (disconnect of that domain's device).
     pub fn forget_domain(&mut self, domid: DomId) {
+        self.remove_where(|s| (s.key >> 32) as DomId == domid);
+    }
+
+    /// Drops the cached mappings whose slot matches `stale`; returns how many.
+    fn remove_where(&mut self, stale: impl Fn(&Slot<G::Mapping>) -> bool) -> usize {
         let keys: Vec<u64> = self
             .slots
             .iter()
+            .filter(|s| stale(s))
             .map(|s| s.key)
-            .filter(|k| (k >> 32) as DomId == domid)
             .collect();
-        for k in keys {
+        for &k in &keys {
             self.remove((k >> 32) as DomId, k as GrantRef);
         }
+        keys.len()
     }
 
     /// Drops every cached mapping.
