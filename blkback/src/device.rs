@@ -32,13 +32,15 @@ pub struct Config {
     pub persistent: bool,
     /// Persistent mappings kept per queue (beyond it, one not used lately is unmapped; a
     /// request whose pages find no room, all the cached ones being in use, is mapped whole for
-    /// its duration, as without persistent grants). 1024 by default, what our frontend keeps
-    /// granted per queue at most; Linux's blkback keeps 1056.
+    /// its duration, as without persistent grants). Written to xenstore for the frontend
+    /// (`xenpv-max-persistent-grants`), which sizes its pool to it: xenpv-blkfront's pool grows
+    /// to 2112 pages at most. 2112 by default (eight 1 MiB requests at a time, each 256 data
+    /// pages and an indirect page); Linux's blkback keeps 1056.
     pub persistent_capacity: usize,
     /// Persistent mappings kept by all the devices and queues of the daemon together (clones of
     /// a `Config` share it). Every cached mapping is a memory mapping of the process, and Linux
-    /// allows a process `vm.max_map_count` of them (65530 by default): 16 guests with 4 queues
-    /// of 1024 would reach it, and then maps fail. A queue that finds the budget spent serves
+    /// allows a process `vm.max_map_count` of them (65530 by default): 8 guests with 4 queues
+    /// of 2112 would reach it, and then maps fail. A queue that finds the budget spent serves
     /// its requests as when its own cache is full. By default half of `vm.max_map_count`.
     pub persistent_budget: MapBudget,
     /// A persistent mapping unused this long (give or take half of it) is unmapped, as Linux's
@@ -68,7 +70,7 @@ impl Default for Config {
             max_ring_page_order: 4,
             max_queues: 4,
             persistent: true,
-            persistent_capacity: 1024,
+            persistent_capacity: 2112,
             persistent_budget: MapBudget::half_of_max_map_count(),
             persistent_timeout: Duration::from_secs(60),
             direct_io: false,
@@ -788,6 +790,14 @@ where
                 &format!("{be}/feature-persistent"),
                 if cfg.persistent { "1" } else { "0" },
             )?;
+            // How many of a queue's persistent grants stay mapped, so that our frontend's pool
+            // does not outgrow them (its pages would then be mapped for each request).
+            if cfg.persistent {
+                tx.write_str(
+                    &format!("{be}/xenpv-max-persistent-grants"),
+                    &cfg.persistent_capacity.to_string(),
+                )?;
+            }
             // Ties the journal to this connection (a restarted daemon resumes only a
             // connection whose session matches its journal's).
             tx.write_str(&format!("{be}/xenpv-session"), &format!("{session:016x}"))?;

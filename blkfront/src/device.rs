@@ -77,6 +77,12 @@ pub struct DiskInfo {
     pub discard_alignment: u64,
     /// Persistent grants in use (both sides offered them).
     pub persistent: bool,
+    /// The persistent grants the backend says it keeps mapped per queue
+    /// ([`crate::BACKEND_CACHE_NODE`]; `None`: it does not say).
+    pub backend_cache: Option<u64>,
+    /// The most pages each queue's persistent pool grows to (whole chunks of 64;
+    /// [`crate::Options::pool_pages`]), 0 without persistent grants.
+    pub pool_pages: usize,
     /// Queues in use.
     pub queues: u32,
     /// Ring page order in use.
@@ -775,6 +781,12 @@ where
                 }
             };
             let info_bits: u32 = self.read_num(&format!("{be}/info"))?.unwrap_or(0);
+            let persistent = self.opts.persistent && flag("feature-persistent")?;
+            // A value that is not a number is as good as none: the pool is bounded anyway.
+            let backend_cache: Option<u64> = self
+                .read_num(&format!("{be}/{}", crate::BACKEND_CACHE_NODE))
+                .ok()
+                .flatten();
             let sector_size: u32 = self.read_num(&format!("{be}/sector-size"))?.unwrap_or(512);
             let physical: u32 = self
                 .read_num(&format!("{be}/physical-sector-size"))?
@@ -798,7 +810,16 @@ where
                 discard_alignment: self
                     .read_num(&format!("{be}/discard-alignment"))?
                     .unwrap_or(0),
-                persistent: self.opts.persistent && flag("feature-persistent")?,
+                persistent,
+                backend_cache,
+                pool_pages: if persistent {
+                    pool_limit(
+                        self.opts.pool_pages.for_backend(backend_cache),
+                        max_segments as usize,
+                    )
+                } else {
+                    0
+                },
                 queues: nq,
                 ring_order: order,
                 max_segments,
@@ -823,7 +844,7 @@ where
             max_segments: max_segments as usize,
             handle: self.handle,
             backend: self.be_id,
-            pool_pages: pool_limit(self.opts.pool_pages, max_segments as usize),
+            pool_pages: info.pool_pages,
         };
         tracing::info!(?info, "backend connected");
         *lock(&self.info) = info;

@@ -187,6 +187,60 @@ impl<G, E> Clone for Platform<G, E> {
     }
 }
 
+/// The xenstore node in which xenpv-blkback says how many persistent grants it keeps mapped per
+/// queue (its `persistent_capacity`), written with `feature-persistent` before it connects. Our
+/// own, as `xenpv-session`: other backends do not write it, other frontends ignore it.
+pub const BACKEND_CACHE_NODE: &str = "xenpv-max-persistent-grants";
+
+/// The size of a queue's persistent pool ([`Options::pool_pages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    /// As many pages as the backend says it keeps mapped per queue ([`BACKEND_CACHE_NODE`]),
+    /// at most this many; [`PoolSize::UNSAID`] from a backend that does not say. A pool larger
+    /// than the backend's cache would have the backend map and unmap pages for each request
+    /// (on the local platform, 1 MiB reads at half the rate).
+    Auto(usize),
+    /// This many pages, whatever the backend says.
+    Pages(usize),
+}
+
+impl PoolSize {
+    /// The pool of [`PoolSize::Auto`] for a backend that does not say what it caches: within
+    /// Linux's blkback's 1056 persistent grants per queue, and, with a one-page ring, within
+    /// gntalloc's default limit of 1024 grants on Xen.
+    pub const UNSAID: usize = 960;
+
+    /// The most pages the pool may take, whatever the backend says.
+    pub fn most(self) -> usize {
+        match self {
+            PoolSize::Auto(n) | PoolSize::Pages(n) => n,
+        }
+    }
+
+    /// The pool for a backend that says it caches `said` mappings per queue (`None`: says
+    /// nothing).
+    pub fn for_backend(self, said: Option<u64>) -> usize {
+        match self {
+            PoolSize::Pages(n) => n,
+            PoolSize::Auto(n) => {
+                let cache = said.map_or(Self::UNSAID, |c| usize::try_from(c).unwrap_or(n));
+                n.min(cache)
+            }
+        }
+    }
+}
+
+impl Default for PoolSize {
+    /// Up to 2112 pages (33 chunks of 64): eight 1 MiB reads (257 pages each) at a time.
+    /// `xenpv bench disk`, /tmp, 1 MiB reads at QD8 against xenpv-blkback, 3 interleaved runs
+    /// of 5 rounds: 0.95, 0.95, 0.95 of fio's rate (polling frontend 0.96, 0.99, 1.00)
+    /// against 0.90, 0.90, 0.92 (0.91, 0.90, 0.91) with 960 pages, and blkback's CPU per read
+    /// halved (42 µs against 83): docs/bench-disk.md, R9.
+    fn default() -> Self {
+        PoolSize::Auto(2112)
+    }
+}
+
 /// Tunables of one device.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -202,17 +256,19 @@ pub struct Options {
     pub max_indirect_segments: u32,
     /// Most pages a queue keeps granted with persistent grants (data and indirect pages, granted
     /// 64 at a time as requests need them). It bounds the bytes a queue has in flight: requests
-    /// that find no free page wait for a response. 960 by default (3.75 MiB): three 1 MiB reads
-    /// at a time, each 256 data pages and an indirect page; with a one-page ring that is 961
-    /// pages, within gntalloc's default `limit` on Xen (1024, for all of its users together;
+    /// that find no free page wait for a response. By default ([`PoolSize::default`]) what the
+    /// backend says it keeps mapped per queue, up to 2112 pages: eight 1 MiB reads at a time,
+    /// each 256 data pages and an indirect page, as a client reading at QD8 has them; 960
+    /// (three such reads) from a backend that does not say, such as Linux's blkback (which
+    /// caches 1056). Never less than the pages of one largest request (with 4096 segments,
+    /// 4104), which could otherwise never start. On Xen the pool's pages count against
+    /// gntalloc's `limit` (1024 by default, for all of its users together;
     /// [`xenpv_grant::Error::GntallocLimit`] says how to raise it, and
-    /// [`most_pages_granted`](Self::most_pages_granted) what a device needs). 4096 pages (eight
-    /// 1 MiB reads at QD8) measured slower on a virtio disk: docs/bench-disk.md, R9. Never less
-    /// than the pages of one largest request (with 4096 segments, 4104), which could otherwise
-    /// never start. If the grant driver refuses to let the pool grow (gntalloc past its
-    /// limit), the pool stays as it is, a warning says so once, and requests wait for the
-    /// pages of those in flight; the pool asks the driver again after a second.
-    pub pool_pages: usize,
+    /// [`most_pages_granted`](Self::most_pages_granted) what a device needs). If the grant
+    /// driver refuses to let the pool grow, the pool stays as it is, a warning says so once,
+    /// and requests wait for the pages of those in flight; the pool asks the driver again
+    /// after a second.
+    pub pool_pages: PoolSize,
     /// Hybrid polling budget of a queue thread with requests in flight: it polls the ring this
     /// long before it sleeps on its event channel ([`xenpv_evtchn::HybridPoll`]). When its
     /// waits average 150 µs or more (a device's, not memory's), it does not poll at all but
@@ -251,12 +307,34 @@ impl Options {
         let segments =
             queue::segments_per_request(self.indirect, self.max_indirect_segments, u32::MAX);
         let in_flight = if self.persistent {
-            queue::pool_limit(self.pool_pages, segments)
+            queue::pool_limit(self.pool_pages.most(), segments)
         } else {
             let entries = xenpv_ring::ring_entries::<Blkif>(ring_pages * xenpv_ring::PAGE_SIZE);
             entries as usize * queue::request_pages(segments)
         };
         (self.queues.max(1) as usize).saturating_mul(ring_pages + in_flight)
+    }
+
+    /// Lowers an automatic pool ([`PoolSize::Auto`]) in whole chunks until
+    /// [`most_pages_granted`](Self::most_pages_granted) fits within `limit` (gntalloc's, on
+    /// Xen), but not below one largest request; returns the pool's new bound if it lowered it.
+    /// An explicit size ([`PoolSize::Pages`]) and a device without persistent grants are left
+    /// as they are.
+    pub fn fit_pool_within(&mut self, limit: u64) -> Option<usize> {
+        let PoolSize::Auto(most) = self.pool_pages else {
+            return None;
+        };
+        if !self.persistent || self.most_pages_granted() as u64 <= limit {
+            return None;
+        }
+        let ring_pages = 1usize << self.ring_order.min(queue::MAX_RING_ORDER);
+        let per_queue = usize::try_from(limit / u64::from(self.queues.max(1))).unwrap_or(most);
+        let fits = per_queue.saturating_sub(ring_pages) / queue::POOL_CHUNK * queue::POOL_CHUNK;
+        let segments =
+            queue::segments_per_request(self.indirect, self.max_indirect_segments, u32::MAX);
+        let fitted = fits.min(most).max(queue::request_pages(segments));
+        self.pool_pages = PoolSize::Auto(fitted);
+        Some(queue::pool_limit(fitted, segments))
     }
 }
 
@@ -268,7 +346,7 @@ impl Default for Options {
             persistent: true,
             indirect: true,
             max_indirect_segments: 256,
-            pool_pages: 960,
+            pool_pages: PoolSize::default(),
             spin: SpinBudget::default(),
             poll: false,
             timeout: Duration::from_secs(30),
@@ -352,15 +430,15 @@ mod tests {
 
     #[test]
     fn pages_granted_at_once_count_rings_pools_or_full_rings_of_the_largest_requests() {
-        // One one-page ring and the pool of 960 pages (15 chunks of 64).
-        assert_eq!(Options::default().most_pages_granted(), 1 + 960);
+        // One one-page ring and a pool of up to 2112 pages (33 chunks of 64).
+        assert_eq!(Options::default().most_pages_granted(), 1 + 2112);
         // Pools count whole chunks, and hold one largest request: 4096 segments, 8 indirect
         // pages, in 65 chunks; per queue, with 4-page rings.
         let big = Options {
             queues: 2,
             ring_order: 2,
             max_indirect_segments: 4096,
-            pool_pages: 100,
+            pool_pages: super::PoolSize::Pages(100),
             ..Options::default()
         };
         assert_eq!(big.most_pages_granted(), 2 * (4 + 65 * 64));
@@ -377,5 +455,52 @@ mod tests {
             ..Options::default()
         };
         assert_eq!(direct.most_pages_granted(), 16 + 512 * 11);
+    }
+
+    #[test]
+    fn an_automatic_pool_is_what_the_backend_caches_within_its_bound() {
+        use super::PoolSize;
+        let auto = PoolSize::default();
+        assert_eq!(auto.for_backend(Some(2112)), 2112);
+        assert_eq!(auto.for_backend(Some(1 << 40)), 2112);
+        assert_eq!(auto.for_backend(Some(u64::MAX)), 2112);
+        assert_eq!(auto.for_backend(Some(500)), 500);
+        assert_eq!(auto.for_backend(None), PoolSize::UNSAID);
+        assert_eq!(PoolSize::Auto(300).for_backend(None), 300);
+        assert_eq!(PoolSize::Pages(4096).for_backend(Some(100)), 4096);
+        assert_eq!(PoolSize::Pages(4096).for_backend(None), 4096);
+    }
+
+    #[test]
+    fn an_automatic_pool_fits_within_gntallocs_limit() {
+        use super::PoolSize;
+        // gntalloc's default limit: one one-page ring and 960 pages.
+        let mut opts = Options::default();
+        assert_eq!(opts.fit_pool_within(1024), Some(960));
+        assert_eq!(opts.pool_pages, PoolSize::Auto(960));
+        assert_eq!(opts.most_pages_granted(), 961);
+        // A limit with room for the whole pool leaves it.
+        let mut roomy = Options::default();
+        assert_eq!(roomy.fit_pool_within(4096), None);
+        assert_eq!(roomy.pool_pages, PoolSize::default());
+        // Two queues with 4-page rings share the limit.
+        let mut two = Options {
+            queues: 2,
+            ring_order: 2,
+            ..Options::default()
+        };
+        assert_eq!(two.fit_pool_within(2048), Some(960));
+        assert!(two.most_pages_granted() <= 2048);
+        // Never below one largest request (257 pages, in 5 chunks), which could otherwise never
+        // start; the limit is then still too low, as the caller's warning says.
+        let mut tight = Options::default();
+        assert_eq!(tight.fit_pool_within(100), Some(320));
+        // An explicit size is the user's.
+        let mut explicit = Options {
+            pool_pages: PoolSize::Pages(4096),
+            ..Options::default()
+        };
+        assert_eq!(explicit.fit_pool_within(1024), None);
+        assert_eq!(explicit.pool_pages, PoolSize::Pages(4096));
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use xenpv_blkfront::export::NbdExport;
-use xenpv_blkfront::{BlkFront, Options, Platform};
+use xenpv_blkfront::{BlkFront, DiskInfo, Options, Platform, PoolSize};
 use xenpv_evtchn::{EventChannel, SpinBudget};
 use xenpv_grant::{GrantShare, SharedPages};
 use xenpv_xenstore::Client;
@@ -62,12 +62,14 @@ struct Args {
     #[arg(long, default_value_t = Options::default().max_indirect_segments)]
     max_indirect_segments: u32,
     /// Most pages each queue keeps granted with persistent grants, for requests in flight; at
-    /// least the pages of one largest request (257 for 256 segments). On Xen these count
-    /// against gntalloc's limit (/sys/module/xen_gntalloc/parameters/limit, 1024 by default,
-    /// for all users together). Backends cache about as many mappings per queue (xenpv-blkback
-    /// 1024 by default, Linux's blkback 1056): a larger pool makes them map pages per request.
-    #[arg(long, default_value_t = Options::default().pool_pages)]
-    pool_pages: usize,
+    /// least the pages of one largest request (257 for 256 segments). By default as many as
+    /// the backend says it keeps mapped per queue (xenpv-blkback: 2112, its
+    /// persistent_capacity), up to 2112; 960 from a backend that does not say (Linux's blkback
+    /// caches 1056); on Xen, fewer if gntalloc's limit (/sys/module/xen_gntalloc/parameters/limit,
+    /// 1024 by default, for all users together) has no room for them. Given, it is used
+    /// whatever the backend caches: a larger pool makes it map pages per request.
+    #[arg(long)]
+    pool_pages: Option<usize>,
     /// Hybrid polling: how long (µs) a queue thread with requests in flight polls the ring
     /// before sleeping on the event channel (not at all once its waits average 150 µs or
     /// more, nor while more threads are ready to run than there are CPUs); 0 never polls
@@ -115,20 +117,16 @@ fn run(args: Args) -> Result<(), String> {
             args.max_indirect_segments
         ));
     }
-    if args.pool_pages == 0 {
+    if args.pool_pages == Some(0) {
         return Err(
             "--pool-pages 0: the pool needs room for one request at least; \
                     --no-persistent turns persistent grants off"
                 .into(),
         );
     }
-    // Without persistent grants there is no pool for the backend to cache.
-    if let Some(w) = pool_warning(args.pool_pages).filter(|_| !args.no_persistent) {
-        tracing::warn!("{w}");
-    }
     let opts = Options {
         max_indirect_segments: args.max_indirect_segments,
-        pool_pages: args.pool_pages,
+        pool_pages: args.pool_pages.map_or(PoolSize::default(), PoolSize::Pages),
         queues: args.queues,
         ring_order: args.ring_order,
         persistent: !args.no_persistent,
@@ -170,10 +168,19 @@ fn run(args: Args) -> Result<(), String> {
             use xenpv_grant::xen::XenGntalloc;
             let xs = Client::open().map_err(|e| format!("xenstore: {e}"))?;
             let grants = XenGntalloc::open().map_err(|e| e.to_string())?;
-            if let Some(w) = XenGntalloc::limit()
-                .and_then(|limit| limit_warning(opts.most_pages_granted(), limit))
-            {
-                tracing::warn!("{w}");
+            let mut opts = opts;
+            if let Some(limit) = XenGntalloc::limit() {
+                if let Some(pool) = opts.fit_pool_within(limit) {
+                    tracing::info!(
+                        "persistent pool: at most {pool} pages per queue, to fit gntalloc's limit \
+                         of {limit} grants; raising it ({}) lets 1 MiB requests have more in \
+                         flight",
+                        xenpv_grant::xen::GNTALLOC_LIMIT_PATH
+                    );
+                }
+                if let Some(w) = limit_warning(opts.most_pages_granted(), limit) {
+                    tracing::warn!("{w}");
+                }
             }
             let p = Platform {
                 xs,
@@ -185,20 +192,29 @@ fn run(args: Args) -> Result<(), String> {
     }
 }
 
-/// The most persistent mappings per queue that backends keep by default: xenpv-blkback's
-/// `persistent_capacity` (Linux's blkback keeps 1056).
-const BACKEND_CACHE: usize = 1024;
-
-/// What to say when a persistent pool of `pool_pages` per queue outgrows what backends cache:
-/// the backend then maps and unmaps pages for each request (on the local platform, 1 MiB reads
-/// at half the rate).
-fn pool_warning(pool_pages: usize) -> Option<String> {
-    (pool_pages > BACKEND_CACHE).then(|| {
+/// What to say when an explicit pool (`--pool-pages`, [`PoolSize::Pages`]) of `info.pool_pages`
+/// per queue outgrows what the backend keeps mapped: the backend then maps and unmaps pages
+/// for each request (on the local platform, 1 MiB reads at half the rate). A backend that does
+/// not say is taken to keep Linux's blkback's default, 1056.
+fn pool_warning(info: &DiskInfo, size: PoolSize) -> Option<String> {
+    const LINUX_BLKBACK: u64 = 1056;
+    let PoolSize::Pages(given) = size else {
+        return None;
+    };
+    let cache = info.backend_cache.unwrap_or(LINUX_BLKBACK);
+    (info.persistent && info.pool_pages as u64 > cache).then(|| {
+        let said = match info.backend_cache {
+            Some(c) => format!("the backend keeps {c} mapped per queue"),
+            None => format!(
+                "the backend does not say how many it keeps mapped per queue (Linux's blkback: \
+                 {LINUX_BLKBACK} by default)"
+            ),
+        };
         format!(
-            "--pool-pages {pool_pages} is more than backends keep mapped per queue by default \
-             ({BACKEND_CACHE} for xenpv-blkback, 1056 for Linux's blkback): the backend will map \
-             pages for each request, which is slower than a smaller pool. Raise the backend's \
-             cache too (xenpv-blkback: persistent_capacity in its configuration)"
+            "--pool-pages {given}: {said}, so it will map pages for each request, which is \
+             slower than a pool it caches whole. Leave --pool-pages out to size the pool to the \
+             backend's cache, or raise that (xenpv-blkback: persistent_capacity in its \
+             configuration)"
         )
     })
 }
@@ -232,7 +248,11 @@ where
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, term.clone()).map_err(|e| e.to_string())?;
     }
+    let size = opts.pool_pages;
     let dev = Arc::new(BlkFront::connect(p, dir, opts).map_err(|e| e.to_string())?);
+    if let Some(w) = pool_warning(&dev.info(), size) {
+        tracing::warn!("{w}");
+    }
     let Some(socket) = socket else {
         return load(&dev, dir, &term);
     };
@@ -249,13 +269,14 @@ where
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,
-        "xenpv-blkfront: ready {} size={} sector-size={} queues={} ring-order={} persistent={} max-segments={} nbd=unix:{}",
+        "xenpv-blkfront: ready {} size={} sector-size={} queues={} ring-order={} persistent={} pool-pages={} max-segments={} nbd=unix:{}",
         dir,
         dev.size(),
         info.sector_size,
         info.queues,
         info.ring_order,
         info.persistent,
+        info.pool_pages,
         info.max_segments,
         socket.display()
     );
@@ -341,11 +362,13 @@ mod tests {
 
     #[test]
     fn the_defaults_fit_gntallocs_default_limit_and_more_does_not() {
-        let opts = Options::default();
+        let mut opts = Options::default();
+        opts.fit_pool_within(1024);
         assert_eq!(opts.most_pages_granted(), 961);
         assert_eq!(limit_warning(opts.most_pages_granted(), 1024), None);
         let two = Options {
             queues: 2,
+            pool_pages: PoolSize::Pages(960),
             ..Options::default()
         };
         let w = limit_warning(two.most_pages_granted(), 1024).unwrap();
@@ -353,10 +376,37 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_larger_than_backends_cache_is_warned_about() {
-        assert_eq!(pool_warning(Options::default().pool_pages), None);
-        assert_eq!(pool_warning(BACKEND_CACHE), None);
-        let w = pool_warning(2048).unwrap();
-        assert!(w.contains("--pool-pages 2048") && w.contains("persistent_capacity"));
+    fn an_explicit_pool_larger_than_the_backends_cache_is_warned_about() {
+        let info = |pool_pages, backend_cache| DiskInfo {
+            persistent: true,
+            pool_pages,
+            backend_cache,
+            ..DiskInfo::default()
+        };
+        // The automatic pool is sized to the backend's cache: nothing to say.
+        assert_eq!(
+            pool_warning(&info(2112, Some(1024)), PoolSize::default()),
+            None
+        );
+        assert_eq!(
+            pool_warning(&info(2112, Some(2112)), PoolSize::Pages(2112)),
+            None
+        );
+        let w = pool_warning(&info(2112, Some(1024)), PoolSize::Pages(2112)).unwrap();
+        assert!(
+            w.contains("--pool-pages 2112") && w.contains("keeps 1024"),
+            "{w}"
+        );
+        assert!(w.contains("persistent_capacity"), "{w}");
+        // A backend that does not say is taken to keep Linux's 1056.
+        assert_eq!(pool_warning(&info(1024, None), PoolSize::Pages(1000)), None);
+        let w = pool_warning(&info(2112, None), PoolSize::Pages(2100)).unwrap();
+        assert!(w.contains("does not say") && w.contains("1056"), "{w}");
+        // Without persistent grants there is no pool to cache.
+        let own = DiskInfo {
+            persistent: false,
+            ..info(2112, Some(64))
+        };
+        assert_eq!(pool_warning(&own, PoolSize::Pages(2112)), None);
     }
 }

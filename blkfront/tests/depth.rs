@@ -1,15 +1,16 @@
 //! Large requests at depth with persistent grants: the frontend's persistent pool
 //! (`Options::pool_pages`) bounds the bytes in flight. A 1 MiB read takes 257 pages (256 data
-//! pages and an indirect page), so the default pool of 960 pages lets three through at a time
-//! and the rest wait for a response; a pool of 4096 pages lets a workload at queue depth 8 have
-//! all eight on the ring.
+//! pages and an indirect page). By default the pool is what the backend says it keeps mapped
+//! per queue (`xenpv-max-persistent-grants`), up to 2112 pages, which lets a workload at queue
+//! depth 8 have all eight on the ring; from a backend that does not say, 960 pages, which let
+//! three through at a time while the rest wait for a response.
 //!
 //! The test plays a backend that offers persistent grants and 256-segment indirect requests and
 //! holds every request it takes, answering them all once it holds eight, or once no new request
 //! has come for 500 ms (the frontend waits for pages). The load generator reads 1 MiB blocks at
 //! queue depth 8; the most requests the backend held at once is what the frontend let through.
 //!
-//! The last two tests give the frontend a grant driver that refuses grants past a limit, as
+//! The last tests give the frontend a grant driver that refuses grants past a limit, as
 //! Linux's gntalloc does, and run it against our blkback.
 
 mod common;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use xenpv_blkfront::load::{run, Workload};
-use xenpv_blkfront::{BlkFront, Options, Platform};
+use xenpv_blkfront::{BlkFront, Options, Platform, PoolSize};
 use xenpv_evtchn::local::LocalEvtchn;
 use xenpv_evtchn::EventChannel;
 use xenpv_grant::local::LocalGrants;
@@ -31,31 +32,60 @@ use xenpv_ring::BackRing;
 const DEPTH: usize = 8;
 
 #[test]
-fn the_default_pool_lets_three_one_mib_reads_through() {
-    assert_eq!(Options::default().pool_pages, 960);
-    assert_eq!(most_in_flight(Options::default()), 3);
+fn a_backend_that_does_not_say_what_it_caches_gets_three_one_mib_reads_at_a_time() {
+    assert_eq!(PoolSize::UNSAID, 960);
+    assert_eq!(most_in_flight(Options::default(), None), (3, 960));
 }
 
 #[test]
-fn a_pool_of_4096_pages_lets_eight_one_mib_reads_through() {
-    let opts = Options {
-        pool_pages: 4096,
-        ..Options::default()
-    };
-    assert_eq!(most_in_flight(opts), DEPTH);
+fn a_backend_that_caches_2112_mappings_gets_eight_one_mib_reads_at_a_time() {
+    assert_eq!(Options::default().pool_pages, PoolSize::Auto(2112));
+    assert_eq!(
+        most_in_flight(Options::default(), Some("2112")),
+        (DEPTH, 2112)
+    );
 }
 
-/// The most 1 MiB reads on the ring at once while the load generator reads at depth 8.
-fn most_in_flight(opts: Options) -> usize {
+#[test]
+fn the_pool_stays_within_what_the_backend_caches_and_its_own_bound() {
+    // 1024 pages hold three reads of 257 pages, not four.
+    assert_eq!(most_in_flight(Options::default(), Some("1024")), (3, 1024));
+    // A backend that claims more than the bound does not get more; nor does a bad number.
+    assert_eq!(
+        most_in_flight(Options::default(), Some("99999999999")),
+        (DEPTH, 2112)
+    );
+    assert_eq!(most_in_flight(Options::default(), Some("lots")), (3, 960));
+    let small = Options {
+        pool_pages: PoolSize::Auto(600),
+        ..Options::default()
+    };
+    assert_eq!(most_in_flight(small, Some("2112")), (2, 640));
+}
+
+#[test]
+fn an_explicit_pool_of_4096_pages_lets_eight_one_mib_reads_through_whatever_the_backend_says() {
+    let opts = Options {
+        pool_pages: PoolSize::Pages(4096),
+        ..Options::default()
+    };
+    assert_eq!(most_in_flight(opts, None), (DEPTH, 4096));
+}
+
+/// The most 1 MiB reads on the ring at once while the load generator reads at depth 8, against
+/// a backend that says it caches `cache` mappings per queue (`None`: says nothing), and the
+/// pool the frontend settled on.
+fn most_in_flight(opts: Options, cache: Option<&'static str>) -> (usize, usize) {
     let env = env(1 << 20);
     let done = Arc::new(AtomicBool::new(false));
     let stop = done.clone();
     // A 64 MiB disk.
-    let keys = [
+    let mut keys = vec![
         ("feature-persistent", "1"),
         ("feature-max-indirect-segments", "256"),
         ("sectors", "131072"),
     ];
+    keys.extend(cache.map(|c| ("xenpv-max-persistent-grants", c)));
     let backend = spawn_scripted_with(&env, &keys, move |s| {
         let mut ring = BackRing::<Blkif, _>::new(&s.map).unwrap();
         let mut held = Vec::new();
@@ -84,6 +114,7 @@ fn most_in_flight(opts: Options) -> usize {
         (most, answered)
     });
     let dev = Arc::new(connect(&env, opts));
+    let pool = dev.info().pool_pages;
     let w: Workload = format!("read 1048576 {DEPTH} 0 0.5").parse().unwrap();
     let r = run(&dev, &w).unwrap();
     done.store(true, Ordering::SeqCst);
@@ -92,7 +123,7 @@ fn most_in_flight(opts: Options) -> usize {
     eprintln!("{r:?}; the backend held at most {most} requests, answered {answered}");
     assert_eq!(r.errors, 0, "{r:?}");
     assert!(answered >= r.all_ios, "{answered} answered, {r:?}");
-    most
+    (most, pool)
 }
 
 /// Grants as Linux's gntalloc gives them: refused past a limit on the pages held at once
@@ -144,11 +175,15 @@ fn limited(env: &Env, limit: usize) -> (Arc<BlkFront<Limited, LocalEvtchn>>, Arc
         open_evtchn: p.open_evtchn,
     };
     let dev = BlkFront::connect(platform, &env.fe, Options::default()).unwrap();
-    assert!(dev.info().persistent);
+    let info = dev.info();
+    assert!(info.persistent);
+    // Our blkback says it keeps 2112 mappings per queue, and the pool may grow to that.
+    assert_eq!(info.backend_cache, Some(2112), "{info:?}");
+    assert_eq!(info.pool_pages, 2112, "{info:?}");
     (Arc::new(dev), grants)
 }
 
-/// The grant driver lets the pool grow to 320 pages of the 960 it may take: one 1 MiB read at a
+/// The grant driver lets the pool grow to 320 pages of the 2112 it may take: one 1 MiB read at a
 /// time. Reads at depth 8 still all succeed, each waiting for the pages of the one in flight,
 /// and the pool asks the driver again at most once a second, not at every response.
 #[test]

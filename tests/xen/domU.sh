@@ -126,7 +126,8 @@ do_s2_io() {
     echo "fail read back through xenpv-blkfront differs ($(cmp /tmp/rd /tmp/d 2>&1 | head -1); $(cmp -l /tmp/rd /tmp/d 2>/dev/null | wc -l) bytes differ) wrote $(sha /tmp/d)"
     return
   }
-  echo "ok $(sha /tmp/d)"
+  # the persistent pool the frontend settled on (its ready line), for dom0 to check
+  echo "ok $(sha /tmp/d) pool=$(sed -n 's/.*ready.* pool-pages=\([0-9]*\).*/\1/p' /tmp/blkfront.log | head -1)"
 }
 # s2-size SECTORS [MIB]: wait (60 s at most) until xenpv-blkfront (of s2-io) logs that the
 # backend resized the disk to SECTORS sectors, poking the disk with a read through nbd0 now and
