@@ -41,7 +41,10 @@ pub struct Config {
     /// a `Config` share it). Every cached mapping is a memory mapping of the process, and Linux
     /// allows a process `vm.max_map_count` of them (65530 by default): 8 guests with 4 queues
     /// of 2112 would reach it, and then maps fail. A queue that finds the budget spent serves
-    /// its requests as when its own cache is full. By default half of `vm.max_map_count`.
+    /// its requests as when its own cache is full; a queue holding more than an equal part of
+    /// it (the budget divided by the queues connected) then gives idle mappings back as it
+    /// works, for those below their part ([`MapBudget`]). By default half of
+    /// `vm.max_map_count`.
     pub persistent_budget: MapBudget,
     /// A persistent mapping unused this long (give or take half of it) is unmapped, as Linux's
     /// blkback does after `pgrant_timeout` (60 s): an idle guest then keeps no share of the

@@ -32,14 +32,23 @@ impl Hasher for KeyHasher {
 /// of one daemon. Each cache is bounded by its own capacity; the budget bounds their sum, so that
 /// many peers, each within its bounds, cannot together exhaust what the process may map (every
 /// cached mapping is a memory mapping of its own, and Linux refuses a process more than
-/// `vm.max_map_count` of them: 65530 by default, 64 queues of 1024). A cache that finds the
+/// `vm.max_map_count` of them: 65530 by default, 31 queues of 2112). A cache that finds the
 /// budget spent serves its misses uncached, as when its own capacity is spent.
+///
+/// The caches sharing a budget share it fairly when it runs out: each is entitled to an equal
+/// part ([`share`](Self::share)). While the budget is spent, a cache holding more than its part
+/// unmaps one of its idle mappings at each lookup, for a cache below its part to take; and a
+/// cache at or above its part takes from the budget only while more is left than one mapping
+/// per cache, which stays for those below theirs. A cache that goes idle above its part keeps it
+/// until its mappings are swept ([`MapCache::sweep`]).
 ///
 /// Clones share the budget.
 #[derive(Clone)]
 pub struct MapBudget {
     total: usize,
     left: Arc<AtomicUsize>,
+    /// The caches sharing it.
+    caches: Arc<AtomicUsize>,
 }
 
 impl core::fmt::Debug for MapBudget {
@@ -57,6 +66,7 @@ impl MapBudget {
         Self {
             total,
             left: Arc::new(AtomicUsize::new(total)),
+            caches: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -81,9 +91,34 @@ impl MapBudget {
         self.total.saturating_sub(self.left.load(Ordering::Relaxed))
     }
 
+    /// The caches sharing it now.
+    pub fn caches(&self) -> usize {
+        self.caches.load(Ordering::Relaxed)
+    }
+
+    /// The part of the budget each of its caches is entitled to: the total divided by the
+    /// caches sharing it.
+    pub fn share(&self) -> usize {
+        self.total / self.caches().max(1)
+    }
+
     /// What is left.
     fn left(&self) -> usize {
         self.left.load(Ordering::Relaxed)
+    }
+
+    /// How many more mappings a cache holding `held` may take now: up to its part from all
+    /// that is left; beyond its part, only from what is left past one mapping per cache.
+    fn may_take(&self, held: usize) -> usize {
+        let left = self.left();
+        let below = self.share().saturating_sub(held).min(left);
+        below + (left - below).saturating_sub(self.caches())
+    }
+
+    /// Whether a cache holding `held` should give one mapping back: the budget is spent and it
+    /// holds more than its part.
+    fn over(&self, held: usize) -> bool {
+        self.left() == 0 && held > self.share()
     }
 
     /// Takes one mapping's share, if any is left.
@@ -174,6 +209,7 @@ impl<G: GrantMap> MapCache<G> {
     /// than `budget` has left.
     pub fn with_budget(grants: G, capacity: usize, budget: MapBudget) -> Self {
         let capacity = capacity.max(1);
+        budget.caches.fetch_add(1, Ordering::AcqRel);
         let mut index = HashMap::default();
         index.reserve(capacity);
         Self {
@@ -220,6 +256,12 @@ impl<G: GrantMap> MapCache<G> {
     /// The mapping of one grant: from the cache, or mapped now (and cached). A cached read-only
     /// mapping asked for [`Access::Writable`] is mapped again writable.
     pub fn get(&mut self, domid: DomId, gref: GrantRef, access: Access) -> Result<Arc<G::Mapping>> {
+        self.give_way();
+        self.get_one(domid, gref, access)
+    }
+
+    /// [`get`](Self::get) without giving way.
+    fn get_one(&mut self, domid: DomId, gref: GrantRef, access: Access) -> Result<Arc<G::Mapping>> {
         if let Some(m) = self.lookup(domid, gref, access) {
             return Ok(m);
         }
@@ -236,7 +278,10 @@ impl<G: GrantMap> MapCache<G> {
         }
         let m = Arc::new(self.grants.map(&[(domid, gref)], access)?);
         self.stats.misses += 1;
-        if self.slots.len() < self.capacity && self.budget.take() {
+        if self.slots.len() < self.capacity
+            && self.budget.may_take(self.slots.len()) > 0
+            && self.budget.take()
+        {
             self.index.insert(k, self.slots.len());
             self.slots.push(Slot {
                 key: k,
@@ -296,6 +341,7 @@ impl<G: GrantMap> MapCache<G> {
         I: IntoIterator<Item = GrantRef>,
         I::IntoIter: Clone,
     {
+        self.give_way();
         let grefs = grefs.into_iter();
         let got: Vec<_> = grefs
             .clone()
@@ -311,7 +357,7 @@ impl<G: GrantMap> MapCache<G> {
             .zip(grefs)
             .map(|(m, g)| match m {
                 Some(m) => Ok(m),
-                None => self.get(domid, g, access),
+                None => self.get_one(domid, g, access),
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -326,7 +372,20 @@ impl<G: GrantMap> MapCache<G> {
             .filter(|s| Arc::strong_count(&s.mapping) == 1)
             .count();
         let free = self.capacity.saturating_sub(self.slots.len());
-        free.min(self.budget.left()) + idle
+        free.min(self.budget.may_take(self.slots.len())) + idle
+    }
+
+    /// While the budget is spent and this cache holds more than its part of it: unmaps one
+    /// idle mapping, for a cache below its part to take ([`MapBudget`]).
+    fn give_way(&mut self) {
+        if !self.budget.over(self.slots.len()) {
+            return;
+        }
+        if let Some(i) = self.victim() {
+            let k = self.slots[i].key;
+            self.stats.evictions += 1;
+            self.remove((k >> 32) as DomId, k as GrantRef);
+        }
     }
 
     /// Clock: the first slot not in use whose second chance is spent.
@@ -408,5 +467,6 @@ impl<G: GrantMap> MapCache<G> {
 impl<G: GrantMap> Drop for MapCache<G> {
     fn drop(&mut self) {
         self.budget.give(self.slots.len());
+        self.budget.caches.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -661,7 +661,8 @@ fn caches_sharing_a_budget_stay_within_it_together() {
     assert_eq!(c.volatile().read_u32(0).unwrap(), 9);
     assert_eq!((two.len(), budget.in_use()), (2, 6));
     assert!(two.contains(FRONT, g[8]));
-    // `one` gives its mappings back (a disconnect): `two` has room again.
+    // `one` gives its mappings back (a disconnect): `two` has room again, up to its part (3 of
+    // 6), and beyond it as long as one mapping per cache stays left; then it evicts its own.
     drop(a);
     one.forget_domain(FRONT);
     assert_eq!(budget.in_use(), 2);
@@ -670,7 +671,7 @@ fn caches_sharing_a_budget_stay_within_it_together() {
         .unwrap()
         .expect("room again");
     assert_eq!(d[2].volatile().read_u32(0).unwrap(), 12);
-    assert_eq!((two.len(), budget.in_use()), (5, 5));
+    assert_eq!((two.len(), budget.in_use()), (4, 4));
     // Dropping a cache gives back what it held.
     drop((c, d));
     drop(two);
@@ -681,6 +682,52 @@ fn caches_sharing_a_budget_stay_within_it_together() {
         MapBudget::half_of_max_map_count().total(),
         xenpv_grant::max_map_count() / 2
     );
+}
+
+/// A spent budget is shared fairly: a cache holding more than its part gives idle mappings
+/// back, one per lookup, until a newcomer that asks holds its part; when the newcomer goes, the
+/// first grows again.
+#[test]
+fn a_cache_over_its_part_of_a_spent_budget_gives_way_to_one_below() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = numbered_pages(&front, 24);
+    let g = s.grefs();
+    let budget = MapBudget::new(8);
+    let mut first = MapCache::with_budget(&back, 8, budget.clone());
+    assert_eq!((budget.caches(), budget.share()), (1, 8));
+    for &r in &g[..8] {
+        first.get(FRONT, r, Access::ReadOnly).unwrap();
+    }
+    assert_eq!((first.len(), budget.in_use()), (8, 8));
+    // A second cache: each is entitled to 4. The budget is spent, so its first miss goes
+    // uncached, and nothing changes until `first` is used again.
+    let mut second = MapCache::with_budget(&back, 8, budget.clone());
+    assert_eq!((budget.caches(), budget.share()), (2, 4));
+    let m = second.get(FRONT, g[8], Access::ReadOnly).unwrap();
+    assert_eq!(m.volatile().read_u32(0).unwrap(), 9);
+    assert_eq!((second.len(), second.stats().uncached), (0, 1));
+    // Each lookup in `first` (hits, here) gives one mapping back while it is over its part;
+    // `second` takes each.
+    for (i, &r) in g[9..16].iter().enumerate() {
+        first.get(FRONT, g[i % 4], Access::ReadOnly).unwrap();
+        second.get(FRONT, r, Access::ReadOnly).unwrap();
+        assert!(budget.in_use() <= 8);
+    }
+    assert_eq!((first.len(), second.len(), budget.in_use()), (4, 4, 8));
+    // At its part, `first` gives nothing more, and `second` evicts among its own.
+    first.get(FRONT, g[0], Access::ReadOnly).unwrap();
+    second.get(FRONT, g[16], Access::ReadOnly).unwrap();
+    assert_eq!((first.len(), second.len()), (4, 4));
+    assert!(second.contains(FRONT, g[16]));
+    assert!(first.contains(FRONT, g[0]));
+    // `second` goes: `first` may hold the whole budget again.
+    drop(second);
+    assert_eq!((budget.caches(), budget.in_use()), (1, 4));
+    for &r in &g[17..21] {
+        first.get(FRONT, r, Access::ReadOnly).unwrap();
+    }
+    assert_eq!((first.len(), budget.in_use()), (8, 8));
 }
 
 /// A sweep unmaps what nobody used since the sweep before and nobody holds, and gives its share
