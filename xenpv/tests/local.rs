@@ -331,7 +331,11 @@ fn bench_at_first_round(
 ) -> (Child, std::sync::mpsc::Receiver<String>, Vec<u32>) {
     let exe = Path::new(env!("CARGO_BIN_EXE_xenpv"));
     driver_bins();
+    // Its work directory (the local platform's state, sockets, status file) goes under `dir`
+    // too: a bench ended at once by a second signal cannot remove it, and the test's
+    // temporary directory then takes it away.
     let mut bench = Command::new(exe)
+        .env("TMPDIR", dir)
         .args(["bench", "disk", "--dirs"])
         .arg(dir)
         .args(["--size-mib", "16", "--runtime", runtime, "--rounds", "50"])
