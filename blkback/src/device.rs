@@ -797,7 +797,7 @@ where
             // does not outgrow them (its pages would then be mapped for each request).
             if cfg.persistent {
                 tx.write_str(
-                    &format!("{be}/xenpv-max-persistent-grants"),
+                    &format!("{be}/{}", xenpv_ring::blkif::BACKEND_CACHE_NODE),
                     &cfg.persistent_capacity.to_string(),
                 )?;
             }

@@ -187,10 +187,7 @@ impl<G, E> Clone for Platform<G, E> {
     }
 }
 
-/// The xenstore node in which xenpv-blkback says how many persistent grants it keeps mapped per
-/// queue (its `persistent_capacity`), written with `feature-persistent` before it connects. Our
-/// own, as `xenpv-session`: other backends do not write it, other frontends ignore it.
-pub const BACKEND_CACHE_NODE: &str = "xenpv-max-persistent-grants";
+pub use xenpv_ring::blkif::BACKEND_CACHE_NODE;
 
 /// The size of a queue's persistent pool ([`Options::pool_pages`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,11 @@ use crate::pod::{cast, widen, wire_layout};
 use crate::ring::RingProtocol;
 use crate::GrantRef;
 
+/// The xenstore node (under the backend's directory) in which xenpv-blkback says how many
+/// persistent grants it keeps mapped per queue, and xenpv-blkfront reads it to size its pool.
+/// Our own, as `xenpv-session`: other backends do not write it, other frontends ignore it.
+pub const BACKEND_CACHE_NODE: &str = "xenpv-max-persistent-grants";
+
 /// Read `nr_segments` segments starting at `sector_number`.
 pub const OP_READ: u8 = 0;
 /// Write.
