@@ -14,7 +14,8 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, MapCache, PAGE_SIZE};
+use smallvec::SmallVec;
+use xenpv_grant::{Access, DomId, GrantMap, GrantMemory, MapCache, Mappings, PAGE_SIZE};
 use xenpv_ring::blkif::{
     Blkif, BlkifRequest, BlkifRequestSegment, BlkifResponse, BlkifX86_32, X86_32Request,
     X86_32Response, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
@@ -23,8 +24,8 @@ use xenpv_ring::blkif::{
 use xenpv_ring::{BackRing, RingMemory, RingProtocol};
 
 use crate::journal::{Pending, QueueJournal, MAX_AGE};
-use crate::request::{indirect_segments, validate, Direction, Limits, Plan, Segment};
-use crate::storage::{Completion, Op, Pipeline, Storage};
+use crate::request::{indirect_segments, validate, Direction, Limits, Plan, Segments};
+use crate::storage::{Bufs, Completion, Op, Pipeline, Storage};
 
 /// A blkif ABI the backend serves: how its slots translate to the native layout.
 pub trait Abi: RingProtocol {
@@ -782,7 +783,7 @@ where
             operation,
             indirect: req.operation == OP_INDIRECT,
             outcome: Ok(()),
-            steps: Vec::new(),
+            steps: SmallVec::new(),
             sectors: 0,
         };
         let plan = match validate(req, &self.limits) {
@@ -1079,12 +1080,15 @@ impl Span {
 /// The data pages of one transfer, mapped.
 enum Pages<M> {
     /// One persistent mapping per segment.
-    Persistent(Vec<Arc<M>>),
+    Persistent(Mappings<M>),
     /// One contiguous mapping of every segment's page, unmapped when the request completes.
     Whole(M),
 }
 
 /// One storage step of a request.
+// Transfers are the common step and carry their segments and mappings inline; boxing them
+// would bring back the per-request allocation that the inline lists avoid.
+#[allow(clippy::large_enum_variant)]
 enum Step<M> {
     Flush,
     Discard {
@@ -1094,7 +1098,7 @@ enum Step<M> {
     Transfer {
         dir: Direction,
         offset: u64,
-        segments: Vec<Segment>,
+        segments: Segments,
         pages: Pages<M>,
     },
 }
@@ -1135,7 +1139,7 @@ impl<M: GrantMemory> Step<M> {
                 segments,
                 pages,
             } => {
-                let mut bufs = Vec::with_capacity(segments.len());
+                let mut bufs = Bufs::with_capacity(segments.len());
                 match pages {
                     Pages::Persistent(maps) => {
                         for (m, s) in maps.iter().zip(segments) {
@@ -1191,7 +1195,8 @@ struct Prepared<M> {
     indirect: bool,
     /// `Err(status)`: refused or failed before any I/O.
     outcome: Result<(), i16>,
-    steps: Vec<Step<M>>,
+    /// Its storage steps, in order: one for most requests (inline), up to three (a barrier).
+    steps: SmallVec<[Step<M>; 1]>,
     sectors: u64,
 }
 

@@ -3,6 +3,7 @@
 //! device; the result is either an I/O plan with every offset and length proven in range, or a
 //! response status.
 
+use smallvec::SmallVec;
 use xenpv_ring::blkif::{
     BlkifRequest, BlkifRequestSegment, DISCARD_SECURE, MAX_INDIRECT_PAGES_PER_REQUEST,
     MAX_SEGMENTS_PER_REQUEST, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
@@ -10,6 +11,10 @@ use xenpv_ring::blkif::{
     SEGMENTS_PER_INDIRECT_FRAME,
 };
 use xenpv_ring::GrantRef;
+
+/// A transfer's segments: inline up to an ordinary request's 11, on the heap beyond (an
+/// indirect request's), so that validating an ordinary request allocates nothing.
+pub type Segments = SmallVec<[Segment; MAX_SEGMENTS_PER_REQUEST]>;
 
 /// What the device offers, against which requests are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +71,7 @@ pub enum Plan {
         /// Byte offset on the disk.
         offset: u64,
         /// The segments, in order; their lengths sum to the transfer length.
-        segments: Vec<Segment>,
+        segments: Segments,
         /// Flush before writing (`OP_FLUSH_DISKCACHE` with data).
         flush_before: bool,
         /// Barrier semantics (`OP_WRITE_BARRIER`).
@@ -174,7 +179,7 @@ fn transfer(
     flush_before: bool,
     barrier: bool,
 ) -> Result<Plan, Refusal> {
-    let mut segments = Vec::with_capacity(segs.len());
+    let mut segments = Segments::with_capacity(segs.len());
     let mut bytes: u64 = 0;
     for s in segs {
         let seg = segment(s, limits)?;
@@ -350,7 +355,7 @@ mod tests {
             Plan::Transfer {
                 dir: Direction::Read,
                 offset: 4096,
-                segments: vec![
+                segments: smallvec::smallvec![
                     Segment {
                         gref: 1,
                         offset: 0,

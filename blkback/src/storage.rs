@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use xenpv_grant::VolatileSlice;
+use xenpv_ring::blkif::MAX_SEGMENTS_PER_REQUEST;
 
 mod nbd;
 mod uring;
@@ -33,14 +34,14 @@ macro_rules! single_ops_via_submit {
         fn read_into(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
             $crate::storage::only(self.submit(&[Op::Read {
                 offset,
-                bufs: bufs.to_vec(),
+                bufs: bufs.into(),
             }]))
         }
 
         fn write_from(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
             $crate::storage::only(self.submit(&[Op::Write {
                 offset,
-                bufs: bufs.to_vec(),
+                bufs: bufs.into(),
             }]))
         }
 
@@ -159,6 +160,10 @@ pub enum Error {
     Engine(String),
 }
 
+/// The buffers of a read or write, in order: inline up to an ordinary blkif request's 11
+/// segments, so that an op built per request allocates nothing.
+pub type Bufs<'a> = smallvec::SmallVec<[VolatileSlice<'a>; MAX_SEGMENTS_PER_REQUEST]>;
+
 /// One operation of a batch given to [`Storage::submit`].
 #[derive(Debug)]
 pub enum Op<'a> {
@@ -167,14 +172,14 @@ pub enum Op<'a> {
         /// Byte offset on the disk.
         offset: u64,
         /// Destination (writable) buffers, usually the guest's mapped pages.
-        bufs: Vec<VolatileSlice<'a>>,
+        bufs: Bufs<'a>,
     },
     /// Write the buffers, in order, at `offset`.
     Write {
         /// Byte offset on the disk.
         offset: u64,
         /// Source buffers.
-        bufs: Vec<VolatileSlice<'a>>,
+        bufs: Bufs<'a>,
     },
     /// Make every write completed before the batch durable.
     Flush,
@@ -583,7 +588,7 @@ pub(crate) fn iovecs(bufs: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
 }
 
 /// The iovec of `b`.
-fn iovec(b: &VolatileSlice<'_>) -> libc::iovec {
+pub(crate) fn iovec(b: &VolatileSlice<'_>) -> libc::iovec {
     libc::iovec {
         iov_base: b.as_ptr().cast(),
         iov_len: b.len(),

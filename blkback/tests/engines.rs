@@ -73,7 +73,7 @@ fn many_in_flight(s: &dyn Storage) {
             let (x, y) = b.split_at_mut(1024);
             Op::Write {
                 offset: 131072 + i as u64 * 8192,
-                bufs: vec![slice(x), slice(y)],
+                bufs: smallvec::smallvec![slice(x), slice(y)],
             }
         })
         .collect();
@@ -88,7 +88,7 @@ fn many_in_flight(s: &dyn Storage) {
         .enumerate()
         .map(|(i, b)| Op::Read {
             offset: 131072 + i as u64 * 8192,
-            bufs: vec![slice(b)],
+            bufs: smallvec::smallvec![slice(b)],
         })
         .collect();
     assert_eq!(ops.len(), n);
@@ -114,15 +114,15 @@ fn errors_per_op(s: &dyn Storage) {
     let ops = vec![
         Op::Write {
             offset: 0,
-            bufs: vec![slice(&mut w)],
+            bufs: smallvec::smallvec![slice(&mut w)],
         },
         Op::Read {
             offset: size - 512,
-            bufs: vec![slice(&mut past)],
+            bufs: smallvec::smallvec![slice(&mut past)],
         },
         Op::Read {
             offset: 8192,
-            bufs: vec![ro_slice(&mut ro)],
+            bufs: smallvec::smallvec![ro_slice(&mut ro)],
         },
         Op::Discard {
             offset: size,
@@ -130,11 +130,11 @@ fn errors_per_op(s: &dyn Storage) {
         },
         Op::Read {
             offset: 12288,
-            bufs: vec![slice(&mut ok)],
+            bufs: smallvec::smallvec![slice(&mut ok)],
         },
         Op::Write {
             offset: u64::MAX - 100,
-            bufs: vec![],
+            bufs: smallvec::smallvec![],
         },
         Op::Flush,
     ];
@@ -215,7 +215,7 @@ fn io_uring_serves_queues_concurrently_one_ring_each() {
                         .enumerate()
                         .map(|(i, b)| Op::Write {
                             offset: base + i as u64 * 4096,
-                            bufs: vec![slice(b)],
+                            bufs: smallvec::smallvec![slice(b)],
                         })
                         .collect();
                     assert!(s.submit(&ops).iter().all(|r| r.is_ok()));
@@ -226,7 +226,7 @@ fn io_uring_serves_queues_concurrently_one_ring_each() {
                         .enumerate()
                         .map(|(i, b)| Op::Read {
                             offset: base + i as u64 * 4096,
-                            bufs: vec![slice(b)],
+                            bufs: smallvec::smallvec![slice(b)],
                         })
                         .collect();
                     assert!(s.submit(&ops).iter().all(|r| r.is_ok()));
@@ -267,13 +267,13 @@ fn io_uring_with_o_direct() {
     w.fill(0xEE);
     let r0 = s.submit(&[Op::Write {
         offset: 4096,
-        bufs: vec![slice(w)],
+        bufs: smallvec::smallvec![slice(w)],
     }]);
     assert!(r0[0].is_ok(), "{r0:?}");
     let r1 = s.submit(&[
         Op::Read {
             offset: 4096,
-            bufs: vec![slice(r)],
+            bufs: smallvec::smallvec![slice(r)],
         },
         Op::Flush,
     ]);
@@ -470,7 +470,7 @@ fn a_pipeline_dozes_until_a_completion() {
     let mut buf = vec![0u8; 4096];
     let op = Op::Read {
         offset: 8192,
-        bufs: vec![slice(&mut buf)],
+        bufs: smallvec::smallvec![slice(&mut buf)],
     };
     // SAFETY: `buf` outlives the op, whose completion is reaped below before `buf` is read.
     unsafe { pipe.start(1, &op) };
@@ -492,7 +492,7 @@ fn a_pipeline_dozes_until_a_completion() {
     // soon as the op starts: the doze returns without sleeping.
     let op = Op::Read {
         offset: 1 << 16,
-        bufs: vec![slice(&mut buf)],
+        bufs: smallvec::smallvec![slice(&mut buf)],
     };
     // SAFETY: as above; a refused op never touches `buf`.
     unsafe { pipe.start(2, &op) };

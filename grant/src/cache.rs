@@ -5,7 +5,18 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::{Access, DomId, GrantMap, GrantMemory, GrantRef, Result};
+
+/// How many mappings [`Mappings`] holds without a heap allocation: a blkif request's
+/// segments (`BLKIF_MAX_SEGMENTS_PER_REQUEST`), so that mapping an ordinary request through
+/// the cache allocates nothing.
+pub const INLINE_MAPPINGS: usize = 11;
+
+/// The mappings of several grants, in order ([`MapCache::get_all`]): inline up to
+/// [`INLINE_MAPPINGS`], on the heap beyond.
+pub type Mappings<M> = SmallVec<[Arc<M>; INLINE_MAPPINGS]>;
 
 /// A multiplicative hasher for the (domid, gref) key: one multiply, no SipHash rounds (the key
 /// is chosen by the peer, but the table is bounded by the cache's capacity, so a collision
@@ -336,14 +347,14 @@ impl<G: GrantMap> MapCache<G> {
         domid: DomId,
         grefs: I,
         access: Access,
-    ) -> Result<Option<Vec<Arc<G::Mapping>>>>
+    ) -> Result<Option<Mappings<G::Mapping>>>
     where
         I: IntoIterator<Item = GrantRef>,
         I::IntoIter: Clone,
     {
         self.give_way();
         let grefs = grefs.into_iter();
-        let got: Vec<_> = grefs
+        let got: SmallVec<[Option<Arc<G::Mapping>>; INLINE_MAPPINGS]> = grefs
             .clone()
             .map(|g| self.lookup(domid, g, access))
             .collect();
@@ -359,7 +370,7 @@ impl<G: GrantMap> MapCache<G> {
                 Some(m) => Ok(m),
                 None => self.get_one(domid, g, access),
             })
-            .collect::<Result<Vec<_>>>()
+            .collect::<Result<Mappings<_>>>()
             .map(Some)
     }
 

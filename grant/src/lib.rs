@@ -27,7 +27,7 @@ mod table;
 mod volatile;
 pub mod xen;
 
-pub use cache::{max_map_count, CacheStats, MapBudget, MapCache};
+pub use cache::{max_map_count, CacheStats, MapBudget, MapCache, Mappings, INLINE_MAPPINGS};
 pub use error::{Error, Result};
 pub use table::{flags, GrantEntryV1, FIRST_UNRESERVED_REF};
 pub use volatile::VolatileSlice;

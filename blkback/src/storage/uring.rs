@@ -39,7 +39,7 @@ use io_uring::{opcode, types, IoUring};
 use xenpv_grant::VolatileSlice;
 
 use super::{
-    check_range, discard_sync, iovecs, read_only_mapping, total_len, transfer, transfer_iov,
+    check_range, discard_sync, iovec, iovecs, read_only_mapping, total_len, transfer, transfer_iov,
     Completion, Error, FileOptions, FileStorage, Op, Pipeline, Storage,
 };
 
@@ -415,13 +415,18 @@ const PIPELINE_ENTRIES: u32 = 256;
 /// The `user_data` of the poll on the caller's wake-up fd (slot numbers are far below).
 const POLL_TAG: u64 = u64::MAX;
 
+/// A pipeline op's iovecs: one inline (a 4 KiB request's, which needs no allocation), more
+/// on the heap.
+type Iovecs = smallvec::SmallVec<[libc::iovec; 1]>;
+
 /// An op a pipeline has on its ring.
 struct Slot {
     tag: u64,
     kind: Kind,
-    /// The op's iovecs; the SQE points at this heap buffer, which stays put until the slot is
-    /// freed (after the completion).
-    iov: Vec<libc::iovec>,
+    /// The op's iovecs; the SQE of a vectored op points at them, and they stay put until the
+    /// slot is freed (after the completion): the slot is filled in place and `slots` is never
+    /// resized.
+    iov: Iovecs,
 }
 
 #[derive(Clone, Copy)]
@@ -591,27 +596,30 @@ impl Pipeline for UringPipeline {
                     offset: *offset,
                     len: total_len(bufs),
                 },
-                iovecs(bufs),
+                bufs.iter().map(iovec).collect(),
             ),
             Op::Write { offset, bufs } => (
                 Kind::Write {
                     offset: *offset,
                     len: total_len(bufs),
                 },
-                iovecs(bufs),
+                bufs.iter().map(iovec).collect(),
             ),
-            Op::Flush => (Kind::Flush, Vec::new()),
+            Op::Flush => (Kind::Flush, Iovecs::new()),
             Op::Discard { offset, len } => (
                 Kind::Discard {
                     offset: *offset,
                     len: *len,
                 },
-                Vec::new(),
+                Iovecs::new(),
             ),
         };
+        // The slot first, then the SQE, which may point at the slot's iovecs: `slots` is never
+        // resized, so they stay where they are (inline or not) until the slot is freed.
+        let iov = self.slots[i].insert(Slot { tag, kind, iov }).iov.as_slice();
         // One buffer (a 4 KiB request, say): a plain read or write, which the kernel need not
         // import an iovec array for (as fio's io_uring engine does).
-        let entry = match (op, iov.as_slice()) {
+        let entry = match (op, iov) {
             (Op::Read { offset, .. }, [one]) if one.iov_len <= u32::MAX as usize => {
                 opcode::Read::new(fd, one.iov_base.cast::<u8>(), one.iov_len as u32)
                     .offset(*offset)
@@ -641,8 +649,6 @@ impl Pipeline for UringPipeline {
                 .build(),
         }
         .user_data(i as u64);
-        // The iovecs' heap buffer does not move when the Vec is moved into the slot.
-        self.slots[i] = Some(Slot { tag, kind, iov });
         // SAFETY: the SQE points at the op's buffers, directly or through the slot's iovecs (at
         // most IOV_MAX of them, `precheck`; freed only after the completion is reaped). The
         // caller keeps the buffers valid until the completion is returned (this function's
