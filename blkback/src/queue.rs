@@ -1086,9 +1086,6 @@ enum Pages<M> {
 }
 
 /// One storage step of a request.
-// Transfers are the common step and carry their segments and mappings inline; boxing them
-// would bring back the per-request allocation that the inline lists avoid.
-#[allow(clippy::large_enum_variant)]
 enum Step<M> {
     Flush,
     Discard {

@@ -4,6 +4,7 @@
 //! response status.
 
 use smallvec::SmallVec;
+use xenpv_grant::INLINE_MAPPINGS;
 use xenpv_ring::blkif::{
     BlkifRequest, BlkifRequestSegment, DISCARD_SECURE, MAX_INDIRECT_PAGES_PER_REQUEST,
     MAX_SEGMENTS_PER_REQUEST, OP_DISCARD, OP_FLUSH_DISKCACHE, OP_INDIRECT, OP_READ, OP_WRITE,
@@ -12,9 +13,9 @@ use xenpv_ring::blkif::{
 };
 use xenpv_ring::GrantRef;
 
-/// A transfer's segments: inline up to an ordinary request's 11, on the heap beyond (an
-/// indirect request's), so that validating an ordinary request allocates nothing.
-pub type Segments = SmallVec<[Segment; MAX_SEGMENTS_PER_REQUEST]>;
+/// A transfer's segments: inline up to [`INLINE_MAPPINGS`] (a 16 KiB request), on the heap
+/// beyond, so that validating a small request allocates nothing.
+pub type Segments = SmallVec<[Segment; INLINE_MAPPINGS]>;
 
 /// What the device offers, against which requests are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

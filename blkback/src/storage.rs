@@ -21,8 +21,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use xenpv_grant::VolatileSlice;
-use xenpv_ring::blkif::MAX_SEGMENTS_PER_REQUEST;
+use xenpv_grant::{VolatileSlice, INLINE_MAPPINGS};
 
 mod nbd;
 mod uring;
@@ -160,9 +159,9 @@ pub enum Error {
     Engine(String),
 }
 
-/// The buffers of a read or write, in order: inline up to an ordinary blkif request's 11
-/// segments, so that an op built per request allocates nothing.
-pub type Bufs<'a> = smallvec::SmallVec<[VolatileSlice<'a>; MAX_SEGMENTS_PER_REQUEST]>;
+/// The buffers of a read or write, in order: inline up to a 16 KiB request's
+/// ([`INLINE_MAPPINGS`]), so that the op of a small request allocates nothing.
+pub type Bufs<'a> = smallvec::SmallVec<[VolatileSlice<'a>; INLINE_MAPPINGS]>;
 
 /// One operation of a batch given to [`Storage::submit`].
 #[derive(Debug)]

@@ -1600,7 +1600,7 @@ fn counting<R>(f: impl FnOnce() -> R) -> (R, usize) {
 }
 
 #[test]
-fn a_pipelined_queue_serves_4k_reads_with_persistent_grants_without_allocating() {
+fn a_pipelined_queue_serves_small_reads_with_persistent_grants_without_allocating() {
     // On a disk, where the io_uring engine has a pipeline (as `deep`).
     let s = setup_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")));
     let (storage, _) = storage(&s, Kind::IoUring);
@@ -1611,12 +1611,23 @@ fn a_pipelined_queue_serves_4k_reads_with_persistent_grants_without_allocating()
     assert!(q.pipelined());
     let g = data.grefs().to_vec();
     // A full ring of 4 KiB reads, each into a page of its own, served to the last response.
+    // They come in one to four segments (sectors of the same page): a plain read, and vectored
+    // reads whose iovecs sit inline in the pipeline's slot.
+    let parts: [&[(u8, u8)]; 4] = [
+        &[(0, 7)],
+        &[(0, 3), (4, 7)],
+        &[(0, 2), (3, 5), (6, 7)],
+        &[(0, 1), (2, 3), (4, 5), (6, 7)],
+    ];
     let wave = |front: &mut FrontRing<Blkif, _>, q: &mut Queue<Blkif, _, _>, round: u64| {
         for (i, &gref) in g.iter().enumerate() {
             let id = round * 100 + i as u64;
             let mut r = BlkifRequest::new(OP_READ, 0, id, 8 * (i as u64 + round));
-            r.nr_segments = 1;
-            r.seg[0] = BlkifRequestSegment::new(gref, 0, 7);
+            let segs = parts[i % 4];
+            r.nr_segments = segs.len() as u8;
+            for (k, &(first, last)) in segs.iter().enumerate() {
+                r.seg[k] = BlkifRequestSegment::new(gref, first, last);
+            }
             front.produce(r).unwrap();
         }
         // The queue is pumped whether or not the frontend would notify.

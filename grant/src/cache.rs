@@ -9,10 +9,11 @@ use smallvec::SmallVec;
 
 use crate::{Access, DomId, GrantMap, GrantMemory, GrantRef, Result};
 
-/// How many mappings [`Mappings`] holds without a heap allocation: a blkif request's
-/// segments (`BLKIF_MAX_SEGMENTS_PER_REQUEST`), so that mapping an ordinary request through
-/// the cache allocates nothing.
-pub const INLINE_MAPPINGS: usize = 11;
+/// How many mappings [`Mappings`] holds without a heap allocation: those of a 16 KiB request,
+/// so that mapping the small requests that make up random I/O through the cache allocates
+/// nothing. A larger inline list costs more in copying than it saves (blkback serving 4 KiB
+/// reads, callgrind: 438k instructions with room for 8, 406k for 4, 519k on the heap).
+pub const INLINE_MAPPINGS: usize = 4;
 
 /// The mappings of several grants, in order ([`MapCache::get_all`]): inline up to
 /// [`INLINE_MAPPINGS`], on the heap beyond.

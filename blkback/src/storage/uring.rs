@@ -415,9 +415,8 @@ const PIPELINE_ENTRIES: u32 = 256;
 /// The `user_data` of the poll on the caller's wake-up fd (slot numbers are far below).
 const POLL_TAG: u64 = u64::MAX;
 
-/// A pipeline op's iovecs: one inline (a 4 KiB request's, which needs no allocation), more
-/// on the heap.
-type Iovecs = smallvec::SmallVec<[libc::iovec; 1]>;
+/// A pipeline op's iovecs: inline up to a 16 KiB request's, on the heap beyond.
+type Iovecs = smallvec::SmallVec<[libc::iovec; xenpv_grant::INLINE_MAPPINGS]>;
 
 /// An op a pipeline has on its ring.
 struct Slot {
