@@ -56,14 +56,18 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace (unit, proptest, ABI probe against libxen-dev)"
 cargo test --workspace
 
-step "the main job, smoke run: xenpv bench disk (one workload, one round, 64 MiB in /tmp)"
+step "the main job, smoke run: xenpv bench disk (one workload, one round, 64 MiB in /tmp and /dev/shm)"
 # It fails if any process does not start, any run completes no I/O, or a pinning fails.
-target/debug/xenpv bench disk --dirs /tmp --size-mib 64 --runtime 1 --rounds 1 \
+target/debug/xenpv bench disk --dirs /tmp,/dev/shm --size-mib 64 --runtime 1 --rounds 1 \
   --only "randread QD1" --json target/bench-smoke.json
 grep -q '"one_cpu"' target/bench-smoke.json || { echo "bench JSON lacks the placement runs" >&2; exit 1; }
 grep -q '"polling_frontend": {' target/bench-smoke.json || { echo "bench JSON lacks the polling-frontend runs" >&2; exit 1; }
 grep -q '"per_round": {' target/bench-smoke.json || { echo "bench JSON lacks the per-round ratios" >&2; exit 1; }
 grep -q '"id": "R8"' target/bench-smoke.json || { echo "bench JSON lacks the goals" >&2; exit 1; }
+# fio's baseline on tmpfs is psync, the engine blkback's copies there amount to.
+[ "$(grep -c '"baseline_engine": "io_uring"' target/bench-smoke.json)" = 1 ] &&
+  [ "$(grep -c '"baseline_engine": "psync"' target/bench-smoke.json)" = 1 ] ||
+  { echo "bench JSON: fio's baseline engines are not io_uring on /tmp and psync on /dev/shm" >&2; exit 1; }
 if [ "$(id -u)" = 0 ]; then
   # As root the guest's memory and fio's buffers are in 2 MiB pages (fio mapped the file).
   grep -q '"base_buffer_pages_kib": 2048' target/bench-smoke.json ||
