@@ -131,6 +131,11 @@ pub struct Queue<P: Abi, M: RingMemory, G: GrantMap> {
     answered: Vec<u32>,
     /// Scratch for `issue`: read and write spans of unfinished steps.
     spans: (Vec<Range>, Vec<Range>),
+    /// Scratch for `serve_chunks` (a queue without a pipeline): the chunk being served, its
+    /// slots, and their statuses; kept so that serving a chunk allocates nothing.
+    chunk: Vec<Prepared<G::Mapping>>,
+    chunk_slots: Vec<u32>,
+    statuses: Vec<i16>,
 }
 
 /// What one round of [`Queue::pump`] did.
@@ -199,6 +204,9 @@ where
             completions: Vec::new(),
             answered: Vec::new(),
             spans: (Vec::new(), Vec::new()),
+            chunk: Vec::new(),
+            chunk_slots: Vec::new(),
+            statuses: Vec::new(),
         };
         q.set_slots(slots);
         q
@@ -258,9 +266,15 @@ where
         self.free.retain(|s| !pending.iter().any(|p| p.slot == *s));
         let mut notify = false;
         for part in pending.chunks(MAX_BATCH_REQUESTS) {
-            let slots: Vec<u32> = part.iter().map(|p| p.slot).collect();
-            let chunk: Vec<_> = part.iter().map(|p| self.prepare(&p.request)).collect();
-            self.answer(&slots, &chunk)?;
+            let mut chunk = std::mem::take(&mut self.chunk);
+            let mut slots = std::mem::take(&mut self.chunk_slots);
+            slots.extend(part.iter().map(|p| p.slot));
+            for p in part {
+                chunk.push(self.prepare(&p.request));
+            }
+            let answered = self.answer(&slots, &chunk);
+            self.recycle(chunk, slots);
+            answered?;
             notify |= self.publish();
         }
         if notify {
@@ -271,11 +285,27 @@ where
 
     /// Executes a chunk (the requests of `slots`) and answers it, in chunk order.
     fn answer(&mut self, slots: &[u32], chunk: &[Prepared<G::Mapping>]) -> xenpv_ring::Result<()> {
-        let statuses = self.execute(chunk);
-        for ((&slot, p), status) in slots.iter().zip(chunk).zip(statuses) {
-            self.respond(slot, p.id, p.operation, status)?;
+        let mut statuses = std::mem::take(&mut self.statuses);
+        statuses.clear();
+        self.execute(chunk, &mut statuses);
+        let mut r = Ok(());
+        for ((&slot, p), &status) in slots.iter().zip(chunk).zip(&statuses) {
+            r = self.respond(slot, p.id, p.operation, status);
+            if r.is_err() {
+                break;
+            }
         }
-        Ok(())
+        self.statuses = statuses;
+        r
+    }
+
+    /// Gives the scratch buffers of a chunk back, emptied: the requests' mappings are released
+    /// here (a request without persistent grants unmaps its pages as it is dropped).
+    fn recycle(&mut self, mut chunk: Vec<Prepared<G::Mapping>>, mut slots: Vec<u32>) {
+        chunk.clear();
+        slots.clear();
+        self.chunk = chunk;
+        self.chunk_slots = slots;
     }
 
     /// Writes the response to the request of `slot` into the ring, then marks it answered
@@ -399,25 +429,34 @@ where
                 Stats::add(&self.stats.ring_full, 1);
             }
             loop {
-                let mut chunk: Vec<Prepared<G::Mapping>> = Vec::new();
-                let mut slots = Vec::new();
+                let mut chunk = std::mem::take(&mut self.chunk);
+                let mut slots = std::mem::take(&mut self.chunk_slots);
                 let mut pages = 0usize;
                 while chunk.len() < MAX_BATCH_REQUESTS && pages < max_pages {
-                    let Some((slot, _, p)) = self.take_request()? else {
-                        break;
-                    };
-                    pages += p.pages();
-                    slots.push(slot);
-                    chunk.push(p);
+                    match self.take_request() {
+                        Ok(Some((slot, _, p))) => {
+                            pages += p.pages();
+                            slots.push(slot);
+                            chunk.push(p);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.recycle(chunk, slots);
+                            return Err(e);
+                        }
+                    }
                 }
                 if chunk.is_empty() {
+                    self.recycle(chunk, slots);
                     break;
                 }
                 // The copies count before any response is written over their ring entries.
                 if let Some(j) = &mut self.journal {
                     j.commit(self.ring.req_cons());
                 }
-                self.answer(&slots, &chunk)?;
+                let answered = self.answer(&slots, &chunk);
+                self.recycle(chunk, slots);
+                answered?;
                 // Published after every chunk, before taking more: the slots are free again.
                 if self.publish() {
                     if early {
@@ -633,15 +672,7 @@ where
                 continue;
             };
             self.window_pages = self.window_pages.saturating_sub(f.p.pages());
-            let status = match (f.p.outcome, &f.failure) {
-                (Err(status), _) => status,
-                (Ok(()), Some(e)) => {
-                    tracing::debug!(id = f.p.id, op = f.p.operation, "request failed: {e}");
-                    RSP_ERROR
-                }
-                (Ok(()), None) => RSP_OKAY,
-            };
-            self.count(&f.p, status);
+            let status = self.status(&f.p, f.failure.as_ref());
             self.respond(slot, f.p.id, f.p.operation, status)?;
         }
         self.answered = done;
@@ -903,30 +934,31 @@ where
         Ok(())
     }
 
-    /// Runs the steps of a chunk of prepared requests in batches and returns each request's
-    /// status, counting statistics.
-    fn execute(&self, chunk: &[Prepared<G::Mapping>]) -> Vec<i16> {
+    /// Runs the steps of a chunk of prepared requests in batches and appends each request's
+    /// status to `statuses`, counting statistics.
+    fn execute(&self, chunk: &[Prepared<G::Mapping>], statuses: &mut Vec<i16>) {
         let storage = self.storage.as_ref();
-        let mut failed: Vec<Option<Failure>> = chunk.iter().map(|_| None).collect();
         if storage.serial() {
             // Op after op in ring order, each done before the next starts: what batches of
-            // non-conflicting ops amount to, without building them.
-            for (i, p) in chunk.iter().enumerate() {
-                if p.outcome.is_err() {
-                    continue;
-                }
-                for step in &p.steps {
-                    let r = step
-                        .op()
-                        .and_then(|op| storage.run(&op).map_err(Failure::Io));
-                    if let Err(e) = r {
-                        failed[i] = Some(e);
-                        break;
+            // non-conflicting ops amount to, without building them (or allocating).
+            for p in chunk {
+                let mut failure = None;
+                if p.outcome.is_ok() {
+                    for step in &p.steps {
+                        let r = step
+                            .op()
+                            .and_then(|op| storage.run(&op).map_err(Failure::Io));
+                        if let Err(e) = r {
+                            failure = Some(e);
+                            break;
+                        }
                     }
                 }
+                statuses.push(self.status(p, failure.as_ref()));
             }
-            return self.statuses(chunk, failed);
+            return;
         }
+        let mut failed: Vec<Option<Failure>> = chunk.iter().map(|_| None).collect();
         let mut batch: Vec<Op<'_>> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
         let run =
@@ -966,28 +998,26 @@ where
             }
         }
         run(&mut batch, &mut owners, &mut failed);
-        self.statuses(chunk, failed)
+        statuses.extend(
+            chunk
+                .iter()
+                .zip(&failed)
+                .map(|(p, f)| self.status(p, f.as_ref())),
+        );
     }
 
-    /// The response status of each request of `chunk` (counted in the statistics), given the
-    /// first failure of each.
-    fn statuses(&self, chunk: &[Prepared<G::Mapping>], failed: Vec<Option<Failure>>) -> Vec<i16> {
-        chunk
-            .iter()
-            .zip(failed)
-            .map(|(p, f)| {
-                let status = match (p.outcome, f) {
-                    (Err(status), _) => status,
-                    (Ok(()), Some(e)) => {
-                        tracing::debug!(id = p.id, op = p.operation, "request failed: {e}");
-                        RSP_ERROR
-                    }
-                    (Ok(()), None) => RSP_OKAY,
-                };
-                self.count(p, status);
-                status
-            })
-            .collect()
+    /// The response status of `p` given its first failure, counted in the statistics.
+    fn status(&self, p: &Prepared<G::Mapping>, failure: Option<&Failure>) -> i16 {
+        let status = match (p.outcome, failure) {
+            (Err(status), _) => status,
+            (Ok(()), Some(e)) => {
+                tracing::debug!(id = p.id, op = p.operation, "request failed: {e}");
+                RSP_ERROR
+            }
+            (Ok(()), None) => RSP_OKAY,
+        };
+        self.count(p, status);
+        status
     }
 
     fn count(&self, p: &Prepared<G::Mapping>, status: i16) {
