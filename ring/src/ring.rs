@@ -126,6 +126,39 @@ impl<P: RingProtocol, M: RingMemory> Shared<P, M> {
         unsafe { self.base.as_ptr().add(HEADER_SIZE + slot * P::ENTRY_SIZE) }
     }
 
+    /// Asks the CPU to bring the cache lines of the entry of ring index `idx` (its first
+    /// `size_of::<T>()` bytes) into this CPU's cache, without waiting for them: a hint, which
+    /// changes nothing that any load or store sees.
+    ///
+    /// A consumer polling the producer index calls it at each poll for the entry it consumes
+    /// next. When the producer publishes, its stores have taken both the index's line and the
+    /// entry's lines away from this CPU: the poll's load of the index and this prefetch of the
+    /// entry then miss together, and the entry is on its way while the index arrives, instead
+    /// of being asked for only once the index says it is there (two cross-core transfers one
+    /// after the other, ~80-100 ns each on our machines).
+    #[inline(always)]
+    fn prefetch<T>(&self, idx: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let start = self.slot(idx) as usize;
+            let mut line = start & !63;
+            let end = start + size_of::<T>();
+            while line < end {
+                // SAFETY: a prefetch is a hint: it reads nothing into the program and cannot
+                // fault, whatever the address; the lines are those of the slot anyway (see
+                // `slot`).
+                unsafe {
+                    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                        line as *const i8,
+                    )
+                };
+                line += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = idx;
+    }
+
     /// Copies the entry of ring index `idx` out as a `T`: every byte is read exactly once, with
     /// volatile loads of the widest word the slot's alignment and `T`'s size allow (see
     /// [`copy_word`]), into a local that is then returned. (A `read_volatile` of the whole struct
@@ -374,6 +407,7 @@ impl<P: RingProtocol, M: RingMemory> FrontRing<P, M> {
     /// protocol error.
     #[inline]
     pub fn unconsumed_responses(&mut self) -> Result<u32> {
+        self.shared.prefetch::<P::Rsp>(self.rsp_cons);
         let rsp_prod = protocol::read_producer(self.shared.index(RSP_PROD));
         self.check_rsp_prod(rsp_prod)?;
         self.rsp_snapshot = rsp_prod;
@@ -530,6 +564,7 @@ impl<P: RingProtocol, M: RingMemory> BackRing<P, M> {
     /// protocol error (`RING_REQUEST_PROD_OVERFLOW`): stop serving this ring.
     #[inline]
     pub fn unconsumed_requests(&mut self) -> Result<u32> {
+        self.shared.prefetch::<P::Req>(self.req_cons);
         let req_prod = protocol::read_producer(self.shared.index(REQ_PROD));
         let ready = self.check_req_prod(req_prod)?;
         self.req_snapshot = req_prod;
