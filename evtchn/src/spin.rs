@@ -42,22 +42,66 @@ pub fn spin_until(budget: SpinBudget, mut ready: impl FnMut() -> bool) -> bool {
         }
         SpinBudget::Duration(d) => {
             let start = Instant::now();
+            let mut checks = 0u32;
             loop {
                 // Read the clock once per few polls: it costs more than a poll.
-                for _ in 0..16 {
+                for _ in 0..POLLS_PER_CHECK {
                     if ready() {
                         return true;
                     }
                     std::hint::spin_loop();
                 }
-                if start.elapsed() >= d {
+                let now = Instant::now();
+                if now.saturating_duration_since(start) >= d {
                     return false;
                 }
-                // Let a thread that is ready to run on this CPU have it (the application, or
-                // the peer when both share a CPU): polling then costs only idle time.
-                std::thread::yield_now();
+                checks += 1;
+                if checks >= YIELD_EVERY.get() {
+                    checks = 0;
+                    yield_cpu(now);
+                }
             }
         }
+    }
+}
+
+/// Polls between two readings of the clock in [`spin_until`].
+const POLLS_PER_CHECK: u32 = 16;
+/// The most clock readings between two yields of [`spin_until`] (256 polls, ~10 µs).
+const MAX_CHECKS_PER_YIELD: u32 = 16;
+/// A yield that took this long let another thread run.
+const YIELD_SWITCHED: Duration = Duration::from_micros(3);
+
+thread_local! {
+    /// How many clock readings [`spin_until`] lets pass between two yields on this thread.
+    static YIELD_EVERY: std::cell::Cell<u32> = const { std::cell::Cell::new(1) };
+}
+
+/// Lets a thread that is ready to run on this CPU have it (the application, or the peer when
+/// both share a CPU): polling then costs only idle time. How often a poller yields adapts: a
+/// yield that returns at once (nobody was waiting for this CPU) doubles the polls before the
+/// next, up to [`MAX_CHECKS_PER_YIELD`] readings; one that let another thread run brings
+/// yields back to every reading. A yield is a system call (~0.3 µs here) during which the
+/// poller does not look: at QD1 on tmpfs, where responses come every ~2.5 µs, yielding every
+/// 16 polls left the frontend's thread in `sched_yield` for a third of its waits.
+fn yield_cpu(now: Instant) {
+    yield_cpu_with(now, std::thread::yield_now);
+}
+
+/// [`yield_cpu`] with `yield_now` as the yield.
+fn yield_cpu_with(now: Instant, yield_now: impl FnOnce()) {
+    yield_now();
+    let switched = now.elapsed() >= YIELD_SWITCHED;
+    YIELD_EVERY.with(|e| e.set(next_yield_every(e.get(), switched)));
+}
+
+/// The clock readings between two yields after a yield that let another thread run
+/// (`switched`) or not, when they were `every`.
+fn next_yield_every(every: u32, switched: bool) -> u32 {
+    if switched {
+        1
+    } else {
+        every.saturating_mul(2).clamp(1, MAX_CHECKS_PER_YIELD)
     }
 }
 
@@ -307,6 +351,33 @@ mod tests {
             polls == 3
         }));
         assert_eq!(polls, 3);
+    }
+
+    #[test]
+    fn yields_grow_rare_while_nobody_waits_and_frequent_once_someone_ran() {
+        let mut every = 1;
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            every = next_yield_every(every, false);
+            seen.push(every);
+        }
+        assert_eq!(seen, [2, 4, 8, 16, 16, 16]);
+        assert_eq!(next_yield_every(16, true), 1);
+        assert_eq!(next_yield_every(4, true), 1);
+        assert_eq!(next_yield_every(0, false), 1);
+    }
+
+    #[test]
+    fn a_yield_that_took_long_brings_yields_back() {
+        // Another thread ran: the yield took longer than a system call.
+        YIELD_EVERY.with(|e| e.set(MAX_CHECKS_PER_YIELD));
+        yield_cpu_with(Instant::now(), || {
+            std::thread::sleep(YIELD_SWITCHED * 2);
+        });
+        assert_eq!(YIELD_EVERY.with(|e| e.get()), 1);
+        // Nobody was waiting: at once.
+        yield_cpu_with(Instant::now(), || {});
+        assert_eq!(YIELD_EVERY.with(|e| e.get()), 2);
     }
 
     #[test]
