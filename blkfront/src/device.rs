@@ -130,8 +130,9 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
-fn complete(out: Finished) {
-    for (c, r) in out {
+/// Completes the finished chunks of `out`, leaving it empty (its room kept for the next).
+fn complete(out: &mut Finished) {
+    for (c, r) in out.drain(..) {
         finish(c, r);
     }
 }
@@ -524,7 +525,7 @@ where
                 }
             }
         }
-        complete(out);
+        complete(&mut out);
     }
 
     fn read_num<T: std::str::FromStr>(&self, path: &str) -> Result<Option<T>> {
@@ -880,7 +881,7 @@ where
             if let Err(e) = lock(q).issue(&self.p.grants, &mut out) {
                 tracing::warn!("issuing requests: {e}");
             }
-            complete(out);
+            complete(&mut out);
         }
         xenbus::switch_state(xs, fe, XenbusState::Connected)?;
         Ok(())
@@ -904,6 +905,8 @@ where
         // next waits too, until a response comes, so that a backend that stopped answering
         // costs no CPU.
         let mut gave_up = false;
+        // Finished chunks, completed after each batch: one list for the thread's life.
+        let mut out = Vec::new();
         loop {
             if polling != self.polling.load(Ordering::Relaxed) {
                 polling = !polling;
@@ -934,7 +937,6 @@ where
             // Batches whose callbacks submitted since the last yield (`None`: no yield yet).
             let mut since_yield: Option<u32> = None;
             let r = loop {
-                let mut out = Vec::new();
                 let r = {
                     let mut q = lock(q);
                     match q.process(&self.p.grants, &mut out, RESPONSE_BATCH) {
@@ -950,7 +952,7 @@ where
                     gave_up = false;
                 }
                 let before = SUBMITTED_HERE.get();
-                complete(out);
+                complete(&mut out);
                 if r.is_err() || n < RESPONSE_BATCH {
                     break r;
                 }
@@ -1079,7 +1081,7 @@ where
                     out.extend(q.backlog.drain(..).map(|c| (c, Err(e.clone()))));
                 }
             }
-            complete(out);
+            complete(&mut out);
         }
     }
 

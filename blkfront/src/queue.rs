@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use xenpv_evtchn::{EventChannel, Port};
 use xenpv_grant::{Access, DomId, GrantMemory, GrantShare, Revoke, SharedPages, PAGE_SIZE};
 use xenpv_ring::blkif::{
@@ -200,7 +201,7 @@ pub(crate) fn pool_limit(pool_pages: usize, max_segments: usize) -> usize {
 enum Pages<S> {
     None,
     /// (chunk, page) pairs in the persistent pool.
-    Pool(Vec<(u32, u32)>),
+    Pool(PoolPages),
     /// Pages granted for this request only.
     Own(S),
 }
@@ -221,14 +222,17 @@ struct Pool<S> {
 }
 
 pub(crate) const POOL_CHUNK: usize = 64;
+/// A request's pages in the persistent pool: held inline up to a direct request's
+/// [`MAX_SEGMENTS_PER_REQUEST`], so that a request of up to 44 KiB costs no heap allocation.
+type PoolPages = SmallVec<[(u32, u32); MAX_SEGMENTS_PER_REQUEST]>;
 /// The largest `ring-page-order` asked for (16 pages, as Linux's blkfront).
 pub(crate) const MAX_RING_ORDER: u32 = 4;
 const _: () = assert!(POOL_CHUNK == u64::BITS as usize);
 
 impl<S> Pool<S> {
     /// The lowest `n` free pages as (chunk, page), ascending; the caller checked `nfree`.
-    fn take(&mut self, n: usize) -> Vec<(u32, u32)> {
-        let mut v = Vec::with_capacity(n);
+    fn take(&mut self, n: usize) -> PoolPages {
+        let mut v = PoolPages::with_capacity(n);
         for (c, m) in self.free.iter_mut().enumerate() {
             while *m != 0 && v.len() < n {
                 v.push((c as u32, m.trailing_zeros()));
@@ -242,7 +246,7 @@ impl<S> Pool<S> {
         v
     }
 
-    fn put(&mut self, v: Vec<(u32, u32)>) {
+    fn put(&mut self, v: PoolPages) {
         for (c, p) in v {
             if let Some(m) = self.free.get_mut(c as usize) {
                 if *m & (1 << p) == 0 {
@@ -799,7 +803,7 @@ where
                     Access::ReadOnly
                 };
                 let data = self.take_pages(g, nseg, access)?;
-                let segs: Vec<BlkifRequestSegment> = (0..nseg)
+                let segs: SmallVec<[BlkifRequestSegment; MAX_SEGMENTS_PER_REQUEST]> = (0..nseg)
                     .map(|i| {
                         let bytes = (len - i * PAGE_SIZE).min(PAGE_SIZE);
                         BlkifRequestSegment::new(
