@@ -140,19 +140,20 @@ impl<P: RingProtocol, M: RingMemory> Shared<P, M> {
     fn prefetch<T>(&self, idx: u32) {
         #[cfg(target_arch = "x86_64")]
         {
-            let start = self.slot(idx) as usize;
-            let mut line = start & !63;
-            let end = start + size_of::<T>();
+            let start = self.slot(idx);
+            let end = start.wrapping_add(size_of::<T>());
+            // Back to the start of the slot's first line (`align_offset` goes forward).
+            let mut line = start.wrapping_sub((64 - start.align_offset(64) % 64) % 64);
             while line < end {
                 // SAFETY: a prefetch is a hint: it reads nothing into the program and cannot
                 // fault, whatever the address; the lines are those of the slot anyway (see
                 // `slot`).
                 unsafe {
                     core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                        line as *const i8,
+                        line.cast_const().cast::<i8>(),
                     )
                 };
-                line += 64;
+                line = line.wrapping_add(64);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
