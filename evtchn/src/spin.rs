@@ -17,7 +17,8 @@ pub enum SpinBudget {
 
 impl Default for SpinBudget {
     /// 50 µs: about twice the cost of a cross-core wake-up on our machines. Polling costs only
-    /// idle CPU time: [`spin_until`] yields to any thread ready to run on the poller's CPU.
+    /// idle CPU time: [`spin_until`] yields to threads ready to run on the poller's CPU (every
+    /// 16 to 256 polls, more often while some are).
     fn default() -> Self {
         SpinBudget::Duration(Duration::from_micros(50))
     }
@@ -83,7 +84,9 @@ thread_local! {
 /// next, up to [`MAX_CHECKS_PER_YIELD`] readings; one that let another thread run brings
 /// yields back to every reading. A yield is a system call (~0.3 µs here) during which the
 /// poller does not look: at QD1 on tmpfs, where responses come every ~2.5 µs, yielding every
-/// 16 polls left the frontend's thread in `sched_yield` for a third of its waits.
+/// 16 polls left the frontend's thread in `sched_yield` for a third of its waits. (Under
+/// EEVDF a yield may also return at once with threads waiting, those that have had more than
+/// their share: it then counts as nobody waiting, rightly.)
 fn yield_cpu(now: Instant) {
     yield_cpu_with(now, std::thread::yield_now);
 }
