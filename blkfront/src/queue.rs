@@ -223,7 +223,7 @@ struct Pool<S> {
 
 pub(crate) const POOL_CHUNK: usize = 64;
 /// A request's pages in the persistent pool: held inline up to a direct request's
-/// [`MAX_SEGMENTS_PER_REQUEST`], so that a request of up to 44 KiB costs no heap allocation.
+/// [`MAX_SEGMENTS_PER_REQUEST`]: the page list of a request of up to 44 KiB is not allocated.
 type PoolPages = SmallVec<[(u32, u32); MAX_SEGMENTS_PER_REQUEST]>;
 /// The largest `ring-page-order` asked for (16 pages, as Linux's blkfront).
 pub(crate) const MAX_RING_ORDER: u32 = 4;
