@@ -355,13 +355,28 @@ impl<G: GrantMap> MapCache<G> {
     {
         self.give_way();
         let grefs = grefs.into_iter();
-        let got: SmallVec<[Option<Arc<G::Mapping>>; INLINE_MAPPINGS]> = grefs
-            .clone()
-            .map(|g| self.lookup(domid, g, access))
-            .collect();
+        // Every grant cached (a peer's working set within the cache, the steady state): the
+        // hits go straight into the list returned.
+        let mut hits = Mappings::new();
+        let mut rest = grefs.clone();
+        loop {
+            let Some(g) = rest.next() else {
+                return Ok(Some(hits));
+            };
+            match self.lookup(domid, g, access) {
+                Some(m) => hits.push(m),
+                None => break,
+            }
+        }
+        // Some missed: each grant looked up once all the same, the hits held (in use, so
+        // that `room` does not count them as evictable) while the room is counted.
+        let mut got: SmallVec<[Option<Arc<G::Mapping>>; INLINE_MAPPINGS]> =
+            hits.into_iter().map(Some).collect();
+        got.push(None);
+        got.extend(rest.map(|g| self.lookup(domid, g, access)));
         let misses = got.iter().filter(|m| m.is_none()).count();
         // `room` scans the slots: only when something missed, not on every all-hit request.
-        if misses > 0 && misses > self.room() {
+        if misses > self.room() {
             self.stats.uncached += misses as u64;
             return Ok(None);
         }

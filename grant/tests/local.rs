@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xenpv_grant::flags::*;
@@ -619,6 +620,46 @@ fn mapping_cache_maps_a_request_through_it_or_leaves_it_whole_when_there_is_no_r
     assert!(cache.len() <= 6);
     assert_eq!(cache.stats().evictions, 2);
     drop((b, c));
+    cache.clear();
+}
+
+/// A request whose pages are all cached is served from the cache alone; one with a miss among
+/// hits gets its mappings in the request's order, each grant looked up once.
+#[test]
+fn mapping_cache_serves_a_request_in_order_around_a_miss_and_all_hits_without_mapping() {
+    let p = Platform::new();
+    let (front, back) = (p.client(FRONT), p.client(BACK));
+    let s = numbered_pages(&front, 4);
+    let g = s.grefs();
+    let mut cache = MapCache::new(back, 6);
+    let first = cache
+        .get_all(FRONT, [g[0], g[1]], Access::ReadOnly)
+        .unwrap()
+        .expect("room");
+    // A hit, a miss, a hit.
+    let asked = p.broker.requests();
+    let mixed = cache
+        .get_all(FRONT, [g[0], g[3], g[1]], Access::ReadOnly)
+        .unwrap()
+        .expect("room for one miss");
+    let pages: Vec<u32> = mixed
+        .iter()
+        .map(|m| m.volatile().read_u32(0).unwrap())
+        .collect();
+    assert_eq!(pages, [1, 4, 2]);
+    assert!(Arc::ptr_eq(&mixed[0], &first[0]) && Arc::ptr_eq(&mixed[2], &first[1]));
+    assert_eq!((cache.stats().hits, cache.stats().misses), (2, 3));
+    assert_eq!(p.broker.requests(), asked + 1, "one page mapped");
+    // All hits: nothing mapped, the same mappings.
+    let asked = p.broker.requests();
+    let again = cache
+        .get_all(FRONT, [g[0], g[3], g[1]], Access::ReadOnly)
+        .unwrap()
+        .expect("all cached");
+    assert!(again.iter().zip(&mixed).all(|(a, b)| Arc::ptr_eq(a, b)));
+    assert_eq!((cache.stats().hits, cache.stats().misses), (5, 3));
+    assert_eq!(p.broker.requests(), asked, "nothing mapped");
+    drop((first, mixed, again));
     cache.clear();
 }
 
