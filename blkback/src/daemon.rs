@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use xenpv_evtchn::EventChannel;
 use xenpv_grant::GrantMap;
+use xenpv_xenstore::xenbus::Changes;
 use xenpv_xenstore::XsOps;
 
-use crate::device::{self, Config, Platform};
+use crate::device::{self, Config, Platform, RECHECK};
 use crate::queue::Stats;
 
 /// Why the daemon stopped.
@@ -137,6 +138,7 @@ where
             cfg.persistent_budget.total()
         );
     }
+    let mut changes = Changes::new(&[&watch], RECHECK);
     let mut last_ping = Instant::now();
     let mut last_status = Instant::now() - Duration::from_secs(10);
     while !stop.load(Ordering::SeqCst) {
@@ -147,62 +149,65 @@ where
                 last_ping = Instant::now();
             }
         }
-        // Every device directory: <base>/<frontend domid>/<devid>.
-        let mut present = Vec::new();
-        let fronts = match p.xs.directory(&base) {
-            Ok(v) => v,
-            Err(e) if e.is_not_found() => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
-        for f in fronts {
-            let devs = match p.xs.directory(&format!("{base}/{f}")) {
+        // Every device directory: <base>/<frontend domid>/<devid>, read again when the watch
+        // fires (or every `RECHECK`): between changes the loop sends xenstored nothing.
+        if changes.due() {
+            let mut present = Vec::new();
+            let fronts = match p.xs.directory(&base) {
                 Ok(v) => v,
                 Err(e) if e.is_not_found() => Vec::new(),
                 Err(e) => return Err(e.into()),
             };
-            for d in devs {
-                present.push(format!("{base}/{f}/{d}"));
-            }
-        }
-        devices.retain(|path, s| !s.thread.is_finished() || present.contains(path));
-        for path in present {
-            if devices.contains_key(&path) {
-                continue;
-            }
-            // A finished device thread whose directory still exists: its device was
-            // unplugged (online=0) and awaits removal; don't serve it again.
-            if p.xs.read_opt(&format!("{path}/online"))?.as_deref() == Some(b"0".as_slice()) {
-                continue;
-            }
-            let stats = Arc::new(Mutex::new(None));
-            let (p2, cfg2, path2, stats2, stop2) = (
-                p.clone(),
-                cfg.clone(),
-                path.clone(),
-                stats.clone(),
-                stop.clone(),
-            );
-            let thread = std::thread::Builder::new()
-                .name(format!(
-                    "vbd-{}",
-                    path.rsplit('/').take(2).collect::<Vec<_>>().join("-")
-                ))
-                .spawn(move || {
-                    match device::serve_until(&p2, &path2, &cfg2, &stop2, |s| {
-                        if let Ok(mut slot) = stats2.lock() {
-                            *slot = Some(s);
-                        }
-                    }) {
-                        Ok(_) if stop2.load(Ordering::SeqCst) => {}
-                        Ok(_) => tracing::info!("{path2}: unplugged"),
-                        Err(e) => tracing::warn!("{path2}: {e}"),
-                    }
-                });
-            match thread {
-                Ok(thread) => {
-                    devices.insert(path, Served { thread, stats });
+            for f in fronts {
+                let devs = match p.xs.directory(&format!("{base}/{f}")) {
+                    Ok(v) => v,
+                    Err(e) if e.is_not_found() => Vec::new(),
+                    Err(e) => return Err(e.into()),
+                };
+                for d in devs {
+                    present.push(format!("{base}/{f}/{d}"));
                 }
-                Err(e) => tracing::warn!("cannot start a device thread for {path}: {e}"),
+            }
+            devices.retain(|path, s| !s.thread.is_finished() || present.contains(path));
+            for path in present {
+                if devices.contains_key(&path) {
+                    continue;
+                }
+                // A finished device thread whose directory still exists: its device was
+                // unplugged (online=0) and awaits removal; don't serve it again.
+                if p.xs.read_opt(&format!("{path}/online"))?.as_deref() == Some(b"0".as_slice()) {
+                    continue;
+                }
+                let stats = Arc::new(Mutex::new(None));
+                let (p2, cfg2, path2, stats2, stop2) = (
+                    p.clone(),
+                    cfg.clone(),
+                    path.clone(),
+                    stats.clone(),
+                    stop.clone(),
+                );
+                let thread = std::thread::Builder::new()
+                    .name(format!(
+                        "vbd-{}",
+                        path.rsplit('/').take(2).collect::<Vec<_>>().join("-")
+                    ))
+                    .spawn(move || {
+                        match device::serve_until(&p2, &path2, &cfg2, &stop2, |s| {
+                            if let Ok(mut slot) = stats2.lock() {
+                                *slot = Some(s);
+                            }
+                        }) {
+                            Ok(_) if stop2.load(Ordering::SeqCst) => {}
+                            Ok(_) => tracing::info!("{path2}: unplugged"),
+                            Err(e) => tracing::warn!("{path2}: {e}"),
+                        }
+                    });
+                match thread {
+                    Ok(thread) => {
+                        devices.insert(path, Served { thread, stats });
+                    }
+                    Err(e) => tracing::warn!("cannot start a device thread for {path}: {e}"),
+                }
             }
         }
         if let Some(path) = &status {
@@ -211,7 +216,7 @@ where
                 last_status = Instant::now();
             }
         }
-        let _ = watch.next_timeout(round_wait(watchdog, last_ping.elapsed()));
+        changes.wait(round_wait(watchdog, last_ping.elapsed()));
     }
     // Stopping (SIGTERM, e.g. `systemctl restart`) is not unplugging: every device thread
     // answers the requests its queues consumed and returns, leaving the device Connected and
@@ -240,7 +245,9 @@ where
     Ok(())
 }
 
-/// How long the run loop waits for a change under `backend/vbd` before looking again anyway.
+/// How long the run loop waits for a change under `backend/vbd` before its next round (the
+/// status file, the device threads); it reads the directory again only on a change or every
+/// [`RECHECK`].
 const POLL: Duration = Duration::from_millis(250);
 
 /// How long the run loop may wait before its next round: [`POLL`], but never past the moment

@@ -12,12 +12,17 @@ use xenpv_evtchn::{EventChannel, HybridPoll, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantMap, MapBudget, MapCache};
 use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
-use xenpv_xenstore::{xenbus, Client, XenbusState, XsOps};
+use xenpv_xenstore::xenbus::{self, Changes};
+use xenpv_xenstore::{Client, XenbusState, XsOps};
 
 use crate::journal::{self, Identity, Journal, QueueIdentity, QueueJournal, Recovered};
 use crate::queue::{Abi, Queue, Stats};
 use crate::request::Limits;
 use crate::storage::{open_storage, Engine, Storage, StorageOptions};
+
+/// The longest a device thread or the daemon's loop goes without reading the xenstore nodes it
+/// follows while no watch fires: a safety net, as a watch event is what says to look.
+pub(crate) const RECHECK: Duration = Duration::from_secs(5);
 
 /// Tunables of the daemon.
 #[derive(Debug, Clone)]
@@ -288,6 +293,7 @@ where
         storage: &storage,
         stats: &stats,
         watch: &watch,
+        be_watch: &be_watch,
         shutdown,
         journal: journal_path.as_deref(),
     };
@@ -363,41 +369,45 @@ where
             }
             xenbus::switch_state(xs, be, XenbusState::InitWait)?;
             // Wait for the frontend to publish its rings (or to go away).
+            // Read again when a watch fires (or every `RECHECK`): a frontend that never comes
+            // (a guest without PV drivers) costs xenstored nothing.
+            let mut changes = Changes::new(&[&watch, &be_watch], RECHECK);
             let fstate = loop {
                 if shutdown.load(Ordering::SeqCst) {
                     return Ok(stats);
                 }
-                let s = frontend_state(xs, &fe)?;
-                if !xs.exists(be)? {
-                    dev.forget();
-                    return Ok(stats);
-                }
-                if s != XenbusState::Connected {
-                    stale = false;
-                }
-                match s {
-                    XenbusState::Connected if stale => {}
-                    XenbusState::Initialised | XenbusState::Connected => break s,
-                    XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
-                        if read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
-                            let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
-                            dev.forget();
-                            return Ok(stats);
-                        }
-                        if matches!(s, XenbusState::Closing | XenbusState::Closed) {
-                            // Follow the frontend to Closed (as Linux blkback does).
-                            let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
-                        }
+                if changes.due() {
+                    let s = frontend_state(xs, &fe)?;
+                    if !xs.exists(be)? {
+                        dev.forget();
+                        return Ok(stats);
                     }
-                    XenbusState::Initialising => {
-                        // The frontend (re)starts: offer the device again ("prepare for
-                        // reconnect"), also after following it to Closed.
-                        xenbus::switch_state(xs, be, XenbusState::InitWait)?;
+                    if s != XenbusState::Connected {
+                        stale = false;
                     }
-                    _ => {}
+                    match s {
+                        XenbusState::Connected if stale => {}
+                        XenbusState::Initialised | XenbusState::Connected => break s,
+                        XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
+                            if read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
+                                let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
+                                dev.forget();
+                                return Ok(stats);
+                            }
+                            if matches!(s, XenbusState::Closing | XenbusState::Closed) {
+                                // Follow the frontend to Closed (as Linux blkback does).
+                                let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
+                            }
+                        }
+                        XenbusState::Initialising => {
+                            // The frontend (re)starts: offer the device again ("prepare for
+                            // reconnect"), also after following it to Closed.
+                            xenbus::switch_state(xs, be, XenbusState::InitWait)?;
+                        }
+                        _ => {}
+                    }
                 }
-                let _ = watch.next_timeout(Duration::from_millis(500));
-                while be_watch.events().try_recv().is_ok() {}
+                changes.wait(Duration::from_millis(500));
             };
             tracing::info!(?fstate, "frontend ready: connecting");
             dev.connect(limits(), None)
@@ -442,20 +452,23 @@ where
         }
         let _ = xenbus::switch_state(xs, be, XenbusState::Closed);
         // Reconnect when the frontend comes back (Initialising), unless unplugged.
+        let mut changes = Changes::new(&[&watch, &be_watch], RECHECK);
         loop {
             if shutdown.load(Ordering::SeqCst) {
                 return Ok(stats);
             }
-            if !xs.exists(be)? || read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
-                return Ok(stats);
+            if changes.due() {
+                if !xs.exists(be)? || read(xs, &format!("{be}/online"))?.as_deref() == Some("0") {
+                    return Ok(stats);
+                }
+                if matches!(
+                    frontend_state(xs, &fe)?,
+                    XenbusState::Initialising | XenbusState::Initialised
+                ) {
+                    break;
+                }
             }
-            if matches!(
-                frontend_state(xs, &fe)?,
-                XenbusState::Initialising | XenbusState::Initialised
-            ) {
-                break;
-            }
-            let _ = watch.next_timeout(Duration::from_millis(500));
+            changes.wait(Duration::from_millis(500));
         }
     }
 }
@@ -488,6 +501,8 @@ struct Dev<'a, G, E> {
     storage: &'a Arc<dyn Storage>,
     stats: &'a Arc<Stats>,
     watch: &'a xenpv_xenstore::Watch,
+    /// The backend directory's watch (the toolstack unplugging or removing the device).
+    be_watch: &'a xenpv_xenstore::Watch,
     shutdown: &'a AtomicBool,
     journal: Option<&'a Path>,
 }
@@ -813,6 +828,9 @@ where
     /// shuts down; announces online growth of the disk.
     fn supervise(&self, running: &Running, mut announced: u64) -> Result<Outcome> {
         let (xs, be, fe) = (&self.p.xs, self.be, self.fe);
+        // The nodes are read when a watch fires (and every `RECHECK`); the flags and the
+        // store's size at every round.
+        let mut changes = Changes::new(&[self.watch, self.be_watch], RECHECK);
         loop {
             if self.shutdown.load(Ordering::SeqCst) {
                 return Ok(Outcome::Shutdown);
@@ -820,15 +838,17 @@ where
             if running.stop.load(Ordering::SeqCst) {
                 return Ok(Outcome::Disconnected);
             }
-            match frontend_state(xs, fe)? {
-                XenbusState::Closing
-                | XenbusState::Closed
-                | XenbusState::Unknown
-                | XenbusState::Initialising => return Ok(Outcome::Disconnected),
-                _ => {}
-            }
-            if !xs.exists(be)? {
-                return Ok(Outcome::Disconnected);
+            if changes.due() {
+                match frontend_state(xs, fe)? {
+                    XenbusState::Closing
+                    | XenbusState::Closed
+                    | XenbusState::Unknown
+                    | XenbusState::Initialising => return Ok(Outcome::Disconnected),
+                    _ => {}
+                }
+                if !xs.exists(be)? {
+                    return Ok(Outcome::Disconnected);
+                }
             }
             // Online resize: a store that grew or shrank is announced as Linux's blkback
             // does, by rewriting `sectors` and then `state` so that the frontend's watch
@@ -850,7 +870,7 @@ where
                     announced = sectors;
                 }
             }
-            let _ = self.watch.next_timeout(Duration::from_millis(200));
+            changes.wait(Duration::from_millis(200));
         }
     }
 }

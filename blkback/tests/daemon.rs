@@ -666,3 +666,57 @@ fn an_x86_32_abi_frontend_is_served() {
         );
     }
 }
+
+/// Between changes an idle device costs xenstored next to nothing: the daemon and its device
+/// threads read the nodes they follow when a watch fires (and every few seconds as a safety
+/// net), not at every round. Both waiting for a frontend (a guest without PV drivers never
+/// comes) and connected without I/O. A change is still followed at once.
+#[test]
+fn an_idle_device_sends_xenstored_next_to_nothing_and_still_follows_changes() {
+    let s = setup();
+    let xenstored = s._daemon.xenstore();
+    let xs = Client::connect_local(&s.root, 1).unwrap();
+    let fe = "/local/domain/1/device/vbd/51712";
+    let be = "/local/domain/0/backend/vbd/1/51712";
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::InitWait, T).unwrap();
+    // dom0's requests over 2 s, once the reads that follow its own last writes are done: the
+    // daemon's loop and the device thread, nothing else of dom0's is connected. Each reads
+    // again at most once per 5 s without a change (up to 7 requests together); polling every
+    // round sent 41.
+    let idle = || {
+        std::thread::sleep(Duration::from_millis(500));
+        let before = xenstored.requests_from(0);
+        std::thread::sleep(Duration::from_secs(2));
+        xenstored.requests_from(0) - before
+    };
+    let waiting = idle();
+    assert!(
+        waiting <= 10,
+        "{waiting} requests in 2 s waiting for the frontend"
+    );
+
+    let grants = LocalGrants::connect(LocalGrants::socket_path(&s.root, 1)).unwrap();
+    let evtchn = LocalEvtchn::connect(xenpv_evtchn::local::socket_path(&s.root, 1)).unwrap();
+    let ring_page = grants.share(0, 1, Access::Writable).unwrap();
+    let _ring = FrontRing::<Blkif, _>::init(&ring_page).unwrap();
+    let port = evtchn.bind_unbound(0).unwrap();
+    xs.write_str(&format!("{fe}/ring-ref"), &ring_page.grefs()[0].to_string())
+        .unwrap();
+    xs.write_str(&format!("{fe}/event-channel"), &port.to_string())
+        .unwrap();
+    xenbus::switch_state(&xs, fe, XenbusState::Initialised).unwrap();
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Connected, T).unwrap();
+    xenbus::switch_state(&xs, fe, XenbusState::Connected).unwrap();
+    let connected = idle();
+    assert!(connected <= 10, "{connected} requests in 2 s connected");
+
+    // The frontend closes: followed through the watch, well before the 5 s safety net.
+    let t = std::time::Instant::now();
+    xenbus::switch_state(&xs, fe, XenbusState::Closing).unwrap();
+    xenbus::wait_for_peer_state(&xs, be, |s| s == XenbusState::Closed, T).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "closing followed after {:?}",
+        t.elapsed()
+    );
+}

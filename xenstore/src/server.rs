@@ -479,6 +479,8 @@ struct State {
     quotas: Quotas,
     next_conn: u64,
     next_tx: u32,
+    /// Requests received, per domain.
+    requests: HashMap<u32, u64>,
 }
 
 impl State {
@@ -635,8 +637,15 @@ impl Server {
                 quotas,
                 next_conn: 1,
                 next_tx: 1,
+                requests: HashMap::new(),
             })),
         }
+    }
+
+    /// How many requests domain `domid`'s connections have sent (to see what a client costs
+    /// xenstored).
+    pub fn requests_from(&self, domid: u32) -> u64 {
+        lock(&self.state).requests.get(&domid).copied().unwrap_or(0)
     }
 
     /// Records that domain `domid` exists and fires `@introduceDomain`.
@@ -874,6 +883,7 @@ impl Server {
         let ty = MsgType::from_u32(h.ty);
         let res = {
             let mut st = lock(&self.state);
+            *st.requests.entry(domid).or_default() += 1;
             match ty {
                 Some(t) => self.dispatch(&mut st, id, domid, t, h.tx_id, payload, &mut after),
                 None => Err(Errno::EINVAL),

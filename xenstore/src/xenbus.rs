@@ -242,3 +242,63 @@ mod tests {
         assert!(backend_path(Connected, Reconfiguring).is_err());
     }
 }
+
+/// Tells a loop that follows xenstore nodes when to read them again: when one of its watches
+/// fired (an event is only a hint to re-read), when a watch dropped events (its channel was
+/// full), when the connection broke (the read then reports it), and at least every `recheck`.
+/// A loop that wakes often for other reasons (its own flags, a watchdog) then sends xenstored
+/// nothing while nothing changes, as Linux's drivers, which only follow watches, do.
+#[derive(Debug)]
+pub struct Changes<'a> {
+    watches: Vec<&'a crate::Watch>,
+    recheck: Duration,
+    dropped: u64,
+    last: Option<Instant>,
+    fired: bool,
+}
+
+impl<'a> Changes<'a> {
+    /// Follows `watches` ([`wait`](Self::wait) sleeps on the first), re-reading at least every
+    /// `recheck`. The first [`due`](Self::due) is true.
+    pub fn new(watches: &[&'a crate::Watch], recheck: Duration) -> Self {
+        Self {
+            watches: watches.to_vec(),
+            recheck,
+            dropped: 0,
+            last: None,
+            fired: false,
+        }
+    }
+
+    /// Whether the nodes should be read now; if so, from now on the reading counts as done.
+    pub fn due(&mut self) -> bool {
+        let dropped = self.watches.iter().map(|w| w.dropped()).sum();
+        let due = self.fired
+            || dropped != self.dropped
+            || self.last.map_or(true, |t| t.elapsed() >= self.recheck);
+        if due {
+            self.fired = false;
+            self.dropped = dropped;
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Waits at most `timeout` for an event on the first watch, then takes the events waiting
+    /// on every watch. A connection gone makes the next [`due`](Self::due) true at once.
+    pub fn wait(&mut self, timeout: Duration) {
+        let Some(first) = self.watches.first() else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        match first.next_timeout(timeout) {
+            Err(Error::Timeout { .. }) => {}
+            _ => self.fired = true,
+        }
+        for w in &self.watches {
+            while w.events().try_recv().is_ok() {
+                self.fired = true;
+            }
+        }
+    }
+}

@@ -355,3 +355,43 @@ fn client_is_shared_between_threads() {
     }
     assert_eq!(c.directory("/mt").unwrap().len(), 4);
 }
+
+#[test]
+fn changes_say_to_read_again_on_an_event_a_dropped_event_or_the_recheck_only() {
+    let env = Env::new(&[]);
+    let c = env.client(0);
+    let a = c.watch("/a").unwrap();
+    let b = c.watch_with_capacity("/b", 1).unwrap();
+    // The events of registration.
+    a.next_timeout(T).unwrap();
+    b.next_timeout(T).unwrap();
+    let mut changes = xenbus::Changes::new(&[&a, &b], Duration::from_secs(60));
+    assert!(changes.due(), "the first time");
+    assert!(!changes.due());
+    changes.wait(Duration::from_millis(100));
+    assert!(!changes.due(), "no event, no recheck yet");
+    // An event on the first watch ends the wait; one on another is taken after it.
+    c.write_str("/a/x", "1").unwrap();
+    changes.wait(T);
+    assert!(changes.due());
+    c.write_str("/b/y", "1").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    changes.wait(Duration::from_millis(10));
+    assert!(changes.due());
+    assert!(!changes.due());
+    // Events dropped from a full channel: due even with none left to take.
+    for i in 0..5 {
+        c.write_str("/b/y", &i.to_string()).unwrap();
+    }
+    assert_eq!(c.read_string("/b/y").unwrap(), "4");
+    assert!(b.dropped() > 0);
+    assert!(changes.due());
+    while b.events().try_recv().is_ok() {}
+    assert!(!changes.due());
+    // The recheck: due without any event once it has passed.
+    let mut quick = xenbus::Changes::new(&[&a], Duration::from_millis(50));
+    assert!(quick.due());
+    assert!(!quick.due());
+    std::thread::sleep(Duration::from_millis(60));
+    assert!(quick.due());
+}
