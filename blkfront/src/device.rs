@@ -10,7 +10,8 @@ use xenpv_evtchn::{EventChannel, HybridPoll, Port, SpinBudget};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
 use xenpv_ring::blkif::{Blkif, VDISK_READONLY};
 use xenpv_ring::FrontRing;
-use xenpv_xenstore::{xenbus, XenbusState, XsOps};
+use xenpv_xenstore::xenbus::{self, Changes};
+use xenpv_xenstore::{XenbusState, XsOps};
 
 use crate::queue::RingState;
 use crate::queue::{
@@ -51,6 +52,10 @@ pub const POLL_LIMIT: Duration = Duration::from_secs(1);
 
 /// See `YIELD_OFTEN_AFTER_WAITS`.
 const YIELD_EVERY: u32 = 4;
+
+/// The longest the control thread goes without reading the backend's state while its watch
+/// does not fire: a safety net, as a watch event is what says to look.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// What the backend told us about the disk, and what was negotiated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -1098,14 +1103,20 @@ where
                 None
             }
         };
+        // The backend's state is read when its watch fires (or every `RECHECK`), not at every
+        // round: a connected disk costs xenstored nothing while nothing changes.
+        let mut changes = watch.as_ref().map(|w| Changes::new(&[w], RECHECK));
         loop {
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
             // Whether the backend's state node may have been rewritten since the last look:
-            // its watch fired (or there is no watch to tell).
-            let fired = match &watch {
-                Some(w) => w.next_timeout(Duration::from_millis(100)).is_ok(),
+            // its watch fired, or a recheck is due (or there is no watch to tell).
+            let fired = match &mut changes {
+                Some(c) => {
+                    c.wait(Duration::from_millis(100));
+                    c.due()
+                }
                 None => {
                     std::thread::sleep(Duration::from_millis(100));
                     true
@@ -1125,10 +1136,13 @@ where
                 let _ = xenbus::switch_state(&xs, &self.fe, XenbusState::Closing);
                 return;
             }
+            if !fired {
+                continue;
+            }
             let s = xenbus::read_state(&xs, &self.be).unwrap_or(XenbusState::Unknown);
             if s == XenbusState::Connected {
                 // A backend that is Connected again while we are: an online resize.
-                if fired && self.phase.load(Ordering::SeqCst) == CONNECTED {
+                if self.phase.load(Ordering::SeqCst) == CONNECTED {
                     self.resize(&xs);
                 }
                 continue;

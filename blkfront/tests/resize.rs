@@ -217,3 +217,24 @@ fn a_hostile_sectors_node_is_ignored_and_a_shrink_is_applied() {
     dev.close().unwrap();
     backend.join().unwrap();
 }
+
+/// A connected disk without I/O costs xenstored next to nothing: the control thread reads the
+/// backend's state when its watch fires (a resize, a reconnect: the tests above), and otherwise
+/// at most every few seconds, not at every round of its loop.
+#[test]
+fn a_connected_idle_disk_sends_xenstored_next_to_nothing() {
+    let env = env(OLD as usize);
+    let _b = start_backend(&env, Default::default());
+    let dev = connect(&env, Options::default());
+    assert_eq!(dev.size(), OLD);
+    std::thread::sleep(Duration::from_millis(500));
+    // The guest's (domain 1's) requests: blkfront's alone.
+    let xenstored = env.daemon.xenstore();
+    let before = xenstored.requests_from(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = xenstored.requests_from(1) - before;
+    // At most one recheck (the state, then the size): polling every 100 ms sent about 20.
+    assert!(sent <= 4, "{sent} requests in 2 s");
+    let mut buf = [0u8; 512];
+    dev.read_at(&mut buf, 0).unwrap();
+}
