@@ -205,44 +205,6 @@ pub fn wait_for_peer_state(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::XenbusState::*;
-    use super::*;
-
-    #[test]
-    fn parse_states() {
-        assert_eq!(XenbusState::parse(b"4"), Some(Connected));
-        assert_eq!(XenbusState::parse(b"6\0"), Some(Closed));
-        assert_eq!(XenbusState::parse(b"9"), None);
-        assert_eq!(XenbusState::parse(b"x"), None);
-        assert_eq!(Connected.as_value(), "4");
-    }
-
-    #[test]
-    fn shortest_paths() {
-        assert_eq!(
-            backend_path(Initialising, Connected).unwrap(),
-            vec![InitWait, Connected]
-        );
-        assert_eq!(
-            backend_path(Connected, Closed).unwrap(),
-            vec![Closing, Closed]
-        );
-        assert_eq!(
-            backend_path(Closed, Connected).unwrap(),
-            vec![InitWait, Connected]
-        );
-        assert_eq!(
-            backend_path(Connected, InitWait).unwrap(),
-            vec![Closing, Closed, InitWait]
-        );
-        assert_eq!(backend_path(Closing, Closing).unwrap(), vec![]);
-        assert!(backend_path(Connected, Initialised).is_err());
-        assert!(backend_path(Connected, Reconfiguring).is_err());
-    }
-}
-
 /// Tells a loop that follows xenstore nodes when to read them again: when one of its watches
 /// fired (an event is only a hint to re-read), when a watch dropped events (its channel was
 /// full), when the connection broke (the read then reports it), and at least every `recheck`.
@@ -300,5 +262,43 @@ impl<'a> Changes<'a> {
                 self.fired = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::XenbusState::*;
+    use super::*;
+
+    #[test]
+    fn parse_states() {
+        assert_eq!(XenbusState::parse(b"4"), Some(Connected));
+        assert_eq!(XenbusState::parse(b"6\0"), Some(Closed));
+        assert_eq!(XenbusState::parse(b"9"), None);
+        assert_eq!(XenbusState::parse(b"x"), None);
+        assert_eq!(Connected.as_value(), "4");
+    }
+
+    #[test]
+    fn shortest_paths() {
+        assert_eq!(
+            backend_path(Initialising, Connected).unwrap(),
+            vec![InitWait, Connected]
+        );
+        assert_eq!(
+            backend_path(Connected, Closed).unwrap(),
+            vec![Closing, Closed]
+        );
+        assert_eq!(
+            backend_path(Closed, Connected).unwrap(),
+            vec![InitWait, Connected]
+        );
+        assert_eq!(
+            backend_path(Connected, InitWait).unwrap(),
+            vec![Closing, Closed, InitWait]
+        );
+        assert_eq!(backend_path(Closing, Closing).unwrap(), vec![]);
+        assert!(backend_path(Connected, Initialised).is_err());
+        assert!(backend_path(Connected, Reconfiguring).is_err());
     }
 }
