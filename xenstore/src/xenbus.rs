@@ -247,15 +247,22 @@ impl<'a> Changes<'a> {
     }
 
     /// Waits at most `timeout` for an event on the first watch, then takes the events waiting
-    /// on every watch. A connection gone makes the next [`due`](Self::due) true at once.
+    /// on every watch. With the connection gone it sleeps `timeout`, and the next
+    /// [`due`](Self::due) is true (the caller's read then reports the loss).
     pub fn wait(&mut self, timeout: Duration) {
         let Some(first) = self.watches.first() else {
             std::thread::sleep(timeout);
             return;
         };
         match first.next_timeout(timeout) {
+            Ok(_) => self.fired = true,
             Err(Error::Timeout { .. }) => {}
-            _ => self.fired = true,
+            Err(_) => {
+                // The connection is gone: the channel no longer blocks. Keep the loop's pace
+                // (its read will report the loss) rather than let it spin.
+                self.fired = true;
+                std::thread::sleep(timeout);
+            }
         }
         for w in &self.watches {
             while w.events().try_recv().is_ok() {

@@ -394,4 +394,18 @@ fn changes_say_to_read_again_on_an_event_a_dropped_event_or_the_recheck_only() {
     assert!(!quick.due());
     std::thread::sleep(Duration::from_millis(60));
     assert!(quick.due());
+    // The connection gone: due at once, and a wait still waits (a loop does not spin).
+    env.server.disconnect_domain(0);
+    while c.read_string("/a/x").is_ok() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!quick.due());
+    let t = std::time::Instant::now();
+    quick.wait(Duration::from_millis(100));
+    assert!(
+        t.elapsed() >= Duration::from_millis(90),
+        "waited {:?}",
+        t.elapsed()
+    );
+    assert!(quick.due());
 }
