@@ -571,6 +571,12 @@ impl UringPipeline {
         }
     }
 
+    /// Whether the kernel holds completions as task work, announced by the ring's
+    /// `IORING_SQ_TASKRUN` flag (a ring set up with `TASKRUN_FLAG` only; see the module docs).
+    fn task_work_waiting(&mut self) -> bool {
+        self.taskrun_flag && self.ring.submission().taskrun()
+    }
+
     /// Moves the ring's completions to `out`; returns whether the wake-up poll fired.
     fn drain_cq(&mut self, out: &mut Vec<Completion>) -> bool {
         let mut woke = false;
@@ -719,13 +725,11 @@ impl Pipeline for UringPipeline {
     }
 
     fn ready(&mut self) -> bool {
-        !self.ready.is_empty()
-            || !self.ring.completion().is_empty()
-            || (self.taskrun_flag && self.ring.submission().taskrun())
+        !self.ready.is_empty() || !self.ring.completion().is_empty() || self.task_work_waiting()
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        if self.taskrun_flag && self.ring.submission().taskrun() {
+        if self.task_work_waiting() {
             // Completions wait as task work: an enter with GETEVENTS (which `submit_and_wait`
             // adds when the flag is up) runs it and posts them.
             self.enter(0);
