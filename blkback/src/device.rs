@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xenpv_evtchn::{EventChannel, HybridPoll, SpinBudget};
+use xenpv_evtchn::{EventChannel, HybridPoll, SpinBudget, StopSignal};
 use xenpv_grant::{Access, DomId, GrantMap, MapBudget, MapCache};
 use xenpv_ring::blkif::{Blkif, BlkifX86_32, VDISK_READONLY};
 use xenpv_ring::{BackRing, RingMemory};
@@ -517,7 +517,7 @@ struct FrontendRings {
 }
 
 struct Running {
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     threads: Vec<std::thread::JoinHandle<std::result::Result<(), String>>>,
 }
 
@@ -684,7 +684,10 @@ where
         };
 
         let mut running = Running {
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(StopSignal::new().map_err(|e| Error::Config {
+                path: be.into(),
+                why: format!("cannot make the queues' stop signal: {e}"),
+            })?),
             threads: Vec::new(),
         };
         let result = (|| -> Result<Outcome> {
@@ -720,7 +723,7 @@ where
                         } else {
                             run_queue::<Blkif, _, _, _>(s, io, &stop)
                         };
-                        stop.store(true, Ordering::SeqCst);
+                        stop.set();
                         r
                     })
                     .map_err(|e| Error::Config {
@@ -742,7 +745,7 @@ where
             };
             self.supervise(&running, announced)
         })();
-        running.stop.store(true, Ordering::SeqCst);
+        running.stop.set();
         if !matches!(result, Ok(Outcome::Shutdown)) {
             let _ = xenbus::switch_state(xs, be, XenbusState::Closing);
         }
@@ -835,7 +838,7 @@ where
             if self.shutdown.load(Ordering::SeqCst) {
                 return Ok(Outcome::Shutdown);
             }
-            if running.stop.load(Ordering::SeqCst) {
+            if running.stop.is_set() {
                 return Ok(Outcome::Disconnected);
             }
             if changes.due() {
@@ -1001,12 +1004,19 @@ impl Sweep {
             }
         }
     }
+
+    /// How long `q` may sleep before its next sweep is due: no limit while it caches nothing
+    /// (or sweeps are off), so that an idle queue thread is not woken for nothing.
+    fn due_in<P: Abi, M: RingMemory, G: GrantMap>(&self, q: &Queue<P, M, G>) -> Option<Duration> {
+        let every = self.every?;
+        (q.cached_mappings() > 0).then(|| every.saturating_sub(self.last.elapsed()))
+    }
 }
 
 fn run_queue<P, M, G, E>(
     setup: QueueSetup<M, E>,
     io: QueueIo<G>,
-    stop: &AtomicBool,
+    stop: &StopSignal,
 ) -> std::result::Result<(), String>
 where
     P: Abi,
@@ -1089,7 +1099,7 @@ where
             if let Some(e) = failed {
                 return Err(e);
             }
-            if stop.load(Ordering::SeqCst) {
+            if stop.is_set() {
                 return Ok(());
             }
             // Hybrid polling: poll the ring with `req_event` unarmed (the frontend does not
@@ -1100,7 +1110,7 @@ where
             sweep.run(&mut q);
             ports.clear();
             evtchn
-                .wait(&mut ports, Some(Duration::from_millis(100)))
+                .wait_or_stop(&mut ports, sweep.due_in(&q), stop)
                 .map_err(|e| format!("event channel: {e}"))?;
             for &p in &ports {
                 // Unmask only after the ring has been drained (next iteration drains it again
@@ -1135,7 +1145,7 @@ fn pipeline_loop<P, M, G, E>(
     port: u32,
     spin: SpinBudget,
     sweep: &mut Sweep,
-    stop: &AtomicBool,
+    stop: &StopSignal,
 ) -> std::result::Result<(), String>
 where
     P: Abi,
@@ -1156,7 +1166,7 @@ where
     loop {
         busy.woken();
         idle.woken();
-        if stop.load(Ordering::SeqCst) {
+        if stop.is_set() {
             // Answer what was consumed, take nothing more.
             if q.finish().map_err(protocol)? {
                 notify()?;
@@ -1193,7 +1203,7 @@ where
         } else {
             sweep.run(q);
             evtchn
-                .wait(&mut ports, Some(Duration::from_millis(100)))
+                .wait_or_stop(&mut ports, sweep.due_in(q), stop)
                 .map_err(|e| format!("event channel: {e}"))?;
         }
         for &p in &ports {

@@ -486,6 +486,11 @@ where
         self.maps.sweep()
     }
 
+    /// Grants mapped persistently now.
+    pub fn cached_mappings(&self) -> usize {
+        self.maps.len()
+    }
+
     /// Unmaps every persistently mapped grant (on disconnect). Requests still in flight are
     /// waited for and dropped unanswered (the device is going away).
     pub fn release_mappings(&mut self) {

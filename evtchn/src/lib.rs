@@ -23,6 +23,7 @@ mod error;
 pub mod local;
 mod pressure;
 mod spin;
+mod stop;
 mod sys;
 pub mod xen;
 
@@ -32,6 +33,7 @@ use std::time::Duration;
 pub use error::{Error, Result};
 pub use pressure::cpu_contended;
 pub use spin::{precise_sleep, spin_then_wait, spin_until, HybridPoll, SpinBudget, Woken};
+pub use stop::StopSignal;
 
 /// An event-channel port (`evtchn_port_t`): a small integer, per domain.
 pub type Port = u32;
@@ -66,6 +68,27 @@ pub trait EventChannel: AsFd + AsRawFd + Send + Sync {
     /// Like [`pending`](Self::pending), but blocks until at least one port fired or `timeout`
     /// passed (`None`: forever). Returns 0 on timeout.
     fn wait(&self, out: &mut Vec<Port>, timeout: Option<Duration>) -> Result<usize>;
+
+    /// Like [`wait`](Self::wait), but also returns, with nothing added, as soon as `stop` is set
+    /// (at once if it already is). Blocks in one `poll` on both fds, then reads what fired with
+    /// [`pending`](Self::pending).
+    fn wait_or_stop(
+        &self,
+        out: &mut Vec<Port>,
+        timeout: Option<Duration>,
+        stop: &StopSignal,
+    ) -> Result<usize> {
+        if stop.is_set() {
+            return Ok(0);
+        }
+        let (fired, _) = sys::poll_either(self.as_fd(), stop.as_fd(), timeout_ms(timeout))
+            .map_err(|e| Error::io("poll the event channel", e))?;
+        if fired {
+            self.pending(out)
+        } else {
+            Ok(0)
+        }
+    }
 
     /// Unmasks `port`. Call it only after the ring behind it has been drained and finally checked
     /// (lateeoi): an event sent while masked is then delivered.

@@ -71,6 +71,27 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<b
     Ok(n > 0)
 }
 
+/// Waits until `a` or `b` is readable (or reports an error or a hang-up) or `timeout_ms` passed
+/// (-1: forever); returns whether each is. A wait a signal interrupts returns as a timeout.
+pub(crate) fn poll_either(
+    a: BorrowedFd<'_>,
+    b: BorrowedFd<'_>,
+    timeout_ms: i32,
+) -> io::Result<(bool, bool)> {
+    let fd = |f: BorrowedFd<'_>| libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut p = [fd(a), fd(b)];
+    // SAFETY: two live pollfds, count 2.
+    match cvt(unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) }) {
+        Ok(_) => Ok((p[0].revents != 0, p[1].revents != 0)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok((false, false)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Makes this thread's timed sleeps end within about `ns` of when they are due (the default
 /// slack is 50 µs), for sleeps shorter than a wake-up is long. Best effort.
 pub(crate) fn set_timer_slack(ns: u64) {
@@ -285,6 +306,22 @@ mod tests {
         eventfd_signal(e.as_fd()).unwrap();
         assert!(eventfd_drain(e.as_fd()).unwrap());
         assert!(!eventfd_drain(e.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn poll_either_says_which_fd_is_readable() {
+        let (a, b) = (eventfd().unwrap(), eventfd().unwrap());
+        assert_eq!(
+            poll_either(a.as_fd(), b.as_fd(), 0).unwrap(),
+            (false, false)
+        );
+        eventfd_signal(b.as_fd()).unwrap();
+        assert_eq!(
+            poll_either(a.as_fd(), b.as_fd(), -1).unwrap(),
+            (false, true)
+        );
+        eventfd_signal(a.as_fd()).unwrap();
+        assert_eq!(poll_either(a.as_fd(), b.as_fd(), -1).unwrap(), (true, true));
     }
 
     #[test]

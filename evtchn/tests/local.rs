@@ -11,7 +11,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use xenpv_evtchn::local::{socket_path, wire, Broker, BrokerError, LocalEvtchn, PortStatus};
-use xenpv_evtchn::{spin_then_wait, DomId, Error, EventChannel, Port, SpinBudget, Woken};
+use xenpv_evtchn::{
+    spin_then_wait, DomId, Error, EventChannel, Port, SpinBudget, StopSignal, Woken,
+};
 
 const SHORT: Duration = Duration::from_millis(100);
 const LONG: Duration = Duration::from_secs(10);
@@ -129,6 +131,37 @@ fn notify_wakes_peer_and_mask_holds_events_until_unmask() {
         Woken::Spinning
     );
     assert_eq!(v, [bp]);
+}
+
+#[test]
+fn wait_or_stop_reports_events_and_ends_when_stopped() {
+    let p = Platform::new(&[0, 1], 64);
+    let (front, back, fp, bp) = connected(&p);
+    let stop = Arc::new(StopSignal::new().unwrap());
+    let mut v = Vec::new();
+    assert_eq!(front.wait_or_stop(&mut v, Some(SHORT), &stop).unwrap(), 0);
+    back.notify(bp).unwrap();
+    assert_eq!(front.wait_or_stop(&mut v, Some(LONG), &stop).unwrap(), 1);
+    assert_eq!(v, [fp]);
+    front.unmask(fp).unwrap();
+    // Blocked with no timeout, it returns once another thread sets the signal.
+    let setter = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            thread::sleep(SHORT);
+            stop.set();
+        })
+    };
+    v.clear();
+    let t = Instant::now();
+    assert_eq!(front.wait_or_stop(&mut v, None, &stop).unwrap(), 0);
+    assert!(t.elapsed() >= SHORT, "returned after {:?}", t.elapsed());
+    assert!(v.is_empty());
+    setter.join().unwrap();
+    // Set, it stays set: later waits return at once, events or not.
+    assert!(stop.is_set());
+    back.notify(bp).unwrap();
+    assert_eq!(front.wait_or_stop(&mut v, None, &stop).unwrap(), 0);
 }
 
 #[test]
