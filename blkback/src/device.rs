@@ -1075,11 +1075,11 @@ where
             // Also with nothing pending: it resets the journal's slots.
             q.resume(&pending)
                 .map_err(|e| format!("ring protocol error: {e}"))?;
-            if !pending.is_empty() {
-                // Whatever the notify decision: the frontend may have slept through our
-                // restart.
-                evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
-            }
+            // Whatever the notify decision, and also with nothing pending: the previous
+            // instance may have died between publishing responses and notifying, and the
+            // frontend may sleep on them (a frontend with no timeout on its event channel, as
+            // Linux's blkfront and ours, would sleep for good).
+            evtchn.notify(port).map_err(|e| format!("notify: {e}"))?;
         }
         let mut sweep = io.sweep;
         if q.pipelined() {
