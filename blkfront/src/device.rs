@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xenpv_evtchn::{EventChannel, HybridPoll, Port, SpinBudget};
+use xenpv_evtchn::{EventChannel, HybridPoll, Port, SpinBudget, StopSignal};
 use xenpv_grant::{Access, DomId, GrantShare, SharedPages};
 use xenpv_ring::blkif::{Blkif, VDISK_READONLY};
 use xenpv_ring::FrontRing;
@@ -109,7 +109,8 @@ pub(crate) struct Dev<G: GrantShare, E> {
     error: Mutex<Option<Error>>,
     info: Mutex<DiskInfo>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    stop: Mutex<Arc<AtomicBool>>,
+    /// The running queue threads' stop signal (none before the first connection).
+    stop: Mutex<Option<Arc<StopSignal>>>,
     rr: AtomicUsize,
     closing: AtomicBool,
     reconnects: AtomicUsize,
@@ -192,7 +193,7 @@ where
             error: Mutex::new(None),
             info: Mutex::new(DiskInfo::default()),
             threads: Mutex::new(Vec::new()),
-            stop: Mutex::new(Arc::new(AtomicBool::new(false))),
+            stop: Mutex::new(None),
             rr: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             reconnects: AtomicUsize::new(0),
@@ -415,8 +416,9 @@ impl<G: GrantShare, E> Drop for BlkFront<G, E> {
                 let _ = t.join();
             }
             self.dev.phase.store(CLOSED, Ordering::SeqCst);
-            let s = lock(&self.dev.stop).clone();
-            s.store(true, Ordering::SeqCst);
+            if let Some(s) = lock(&self.dev.stop).as_ref() {
+                s.set();
+            }
             for t in lock(&self.dev.threads).drain(..) {
                 let _ = t.join();
             }
@@ -857,8 +859,8 @@ where
         self.nq.store(nq as usize, Ordering::SeqCst);
 
         // Queues: install the rings, move backlogs of queues no longer in use, start threads.
-        let stop = Arc::new(AtomicBool::new(false));
-        *lock(&self.stop) = stop.clone();
+        let stop = Arc::new(StopSignal::new().map_err(|e| Error::Evtchn(e.to_string()))?);
+        *lock(&self.stop) = Some(stop.clone());
         let mut moved = Vec::new();
         for q in self.queues.iter().skip(nq as usize) {
             moved.extend(lock(q).backlog.drain(..));
@@ -892,7 +894,7 @@ where
         Ok(())
     }
 
-    fn run_queue(self: Arc<Self>, qi: usize, ev: Arc<E>, stop: Arc<AtomicBool>) {
+    fn run_queue(self: Arc<Self>, qi: usize, ev: Arc<E>, stop: Arc<StopSignal>) {
         let span = tracing::info_span!("vbd", domid = self.be_id, dev = %self.fe, queue = qi);
         let _g = span.enter();
         let mut ports = Vec::new();
@@ -1002,12 +1004,12 @@ where
                     };
                 if may_poll {
                     if poller.poll(|| {
-                        (polling && stop.load(Ordering::Relaxed))
+                        (polling && stop.is_set())
                             || try_lock(q).is_some_and(|mut q| q.responses_waiting())
                     }) {
                         return Ok(true);
                     }
-                    gave_up = polling && !stop.load(Ordering::Relaxed);
+                    gave_up = polling && !stop.is_set();
                 }
                 lock(q).final_check()
             });
@@ -1028,7 +1030,7 @@ where
                     false
                 }
             };
-            if stop.load(Ordering::SeqCst) {
+            if stop.is_set() {
                 return;
             }
             if again {
@@ -1037,7 +1039,8 @@ where
             if busy {
                 self.busy_sleeps.fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = ev.wait(&mut ports, Some(Duration::from_millis(100))) {
+            // Until an event or the stop signal: an idle disk's queue thread is not woken.
+            if let Err(e) = ev.wait_or_stop(&mut ports, None, &stop) {
                 tracing::warn!("event channel: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -1045,7 +1048,9 @@ where
     }
 
     fn stop_threads(&self) {
-        lock(&self.stop).store(true, Ordering::SeqCst);
+        if let Some(s) = lock(&self.stop).as_ref() {
+            s.set();
+        }
         let threads: Vec<_> = lock(&self.threads).drain(..).collect();
         for t in threads {
             let _ = t.join();
