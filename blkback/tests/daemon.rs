@@ -521,25 +521,6 @@ fn the_systemd_unit_verifies_and_stays_hardened() {
     );
 }
 
-/// The context switches (voluntary or not) of the thread of process `pid` named `name`.
-fn thread_switches(pid: u32, name: &str) -> Option<u64> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let dir = task.ok()?.path();
-        if std::fs::read_to_string(dir.join("comm")).ok()?.trim() != name {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).ok()?;
-        return Some(
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum(),
-        );
-    }
-    None
-}
-
 /// The local platform (in this process) with guest domain 1, a zeroed 1 MiB image attached to
 /// it as xvda, and `xenpv-blkback` serving it as a child process.
 struct Setup {
@@ -730,10 +711,11 @@ fn an_idle_device_sends_xenstored_next_to_nothing_and_still_follows_changes() {
     // timeout wakes it while the device is idle (it woke every 100 ms to look at a stop flag).
     let pid = s.backend.0.id();
     let queue = "blkback-1-q0";
-    let before = thread_switches(pid, queue).expect("the connected device's queue thread");
+    let before = xenpv_tests::thread_switches(Some(pid), queue)
+        .expect("the connected device's queue thread");
     let connected = idle();
     assert!(connected <= 10, "{connected} requests in 2 s connected");
-    let woke = thread_switches(pid, queue).unwrap() - before;
+    let woke = xenpv_tests::thread_switches(Some(pid), queue).unwrap() - before;
     assert!(
         woke <= 3,
         "the idle queue thread switched {woke} times in 2.5 s"

@@ -10,26 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use xenpv_blkfront::Options;
 
-/// The context switches (voluntary or not) of this process's thread named `name`.
+/// The context switches of this process's thread named `name`.
 fn thread_switches(name: &str) -> u64 {
-    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
-    for task in tasks {
-        let dir = task.unwrap().path();
-        if std::fs::read_to_string(dir.join("comm"))
-            .unwrap_or_default()
-            .trim()
-            != name
-        {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        return status
-            .lines()
-            .filter(|l| l.contains("ctxt_switches:"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum();
-    }
-    panic!("no thread named {name}");
+    xenpv_tests::thread_switches(None, name).unwrap_or_else(|| panic!("no thread named {name}"))
 }
 
 #[test]

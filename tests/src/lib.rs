@@ -139,3 +139,31 @@ impl Drop for Loop {
             .status();
     }
 }
+
+/// The context switches so far (voluntary or not) of the thread named `name` (its `comm`) of
+/// process `pid` (this process with `None`); `None` if it has no such thread.
+pub fn thread_switches(pid: Option<u32>, name: &str) -> Option<u64> {
+    let proc = pid.map_or_else(|| "self".to_string(), |p| p.to_string());
+    for task in std::fs::read_dir(format!("/proc/{proc}/task"))
+        .ok()?
+        .flatten()
+    {
+        let dir = task.path();
+        if std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != name
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        return Some(
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum(),
+        );
+    }
+    None
+}
